@@ -1,0 +1,467 @@
+//! The operator's API: see events, their links and every attempt, replay what failed, and keep
+//! the lead mapping table. Behind one bearer token compared in constant time; absent (404) when
+//! no token is configured.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+
+use crate::app::AppState;
+use crate::error::AppError;
+use crate::ingest::plan_for;
+use crate::store::{Attempt, EventDetail, EventFilter, EventSummary, Millis, Plan, now_ms};
+
+const STATES: &[&str] = &["queued", "delivered", "parked", "dead"];
+
+pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/admin/events", get(list_events))
+        .route("/admin/events/{event_id}", get(get_event))
+        .route("/admin/events/{event_id}/replay", post(replay_event))
+        .route("/admin/replay", post(replay_many))
+        .route("/admin/mappings/{source}", post(import_mappings))
+        .route(
+            "/admin/mappings/{source}/{key}",
+            get(get_mapping).put(put_mapping).delete(delete_mapping),
+        )
+        .route_layer(middleware::from_fn_with_state(state, require_admin))
+}
+
+/// True when `presented` is the admin token; constant time in the token's contents.
+pub fn token_matches(state: &AppState, presented: &str) -> bool {
+    let expected = state.config.admin.token.expose().as_bytes();
+    !expected.is_empty() && bool::from(expected.ct_eq(presented.as_bytes()))
+}
+
+async fn require_admin(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if state.config.admin.token.is_empty() {
+        return AppError::NotFound("the admin API is off: set admin.token to enable it".into())
+            .into_response();
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !token_matches(&state, presented) {
+        return AppError::Unauthorized.into_response();
+    }
+    next.run(req).await
+}
+
+/// RFC 3339 in UTC with milliseconds, from Unix milliseconds.
+pub fn rfc3339(ms: Millis) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+pub fn summary_json(e: &EventSummary) -> Value {
+    json!({
+        "event_id": e.event_id,
+        "source": e.source,
+        "state": e.state,
+        "received_at": rfc3339(e.received_at),
+        "object_id": e.object_id,
+        "event_type": e.event_type,
+        "reason": e.reason,
+    })
+}
+
+fn attempt_json(a: &Attempt) -> Value {
+    json!({
+        "at": rfc3339(a.at),
+        "status_code": a.status_code,
+        "error": a.error,
+        "response_excerpt": a.response_excerpt,
+        "duration_ms": a.duration_ms,
+    })
+}
+
+pub fn detail_json(d: &EventDetail) -> Value {
+    let mut v = summary_json(&d.summary);
+    let body =
+        serde_json::from_str::<Value>(&d.body).unwrap_or_else(|_| Value::String(d.body.clone()));
+    v["body"] = body;
+    v["links"] = d
+        .links
+        .iter()
+        .map(|l| {
+            json!({
+                "object_id": l.object_id,
+                "lead_id": l.lead_id,
+                "state": l.state,
+                "next_attempt_at": l.next_attempt_at.map(rfc3339),
+                "attempts": l.attempts.iter().map(attempt_json).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    v
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    pub state: Option<String>,
+    pub source: Option<String>,
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+/// Validates list parameters into a storage filter.
+pub fn filter_from(q: &ListQuery) -> Result<EventFilter, AppError> {
+    let state = q.state.clone().filter(|s| !s.is_empty());
+    if let Some(s) = &state
+        && !STATES.contains(&s.as_str())
+    {
+        return Err(AppError::BadRequest(format!(
+            "state must be one of {}",
+            STATES.join(", ")
+        )));
+    }
+    let before = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
+        Some(c) => Some(
+            c.parse::<i64>()
+                .map_err(|_| AppError::BadRequest("cursor is not one this API gave".into()))?,
+        ),
+        None => None,
+    };
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(AppError::BadRequest(
+            "limit must be between 1 and 500".into(),
+        ));
+    }
+    Ok(EventFilter {
+        state,
+        source: q.source.clone().filter(|s| !s.is_empty()),
+        before,
+        limit,
+    })
+}
+
+async fn list_events(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, AppError> {
+    let filter = filter_from(&q)?;
+    let events = state.store.list_events(&filter).await?;
+    let next_cursor = (events.len() as i64 == filter.limit)
+        .then(|| events.last().map(|e| e.pk.to_string()))
+        .flatten();
+    Ok(axum::Json(json!({
+        "events": events.iter().map(summary_json).collect::<Vec<_>>(),
+        "next_cursor": next_cursor,
+    }))
+    .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SourceQuery {
+    pub source: Option<String>,
+}
+
+/// Finds the one event with this id; `source` disambiguates ids that two sources share.
+pub async fn find_one(
+    state: &AppState,
+    event_id: &str,
+    source: Option<&str>,
+) -> Result<EventSummary, AppError> {
+    let mut found = state.store.find_events(event_id, source).await?;
+    match found.len() {
+        0 => Err(AppError::NotFound(format!("no event with id {event_id:?}"))),
+        1 => Ok(found.remove(0)),
+        _ => Err(AppError::Conflict(format!(
+            "{} sources have an event {event_id:?}: add ?source=NAME",
+            found.len()
+        ))),
+    }
+}
+
+async fn get_event(
+    State(state): State<Arc<AppState>>,
+    Path(event_id): Path<String>,
+    Query(q): Query<SourceQuery>,
+) -> Result<Response, AppError> {
+    let e = find_one(&state, &event_id, q.source.as_deref()).await?;
+    let detail = state
+        .store
+        .event_detail(e.pk)
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no event with id {event_id:?}")))?;
+    Ok(axum::Json(detail_json(&detail)).into_response())
+}
+
+/// Maps the stored event again with today's configuration and queues every link not linked.
+pub async fn replay(state: &AppState, e: &EventSummary) -> Result<(), AppError> {
+    let body = state.store.event_body(e.pk).await?.unwrap_or_default();
+    let (object_id, plan) = match (
+        state.sources.get(&e.source),
+        serde_json::from_str::<Value>(&body),
+    ) {
+        (Some((source, _)), Ok(json)) => plan_for(source, &json),
+        (None, _) => (
+            e.object_id.clone(),
+            Plan::Parked(format!("source {:?} is no longer configured", e.source)),
+        ),
+        (_, Err(err)) => (
+            e.object_id.clone(),
+            Plan::Parked(format!("stored body is not JSON: {err}")),
+        ),
+    };
+    state
+        .store
+        .replay(e.pk, object_id.as_deref(), plan, now_ms())
+        .await?;
+    state.wake.notify_one();
+    tracing::info!(event_id = %e.event_id, source = %e.source, "event replayed");
+    Ok(())
+}
+
+async fn replay_event(
+    State(state): State<Arc<AppState>>,
+    Path(event_id): Path<String>,
+    Query(q): Query<SourceQuery>,
+) -> Result<Response, AppError> {
+    let e = find_one(&state, &event_id, q.source.as_deref()).await?;
+    replay(&state, &e).await?;
+    let after = find_one(&state, &event_id, Some(&e.source)).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(
+            json!({"event_id": after.event_id, "source": after.source, "state": after.state}),
+        ),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayMany {
+    state: Option<String>,
+    source: Option<String>,
+}
+
+async fn replay_many(
+    State(state): State<Arc<AppState>>,
+    body: axum::body::Bytes,
+) -> Result<Response, AppError> {
+    let req: ReplayMany = serde_json::from_slice(&body).map_err(|e| {
+        AppError::BadRequest(format!(
+            "expected {{\"state\": \"dead\", \"source\": \"erp\"}}: {e}"
+        ))
+    })?;
+    let wanted = req.state.unwrap_or_else(|| "dead".into());
+    if !["dead", "parked", "queued"].contains(&wanted.as_str()) {
+        return Err(AppError::BadRequest(
+            "state must be dead, parked or queued".into(),
+        ));
+    }
+    let mut filter = EventFilter {
+        state: Some(wanted),
+        source: req.source,
+        before: None,
+        limit: 500,
+    };
+    let mut replayed = 0u64;
+    loop {
+        let page = state.store.list_events(&filter).await?;
+        for e in &page {
+            replay(&state, e).await?;
+            replayed += 1;
+        }
+        match page.last() {
+            Some(last) if page.len() as i64 == filter.limit => filter.before = Some(last.pk),
+            _ => break,
+        }
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({"replayed": replayed})),
+    )
+        .into_response())
+}
+
+fn known_source<'a>(
+    state: &'a AppState,
+    source: &str,
+) -> Result<&'a crate::config::SourceConfig, AppError> {
+    state
+        .sources
+        .get(source)
+        .map(|(s, _)| s)
+        .ok_or_else(|| AppError::UnknownSource(source.to_string()))
+}
+
+/// The key as the lookup compares it (emails case-insensitively).
+fn mapping_key(source: &crate::config::SourceConfig, key: &str) -> String {
+    crate::mapping::normalize_key(key, source.lead.lookup, source.lead.field)
+}
+
+async fn get_mapping(
+    State(state): State<Arc<AppState>>,
+    Path((source, key)): Path<(String, String)>,
+) -> Result<Response, AppError> {
+    let src = known_source(&state, &source)?;
+    let key = mapping_key(src, &key);
+    let ids = state.store.mapping_get(&source, &key).await?;
+    if ids.is_empty() {
+        return Err(AppError::NotFound(format!(
+            "no mapping for key {key:?} in source {source}"
+        )));
+    }
+    Ok(axum::Json(json!({"source": source, "key": key, "lead_ids": ids.iter().map(|i| crate::mapping::id_json(i)).collect::<Vec<_>>()})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MappingBody {
+    lead_ids: Vec<Value>,
+}
+
+async fn put_mapping(
+    State(state): State<Arc<AppState>>,
+    Path((source, key)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Response, AppError> {
+    let src = known_source(&state, &source)?;
+    let key = mapping_key(src, &key);
+    let req: MappingBody = serde_json::from_slice(&body)
+        .map_err(|e| AppError::BadRequest(format!("expected {{\"lead_ids\": [17]}}: {e}")))?;
+    let ids: Option<Vec<String>> = req.lead_ids.iter().map(crate::mapping::id_text).collect();
+    let ids = ids
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| AppError::BadRequest("lead_ids must be a non-empty list of ids".into()))?;
+    state.store.mapping_put(&source, &key, &ids).await?;
+    Ok(axum::Json(json!({"source": source, "key": key, "lead_ids": ids.iter().map(|i| crate::mapping::id_json(i)).collect::<Vec<_>>()})).into_response())
+}
+
+async fn delete_mapping(
+    State(state): State<Arc<AppState>>,
+    Path((source, key)): Path<(String, String)>,
+) -> Result<Response, AppError> {
+    let src = known_source(&state, &source)?;
+    let key = mapping_key(src, &key);
+    if state.store.mapping_delete(&source, &key).await? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(AppError::NotFound(format!(
+            "no mapping for key {key:?} in source {source}"
+        )))
+    }
+}
+
+/// Parses `key,lead_id` lines (an optional header row, blank lines skipped); the first bad line
+/// rejects the whole file.
+pub fn parse_csv(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = line
+            .split(',')
+            .map(|f| f.trim().trim_matches('"').trim())
+            .collect();
+        if n == 1
+            && fields.len() == 2
+            && fields[0].eq_ignore_ascii_case("key")
+            && fields[1].eq_ignore_ascii_case("lead_id")
+        {
+            continue;
+        }
+        match fields.as_slice() {
+            [key, lead]
+                if !key.is_empty()
+                    && crate::mapping::id_text(&Value::String(lead.to_string())).is_some() =>
+            {
+                rows.push((key.to_string(), lead.to_string()))
+            }
+            _ => return Err(format!("line {n}: expected key,lead_id, got {line:?}")),
+        }
+    }
+    Ok(rows)
+}
+
+async fn import_mappings(
+    State(state): State<Arc<AppState>>,
+    Path(source): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, AppError> {
+    let src = known_source(&state, &source)?;
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ct.starts_with("text/csv") && !ct.starts_with("text/plain") {
+        return Err(AppError::BadRequest(
+            "send the file as Content-Type: text/csv".into(),
+        ));
+    }
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| AppError::BadRequest("the CSV is not UTF-8".into()))?;
+    let rows = parse_csv(text).map_err(AppError::BadRequest)?;
+    let rows: Vec<(String, String)> = rows
+        .into_iter()
+        .map(|(k, l)| (mapping_key(src, &k), l))
+        .collect();
+    let n = state.store.mapping_import(&source, &rows).await?;
+    Ok(axum::Json(json!({"imported": n})).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn csv_with_header_blank_lines_and_a_bad_line() {
+        assert_eq!(
+            parse_csv("key,lead_id\na@b.com,17\n\nCUST-1, 18\n").unwrap(),
+            vec![
+                ("a@b.com".into(), "17".into()),
+                ("CUST-1".into(), "18".into())
+            ]
+        );
+        assert_eq!(
+            parse_csv("a,1\nb\nc,3").unwrap_err(),
+            "line 2: expected key,lead_id, got \"b\""
+        );
+        assert!(parse_csv("a,1,2").unwrap_err().starts_with("line 1"));
+        assert!(parse_csv(",5").is_err());
+    }
+}

@@ -1,0 +1,263 @@
+//! Wiring: builds the router and the worker from a `Config`, serves until shutdown, drains.
+//! `start` is what tests use; `run` adds the signal handling of the real process.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::Batcher;
+use crate::config::{Config, SourceConfig};
+use crate::delivery::Worker;
+use crate::error::AppError;
+use crate::signature::Verifier;
+use crate::sprinthub::SprintHubClient;
+use crate::store::{self, IngestOutcome, NewEvent, Store};
+use crate::telemetry::Metrics;
+
+/// Everything a request handler may need, shared by all of them.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub sources: HashMap<String, (SourceConfig, Verifier)>,
+    pub ingest: Batcher<NewEvent, IngestOutcome>,
+    pub wake: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the process starts draining.
+    pub shutdown: CancellationToken,
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(String, std::io::Error),
+    #[error("{0}")]
+    Client(String),
+}
+
+/// A started service: where it listens and how to stop it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub state: Arc<AppState>,
+    handle: JoinHandle<()>,
+}
+
+impl Running {
+    /// Starts draining and waits until the server and the worker have stopped.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.handle.await;
+    }
+
+    /// Waits until the service has stopped (after `shutdown` was cancelled).
+    pub async fn wait(self) {
+        let _ = self.handle.await;
+    }
+}
+
+/// Builds the router over a state; exposed so tests can drive it without a socket.
+pub fn build_app(state: Arc<AppState>) -> Router {
+    let timeout = Duration::from_millis(state.config.server.request_timeout_ms);
+    Router::new()
+        .route("/webhooks/{source}", post(crate::ingest::webhook))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(crate::admin::routes(state.clone()))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(timeout, request_timeout))
+        .layer(middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+/// Opens storage, binds the listener, and spawns the server and the worker.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let config = Arc::new(config);
+    let store = store::open(config.storage.url.expose())
+        .await
+        .map_err(|e| StartError::Storage(e.to_string()))?;
+    let hub = SprintHubClient::new(&config.sprinthub).map_err(StartError::Client)?;
+    let metrics = Arc::new(Metrics::new());
+    let wake = Arc::new(Notify::new());
+    let shutdown = CancellationToken::new();
+    let ingest_store = store.clone();
+    let ingest = Batcher::spawn(512, move |events: Vec<NewEvent>| {
+        let s = ingest_store.clone();
+        async move { s.ingest(&events).await }
+    });
+    let sources = config
+        .sources
+        .iter()
+        .map(|s| (s.name.clone(), (s.clone(), Verifier::from_source(s))))
+        .collect();
+    let state = Arc::new(AppState {
+        config: config.clone(),
+        store: store.clone(),
+        sources,
+        ingest,
+        wake: wake.clone(),
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(&config.server.listen)
+        .await
+        .map_err(|e| StartError::Listen(config.server.listen.clone(), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| StartError::Listen(config.server.listen.clone(), e))?;
+    let router = build_app(state.clone());
+    let worker = Worker::new(store.clone(), hub, config.clone(), metrics, wake);
+    let drain = Duration::from_millis(config.server.shutdown_timeout_ms);
+    let worker_task = tokio::spawn(worker.run(shutdown.clone(), drain.mul_f64(0.8)));
+    let stop = shutdown.clone();
+    let handle = tokio::spawn(async move {
+        let server =
+            axum::serve(listener, router).with_graceful_shutdown(stop.clone().cancelled_owned());
+        let server_task = tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "server error");
+            }
+        });
+        stop.cancelled().await;
+        tracing::info!("draining");
+        let both = async {
+            let _ = server_task.await;
+            let _ = worker_task.await;
+        };
+        if tokio::time::timeout(drain, both).await.is_err() {
+            tracing::warn!("drain took longer than server.shutdown_timeout_ms; stopping anyway");
+        }
+        store.close().await;
+        tracing::info!("stopped");
+    });
+    tracing::info!(%addr, storage = %crate::config::redact_url(config.storage.url.expose()), sources = config.sources.len(), "sprintlink is serving");
+    Ok(Running {
+        addr,
+        shutdown,
+        state,
+        handle,
+    })
+}
+
+/// Runs the service until SIGTERM or SIGINT, then drains within `shutdown_timeout_ms`.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let running = start(config).await?;
+    let token = running.shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown signal received");
+        token.cancel();
+    });
+    running.wait().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let storage = match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(())) => "ok".to_string(),
+        Ok(Err(e)) => format!("failing: {e}"),
+        Err(_) => "failing: no answer within 2 s".to_string(),
+    };
+    let draining = state.shutdown.is_cancelled();
+    let ready = storage == "ok" && !draining;
+    let body = json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "checks": {
+            "storage": storage,
+            "accepting": if draining { "draining" } else { "ok" },
+        }
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let stats = match tokio::time::timeout(Duration::from_secs(5), state.store.stats()).await {
+        Ok(Ok(s)) => Some(s),
+        _ => None,
+    };
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(stats.as_ref()),
+    )
+        .into_response()
+}
+
+async fn not_found() -> AppError {
+    AppError::NotFound("no such route".into())
+}
+
+/// Answers 408 in the JSON error format when a request (a slow client included) takes too long.
+async fn request_timeout(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => AppError::Timeout(limit.as_millis() as u64).into_response(),
+    }
+}
+
+/// Accepts the caller's `x-request-id` (or makes one), puts it on the span and the answer.
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{:016x}", fastrand::u64(..)));
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        req.headers_mut().insert("x-request-id", v);
+    }
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let mut resp = {
+        use tracing::Instrument;
+        next.run(req).instrument(span).await
+    };
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}

@@ -1,0 +1,745 @@
+//! Typed configuration: built-in defaults, then the TOML file, then `SPRINTLINK_*` environment
+//! overrides, then secret references resolved, then validated once at start-up.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Environment variables that start with `SPRINTLINK_` but are not configuration paths.
+const NON_CONFIG_ENV: &[&str] = &["SPRINTLINK_CONFIG", "SPRINTLINK_LOG_FORMAT"];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub sprinthub: SprintHubConfig,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub lookup: LookupConfig,
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub max_body_bytes: usize,
+    pub request_timeout_ms: u64,
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            max_body_bytes: 1_048_576,
+            request_timeout_ms: 10_000,
+            shutdown_timeout_ms: 25_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// May hold a password, so it is a secret reference like the tokens.
+    pub url: Secret,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("sqlite://sprintlink.db"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SprintHubConfig {
+    pub base_url: String,
+    pub instance: String,
+    pub api_token: Secret,
+    pub timeout_ms: u64,
+    pub concurrency: usize,
+    pub rate_limit_per_second: f64,
+}
+
+impl Default for SprintHubConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://sprinthub-api-master.sprinthub.app".into(),
+            instance: String::new(),
+            api_token: Secret::default(),
+            timeout_ms: 15_000,
+            concurrency: 8,
+            rate_limit_per_second: 5.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    pub max_attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    pub max_age_hours: f64,
+    pub lease_seconds: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 12,
+            initial_backoff_ms: 5_000,
+            max_backoff_ms: 3_600_000,
+            max_age_hours: 72.0,
+            lease_seconds: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub token: Secret,
+}
+
+/// Caching of `lookup = "sprinthub"` results, so a burst of events for one customer costs one
+/// search.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LookupConfig {
+    pub cache_ttl_seconds: u64,
+    pub negative_cache_ttl_seconds: u64,
+    pub cache_capacity: usize,
+}
+
+impl Default for LookupConfig {
+    fn default() -> Self {
+        Self {
+            cache_ttl_seconds: 600,
+            negative_cache_ttl_seconds: 60,
+            cache_capacity: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Scheme {
+    #[serde(rename = "standard-webhooks")]
+    StandardWebhooks,
+    #[serde(rename = "github")]
+    Github,
+    #[serde(rename = "stripe")]
+    Stripe,
+    #[serde(rename = "hmac-sha256")]
+    HmacSha256,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::StandardWebhooks => "standard-webhooks",
+            Scheme::Github => "github",
+            Scheme::Stripe => "stripe",
+            Scheme::HmacSha256 => "hmac-sha256",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    #[default]
+    Hex,
+    Base64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub name: String,
+    pub scheme: Scheme,
+    #[serde(default)]
+    pub secrets: Vec<Secret>,
+    #[serde(default = "default_tolerance")]
+    pub tolerance_seconds: u64,
+    pub signature_header: Option<String>,
+    pub encoding: Option<Encoding>,
+    pub prefix: Option<String>,
+    pub event_id: Option<String>,
+    pub event_type: Option<String>,
+    #[serde(default)]
+    pub accept_types: Vec<String>,
+    pub object_id: String,
+    pub lead: LeadConfig,
+}
+
+fn default_tolerance() -> u64 {
+    300
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LookupKind {
+    Table,
+    Sprinthub,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeadField {
+    Email,
+    Whatsapp,
+    Mobile,
+}
+
+impl LeadField {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeadField::Email => "email",
+            LeadField::Whatsapp => "whatsapp",
+            LeadField::Mobile => "mobile",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeadConfig {
+    pub id: Option<String>,
+    pub key: Option<String>,
+    pub lookup: Option<LookupKind>,
+    pub field: Option<LeadField>,
+    #[serde(default)]
+    pub create_missing: bool,
+    #[serde(default)]
+    pub create_fields: BTreeMap<String, String>,
+}
+
+/// A secret value. Written in the file literally, as `env:VAR` or as `file:/path`; resolved once
+/// at load. Its `Debug` and `Display` never show the value.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The secret's value, for the few places that must use it (signing, the outbound query).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Replaces an `env:`/`file:` reference by the value it points to.
+    fn resolve(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), String> {
+        if let Some(var) = self.0.strip_prefix("env:") {
+            let var = var.to_string();
+            match env(&var) {
+                Some(v) if !v.is_empty() => self.0 = v,
+                _ => return Err(format!("environment variable {var} is not set or empty")),
+            }
+        } else if let Some(path) = self.0.strip_prefix("file:") {
+            let path = path.to_string();
+            match std::fs::read_to_string(&path) {
+                Ok(v) => {
+                    let v = v.strip_suffix('\n').unwrap_or(&v);
+                    let v = v.strip_suffix('\r').unwrap_or(v);
+                    if v.is_empty() {
+                        return Err(format!("secret file {path} is empty"));
+                    }
+                    self.0 = v.to_string();
+                }
+                Err(e) => return Err(format!("cannot read secret file {path}: {e}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "<unset>"
+        } else {
+            "<redacted>"
+        })
+    }
+}
+
+/// Every problem found while loading, one readable line each.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join("\n"))
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Where the configuration file is: the flag, then `$SPRINTLINK_CONFIG`, then `./sprintlink.toml`.
+pub fn config_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os("SPRINTLINK_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("sprintlink.toml"))
+}
+
+impl Config {
+    /// Loads the file (which may be absent only when it is the implicit default) and the process
+    /// environment.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigErrors> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => String::new(),
+            Err(e) => {
+                return Err(ConfigErrors(vec![format!(
+                    "cannot read config file {}: {e}",
+                    path.display()
+                )]));
+            }
+        };
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        Self::from_parts(&text, &vars, &|name| std::env::var(name).ok())
+    }
+
+    /// Builds a configuration from TOML text, `SPRINTLINK_*` overrides and an environment for
+    /// `env:` references. Tests use this directly.
+    pub fn from_parts(
+        toml_text: &str,
+        overrides: &[(String, String)],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        let mut root: toml::Table = toml_text.parse().map_err(|e: toml::de::Error| {
+            ConfigErrors(vec![format!("config file: {}", e.message())])
+        })?;
+        let mut errors = Vec::new();
+        for (name, value) in overrides {
+            let Some(path) = name.strip_prefix("SPRINTLINK_") else {
+                continue;
+            };
+            if NON_CONFIG_ENV.contains(&name.as_str()) || path.is_empty() {
+                continue;
+            }
+            let segments: Vec<String> = path.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            if let Err(e) = apply_override(&mut root, &segments, value) {
+                errors.push(format!("{name}: {e}"));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        let mut cfg: Config = toml::Value::Table(root)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigErrors(vec![format!("config: {}", e.message())]))?;
+        cfg.resolve_secrets(env, &mut errors);
+        cfg.validate(&mut errors);
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    fn resolve_secrets(&mut self, env: &dyn Fn(&str) -> Option<String>, errors: &mut Vec<String>) {
+        if let Err(e) = self.sprinthub.api_token.resolve(env) {
+            errors.push(format!("sprinthub.api_token: {e}"));
+        }
+        if let Err(e) = self.storage.url.resolve(env) {
+            errors.push(format!("storage.url: {e}"));
+        }
+        if let Err(e) = self.admin.token.resolve(env) {
+            errors.push(format!("admin.token: {e}"));
+        }
+        for source in &mut self.sources {
+            for (i, secret) in source.secrets.iter_mut().enumerate() {
+                if let Err(e) = secret.resolve(env) {
+                    errors.push(format!("sources.{}.secrets[{i}]: {e}", source.name));
+                }
+            }
+        }
+    }
+
+    fn validate(&self, errors: &mut Vec<String>) {
+        if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
+            errors.push(format!(
+                "server.listen: {:?} is not an address like 0.0.0.0:8080",
+                self.server.listen
+            ));
+        }
+        if self.server.max_body_bytes == 0 {
+            errors.push("server.max_body_bytes: must be greater than 0".into());
+        }
+        if self.server.request_timeout_ms == 0 {
+            errors.push("server.request_timeout_ms: must be greater than 0".into());
+        }
+        let url = self.storage.url.expose();
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            errors.push(format!(
+                "storage.url: must start with sqlite: or postgres:// (got {:?})",
+                redact_url(url)
+            ));
+        }
+        let hub = &self.sprinthub;
+        if !(hub.base_url.starts_with("http://") || hub.base_url.starts_with("https://")) {
+            errors.push(format!(
+                "sprinthub.base_url: {:?} is not an http(s) URL",
+                hub.base_url
+            ));
+        }
+        if hub.instance.is_empty() {
+            errors.push(
+                "sprinthub.instance: not set (the `i` parameter, your SprintHub subdomain)".into(),
+            );
+        }
+        if hub.api_token.is_empty() {
+            errors.push("sprinthub.api_token: not set (use env:VAR or file:/path)".into());
+        }
+        if hub.timeout_ms == 0 {
+            errors.push("sprinthub.timeout_ms: must be greater than 0".into());
+        }
+        if hub.concurrency == 0 {
+            errors.push("sprinthub.concurrency: must be at least 1".into());
+        }
+        if !(hub.rate_limit_per_second >= 0.0 && hub.rate_limit_per_second.is_finite()) {
+            errors.push(
+                "sprinthub.rate_limit_per_second: must be 0 (unlimited) or a positive number"
+                    .into(),
+            );
+        }
+        let d = &self.delivery;
+        if d.max_attempts == 0 {
+            errors.push("delivery.max_attempts: must be at least 1".into());
+        }
+        if d.initial_backoff_ms == 0 || d.max_backoff_ms < d.initial_backoff_ms {
+            errors.push("delivery: need 0 < initial_backoff_ms <= max_backoff_ms".into());
+        }
+        if d.max_age_hours <= 0.0 || !d.max_age_hours.is_finite() {
+            errors.push("delivery.max_age_hours: must be a positive number".into());
+        }
+        if d.lease_seconds * 1000 < hub.timeout_ms + 5_000 {
+            errors.push(format!(
+                "delivery.lease_seconds: {} s is too short for sprinthub.timeout_ms = {} ms; keep it at least 5 s longer than the timeout, or a slow attempt is sent twice",
+                d.lease_seconds, hub.timeout_ms
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for s in &self.sources {
+            let at = format!("sources.{}", s.name);
+            if !valid_source_name(&s.name) {
+                errors.push(format!(
+                    "sources: name {:?} must match [a-z0-9_-]{{1,64}}",
+                    s.name
+                ));
+            }
+            if !seen.insert(s.name.clone()) {
+                errors.push(format!("{at}: the name is used twice"));
+            }
+            if s.secrets.is_empty() {
+                errors.push(format!("{at}.secrets: at least one secret is needed"));
+            }
+            for (i, secret) in s.secrets.iter().enumerate() {
+                if s.scheme == Scheme::StandardWebhooks
+                    && crate::signature::standard_webhooks::decode_secret(secret.expose()).is_none()
+                    && !secret.expose().starts_with("env:")
+                    && !secret.expose().starts_with("file:")
+                {
+                    errors.push(format!(
+                        "{at}.secrets[{i}]: a standard-webhooks secret must be whsec_ followed by base64"
+                    ));
+                }
+            }
+            if s.scheme == Scheme::HmacSha256 {
+                if s.signature_header.as_deref().unwrap_or("").is_empty() {
+                    errors.push(format!(
+                        "{at}.signature_header: required for scheme hmac-sha256"
+                    ));
+                }
+            } else if s.signature_header.is_some() || s.encoding.is_some() || s.prefix.is_some() {
+                errors.push(format!(
+                    "{at}: signature_header, encoding and prefix apply to scheme hmac-sha256 only"
+                ));
+            }
+            let check_pointer = |errors: &mut Vec<String>, field: &str, p: &str| {
+                if !(p.is_empty() || p.starts_with('/')) {
+                    errors.push(format!(
+                        "{at}.{field}: {p:?} is not a JSON pointer (it must start with /)"
+                    ));
+                }
+            };
+            check_pointer(errors, "object_id", &s.object_id);
+            if let Some(p) = &s.event_id {
+                check_pointer(errors, "event_id", p);
+            }
+            if let Some(p) = &s.event_type {
+                check_pointer(errors, "event_type", p);
+            }
+            if !s.accept_types.is_empty() && s.event_type.is_none() {
+                errors.push(format!(
+                    "{at}.accept_types: needs event_type, the pointer to the type"
+                ));
+            }
+            let lead = &s.lead;
+            match (&lead.id, &lead.key) {
+                (Some(_), Some(_)) => {
+                    errors.push(format!("{at}.lead: set either id or key, not both"))
+                }
+                (None, None) => errors.push(format!(
+                    "{at}.lead: set id (a pointer to lead ids) or key (with lookup)"
+                )),
+                (Some(p), None) => {
+                    check_pointer(errors, "lead.id", p);
+                    if lead.lookup.is_some() || lead.create_missing {
+                        errors.push(format!(
+                            "{at}.lead: lookup and create_missing need key, not id"
+                        ));
+                    }
+                }
+                (None, Some(p)) => {
+                    check_pointer(errors, "lead.key", p);
+                    match lead.lookup {
+                        None => errors.push(format!("{at}.lead.lookup: required with key (table or sprinthub)")),
+                        Some(LookupKind::Sprinthub) if lead.field.is_none() => errors.push(format!(
+                            "{at}.lead.field: required for lookup = \"sprinthub\" (email, whatsapp or mobile)"
+                        )),
+                        Some(LookupKind::Table) if lead.create_missing => errors.push(format!(
+                            "{at}.lead.create_missing: only works with lookup = \"sprinthub\""
+                        )),
+                        _ => {}
+                    }
+                    for (field, p) in &lead.create_fields {
+                        check_pointer(errors, &format!("lead.create_fields.{field}"), p);
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn source(&self, name: &str) -> Option<&SourceConfig> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+
+    /// A configuration that needs no file: used by `demo` and tests as a starting point.
+    pub fn for_local(storage_url: &str, sprinthub_url: &str) -> Config {
+        Config {
+            server: ServerConfig {
+                listen: "127.0.0.1:0".into(),
+                ..Default::default()
+            },
+            storage: StorageConfig {
+                url: Secret::new(storage_url),
+            },
+            sprinthub: SprintHubConfig {
+                base_url: sprinthub_url.into(),
+                instance: "demo".into(),
+                api_token: Secret::new("local-token"),
+                ..Default::default()
+            },
+            delivery: DeliveryConfig::default(),
+            admin: AdminConfig::default(),
+            lookup: LookupConfig::default(),
+            sources: Vec::new(),
+        }
+    }
+}
+
+fn valid_source_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// Hides the password of a database URL so it can be shown in errors and logs.
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((userinfo, host)) = rest.rsplit_once('@')
+    {
+        let user = userinfo.split(':').next().unwrap_or("");
+        return format!("{scheme}://{user}:***@{host}");
+    }
+    url.to_string()
+}
+
+/// Sets `value` at `path` in the TOML tree. A value that parses as TOML (number, bool, array)
+/// is taken as such unless the file already holds a string there.
+fn apply_override(root: &mut toml::Table, path: &[String], value: &str) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty path")?;
+    let mut table = root;
+    let mut i = 0;
+    while i < parents.len() {
+        let seg = &parents[i];
+        let entry = table
+            .entry(seg.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match entry {
+            toml::Value::Table(t) => table = t,
+            toml::Value::Array(items) => {
+                let idx: usize = parents
+                    .get(i + 1)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| format!("{seg} is a list: give an index, e.g. {seg}__0__..."))?;
+                let item = items
+                    .get_mut(idx)
+                    .ok_or_else(|| format!("{seg} has no entry {idx}"))?;
+                i += 1;
+                match item {
+                    toml::Value::Table(t) => table = t,
+                    _ => return Err(format!("{seg}[{idx}] is not a table")),
+                }
+            }
+            _ => return Err(format!("{seg} is not a table")),
+        }
+        i += 1;
+    }
+    let existing_is_string = matches!(table.get(last), Some(toml::Value::String(_)));
+    let parsed = if existing_is_string {
+        toml::Value::String(value.to_string())
+    } else {
+        format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_string()))
+    };
+    table.insert(last.clone(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[sprinthub]
+instance = "acme"
+api_token = "env:TOKEN"
+[[sources]]
+name = "erp"
+scheme = "standard-webhooks"
+secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]
+object_id = "/data/object_id"
+[sources.lead]
+id = "/data/lead_id"
+"#;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "TOKEN").then(|| "t0ken".to_string())
+    }
+
+    #[test]
+    fn loads_defaults_and_resolves_env_secret() {
+        let cfg = Config::from_parts(BASE, &[], &env).unwrap();
+        assert_eq!(cfg.server.listen, "0.0.0.0:8080");
+        assert_eq!(cfg.sprinthub.api_token.expose(), "t0ken");
+        assert_eq!(cfg.delivery.max_attempts, 12);
+        assert_eq!(format!("{:?}", cfg.sprinthub.api_token), "<redacted>");
+    }
+
+    #[test]
+    fn env_overrides_nested_values_and_lists() {
+        let o = vec![
+            (
+                "SPRINTLINK_SERVER__LISTEN".to_string(),
+                "127.0.0.1:9000".to_string(),
+            ),
+            (
+                "SPRINTLINK_SPRINTHUB__CONCURRENCY".to_string(),
+                "3".to_string(),
+            ),
+            (
+                "SPRINTLINK_SPRINTHUB__INSTANCE".to_string(),
+                "123".to_string(),
+            ),
+            (
+                "SPRINTLINK_SOURCES__0__TOLERANCE_SECONDS".to_string(),
+                "60".to_string(),
+            ),
+            ("SPRINTLINK_CONFIG".to_string(), "x.toml".to_string()),
+        ];
+        let cfg = Config::from_parts(BASE, &o, &env).unwrap();
+        assert_eq!(cfg.server.listen, "127.0.0.1:9000");
+        assert_eq!(cfg.sprinthub.concurrency, 3);
+        assert_eq!(cfg.sprinthub.instance, "123");
+        assert_eq!(cfg.sources[0].tolerance_seconds, 60);
+    }
+
+    #[test]
+    fn file_secret_is_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tok");
+        std::fs::write(&p, "from-file\n").unwrap();
+        let text = BASE.replace("env:TOKEN", &format!("file:{}", p.display()));
+        let cfg = Config::from_parts(&text, &[], &env).unwrap();
+        assert_eq!(cfg.sprinthub.api_token.expose(), "from-file");
+    }
+
+    #[test]
+    fn reports_every_problem_one_line_each() {
+        let text = r#"
+[server]
+listen = "nowhere"
+[sprinthub]
+api_token = "env:MISSING"
+[[sources]]
+name = "Bad Name"
+scheme = "hmac-sha256"
+secrets = []
+object_id = "data/object_id"
+[sources.lead]
+key = "/email"
+"#;
+        let errs = Config::from_parts(text, &[], &env).unwrap_err().0;
+        let all = errs.join("\n");
+        for needle in [
+            "server.listen",
+            "sprinthub.instance",
+            "MISSING",
+            "must match",
+            "secrets: at least one",
+            "signature_header",
+            "not a JSON pointer",
+            "lead.lookup",
+        ] {
+            assert!(all.contains(needle), "missing {needle} in:\n{all}");
+        }
+        assert!(errs.iter().all(|l| !l.contains('\n')));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let text = format!("{BASE}\n[delivery]\nmax_attempt = 3\n");
+        let e = Config::from_parts(&text, &[], &env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_attempt"), "{e}");
+    }
+
+    #[test]
+    fn redacts_database_password() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+}

@@ -1,0 +1,280 @@
+//! The delivery worker: claims due links (and lead resolutions) from storage under a lease,
+//! calls SprintHub outside any transaction, and records each outcome through a group-commit
+//! writer. Concurrency and the outbound rate are bounded per replica.
+
+pub mod backoff;
+pub mod ratelimit;
+pub mod resolve;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::Batcher;
+use crate::config::Config;
+use crate::sprinthub::SprintHubClient;
+use crate::store::{Attempt, Completion, LinkJob, LinkUpdate, Store, now_ms};
+use crate::telemetry::Metrics;
+use backoff::{Next, after_failure};
+use ratelimit::RateLimiter;
+use resolve::Resolver;
+
+/// Longest idle sleep between polls when nothing is due (other replicas may add work).
+const IDLE_POLL: Duration = Duration::from_millis(500);
+
+pub struct Worker {
+    store: Arc<dyn Store>,
+    hub: SprintHubClient,
+    cfg: Arc<Config>,
+    limiter: Arc<RateLimiter>,
+    metrics: Arc<Metrics>,
+    wake: Arc<Notify>,
+    completer: Batcher<Completion, ()>,
+    resolver: Resolver,
+    /// Jobs whose call is in progress, so a forced shutdown can hand them back.
+    in_flight: Mutex<HashMap<i64, i64>>,
+}
+
+impl Worker {
+    pub fn new(
+        store: Arc<dyn Store>,
+        hub: SprintHubClient,
+        cfg: Arc<Config>,
+        metrics: Arc<Metrics>,
+        wake: Arc<Notify>,
+    ) -> Arc<Self> {
+        let limiter = Arc::new(RateLimiter::new(cfg.sprinthub.rate_limit_per_second));
+        let s = store.clone();
+        let completer = Batcher::spawn(256, move |items: Vec<Completion>| {
+            let s = s.clone();
+            async move {
+                let n = items.len();
+                s.complete_links(&items, now_ms()).await?;
+                Ok(vec![(); n])
+            }
+        });
+        let resolver = Resolver::new(
+            store.clone(),
+            hub.clone(),
+            cfg.clone(),
+            limiter.clone(),
+            metrics.clone(),
+        );
+        Arc::new(Worker {
+            store,
+            hub,
+            cfg,
+            limiter,
+            metrics,
+            wake,
+            completer,
+            resolver,
+            in_flight: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Runs until `shutdown` is cancelled, then lets in-flight calls finish for at most `drain`
+    /// and hands back the leases of any still running.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken, drain: Duration) {
+        let permits = Arc::new(Semaphore::new(self.cfg.sprinthub.concurrency));
+        let lease_ms = (self.cfg.delivery.lease_seconds * 1000) as i64;
+        let mut tasks = JoinSet::new();
+        loop {
+            while tasks.try_join_next().is_some() {}
+            let first = tokio::select! {
+                p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+                _ = shutdown.cancelled() => break,
+            };
+            let mut held = vec![first];
+            while let Ok(p) = permits.clone().try_acquire_owned() {
+                held.push(p);
+            }
+            let now = now_ms();
+            let limit = held.len() as i64;
+            let jobs = match self.store.claim_links(now, now + lease_ms, limit).await {
+                Ok(jobs) => jobs,
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming links failed; retrying in 1 s");
+                    drop(held);
+                    tokio::select! { _ = tokio::time::sleep(Duration::from_secs(1)) => {}, _ = shutdown.cancelled() => break }
+                    continue;
+                }
+            };
+            let mut started = 0;
+            for job in jobs {
+                let permit = held.pop().expect("claimed no more than the permits held");
+                self.in_flight
+                    .lock()
+                    .expect("in-flight lock")
+                    .insert(job.link_id, job.lease);
+                let me = self.clone();
+                let stop = shutdown.clone();
+                tasks.spawn(async move {
+                    me.deliver(job, stop).await;
+                    drop(permit);
+                });
+                started += 1;
+            }
+            if !held.is_empty() {
+                let spare = held.len() as i64;
+                match self.store.claim_resolves(now, now + lease_ms, spare).await {
+                    Ok(jobs) => {
+                        for job in jobs {
+                            let permit = held.pop().expect("claimed no more than the permits held");
+                            let me = self.clone();
+                            tasks.spawn(async move {
+                                me.resolver.run(job).await;
+                                drop(permit);
+                            });
+                            started += 1;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "claiming lead resolutions failed"),
+                }
+            }
+            drop(held);
+            if started == 0 {
+                let wait = match self.store.next_due().await {
+                    Ok(Some(due)) => Duration::from_millis(
+                        (due - now_ms()).clamp(5, IDLE_POLL.as_millis() as i64) as u64,
+                    ),
+                    _ => IDLE_POLL,
+                };
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        }
+        // Draining: no new claims; in-flight calls get until the deadline.
+        let drained =
+            tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tasks.abort_all();
+            let left: Vec<(i64, i64)> = self
+                .in_flight
+                .lock()
+                .expect("in-flight lock")
+                .drain()
+                .collect();
+            let releases: Vec<Completion> = left
+                .into_iter()
+                .map(|(link_id, lease)| Completion {
+                    link_id,
+                    lease,
+                    attempt: None,
+                    update: LinkUpdate::Release,
+                })
+                .collect();
+            if !releases.is_empty() {
+                tracing::info!(
+                    count = releases.len(),
+                    "releasing leases of unfinished deliveries"
+                );
+                if let Err(e) = self.store.complete_links(&releases, now_ms()).await {
+                    tracing::warn!(error = %e, "could not release leases; they expire by themselves");
+                }
+            }
+        }
+    }
+
+    /// One attempt for one link, and its record.
+    async fn deliver(&self, job: LinkJob, shutdown: CancellationToken) {
+        let span = tracing::info_span!("deliver", object_id = %job.object_id, lead_id = %job.lead_id, link = job.link_id);
+        let _enter = span.enter();
+        drop(_enter);
+        // A call not yet started when shutdown comes is handed back, not begun.
+        let go = tokio::select! {
+            _ = self.limiter.acquire() => true,
+            _ = shutdown.cancelled() => false,
+        };
+        let completion = if !go {
+            Completion {
+                link_id: job.link_id,
+                lease: job.lease,
+                attempt: None,
+                update: LinkUpdate::Release,
+            }
+        } else {
+            let at = now_ms();
+            let start = Instant::now();
+            let result = self.hub.link(&job.object_id, &job.lead_id).await;
+            let took = start.elapsed();
+            let duration_ms = took.as_millis() as i64;
+            let (attempt, update) = match result {
+                Ok(ok) => {
+                    self.metrics.attempt("success", took);
+                    self.metrics.link("linked");
+                    tracing::info!(parent: &span, status = ok.status, "linked");
+                    (
+                        Attempt {
+                            at,
+                            status_code: Some(i64::from(ok.status)),
+                            error: None,
+                            response_excerpt: ok.excerpt,
+                            duration_ms,
+                        },
+                        LinkUpdate::Linked,
+                    )
+                }
+                Err(failure) => {
+                    self.metrics.attempt(failure.class(), took);
+                    let attempt = Attempt {
+                        at,
+                        status_code: failure.status().map(i64::from),
+                        error: Some(failure.describe()),
+                        response_excerpt: failure.excerpt().map(str::to_string),
+                        duration_ms,
+                    };
+                    let next = after_failure(
+                        &failure,
+                        job.attempts,
+                        job.first_queued_at,
+                        now_ms(),
+                        &self.cfg.delivery,
+                        fastrand::f64(),
+                    );
+                    let update = match next {
+                        Next::Retry { delay, counted } => {
+                            if failure.class() == "auth_error" {
+                                tracing::error!(parent: &span, error = %failure.describe(), "SprintHub refused our credentials");
+                            } else {
+                                tracing::warn!(parent: &span, error = %failure.describe(), retry_in_ms = delay.as_millis() as u64, "link attempt failed");
+                            }
+                            LinkUpdate::Retry {
+                                due_at: now_ms() + delay.as_millis() as i64,
+                                counted,
+                                error: failure.describe(),
+                            }
+                        }
+                        Next::Dead(reason) => {
+                            self.metrics.link("dead");
+                            tracing::error!(parent: &span, error = %reason, "link is dead");
+                            LinkUpdate::Dead { error: reason }
+                        }
+                    };
+                    (attempt, update)
+                }
+            };
+            Completion {
+                link_id: job.link_id,
+                lease: job.lease,
+                attempt: Some(attempt),
+                update,
+            }
+        };
+        if let Err(e) = self.completer.submit(completion).await {
+            // The lease runs out and the link is claimed again: at least once, never lost.
+            tracing::error!(parent: &span, error = %e, "could not record the attempt");
+        }
+        self.in_flight
+            .lock()
+            .expect("in-flight lock")
+            .remove(&job.link_id);
+    }
+}

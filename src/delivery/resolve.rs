@@ -1,0 +1,268 @@
+//! Lead resolution, a step of delivery: from the key a sender knows (an email, a phone number,
+//! its own customer id) to SprintHub lead ids, through the mapping table or a SprintHub search,
+//! creating the lead when configured to. Runs in the worker, never in the request path.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+
+use super::backoff::{Next, after_failure};
+use super::ratelimit::RateLimiter;
+use crate::config::{Config, LeadField, LookupKind, SourceConfig};
+use crate::mapping::{self, Leads};
+use crate::sprinthub::{Failure, SprintHubClient};
+use crate::store::{ResolveJob, ResolveUpdate, Store, now_ms};
+use crate::telemetry::Metrics;
+
+/// Lead ids found for a key, and when that answer expires.
+type CacheEntry = (Vec<String>, Instant);
+
+/// Remembers search results, found and not found, for their TTLs.
+struct LookupCache {
+    entries: Mutex<HashMap<(LeadField, String), CacheEntry>>,
+    ttl: Duration,
+    negative_ttl: Duration,
+    capacity: usize,
+}
+
+impl LookupCache {
+    fn get(&self, field: LeadField, key: &str) -> Option<Vec<String>> {
+        let entries = self.entries.lock().expect("cache lock");
+        entries
+            .get(&(field, key.to_string()))
+            .filter(|(_, expires)| *expires > Instant::now())
+            .map(|(ids, _)| ids.clone())
+    }
+
+    fn put(&self, field: LeadField, key: &str, ids: Vec<String>) {
+        let ttl = if ids.is_empty() {
+            self.negative_ttl
+        } else {
+            self.ttl
+        };
+        if ttl.is_zero() {
+            return;
+        }
+        let mut entries = self.entries.lock().expect("cache lock");
+        if entries.len() >= self.capacity {
+            let now = Instant::now();
+            entries.retain(|_, (_, exp)| *exp > now);
+            if entries.len() >= self.capacity {
+                entries.clear();
+            }
+        }
+        entries.insert((field, key.to_string()), (ids, Instant::now() + ttl));
+    }
+}
+
+pub struct Resolver {
+    store: Arc<dyn Store>,
+    hub: SprintHubClient,
+    cfg: Arc<Config>,
+    limiter: Arc<RateLimiter>,
+    metrics: Arc<Metrics>,
+    cache: LookupCache,
+    /// One lock per key being created, so concurrent events for one new customer create one lead.
+    creating: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Resolver {
+    pub fn new(
+        store: Arc<dyn Store>,
+        hub: SprintHubClient,
+        cfg: Arc<Config>,
+        limiter: Arc<RateLimiter>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let cache = LookupCache {
+            entries: Mutex::new(HashMap::new()),
+            ttl: Duration::from_secs(cfg.lookup.cache_ttl_seconds),
+            negative_ttl: Duration::from_secs(cfg.lookup.negative_cache_ttl_seconds),
+            capacity: cfg.lookup.cache_capacity.max(1),
+        };
+        Resolver {
+            store,
+            hub,
+            cfg,
+            limiter,
+            metrics,
+            cache,
+            creating: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Resolves one claimed event and records the result.
+    pub async fn run(&self, job: ResolveJob) {
+        let span = tracing::info_span!("resolve", event_id = %job.event_id, source = %job.source);
+        let update = self.resolve(&job).await;
+        match &update {
+            ResolveUpdate::Links(ids) => {
+                tracing::info!(parent: &span, leads = ?ids, "lead key resolved")
+            }
+            ResolveUpdate::Parked(r) => tracing::warn!(parent: &span, reason = %r, "event parked"),
+            ResolveUpdate::Retry { error, .. } => {
+                tracing::warn!(parent: &span, error = %error, "lead lookup failed, will retry")
+            }
+            ResolveUpdate::Dead(r) => {
+                tracing::error!(parent: &span, reason = %r, "lead lookup gave up")
+            }
+        }
+        if let Err(e) = self.store.complete_resolve(&job, update, now_ms()).await {
+            tracing::error!(parent: &span, error = %e, "could not record the lead resolution");
+        }
+    }
+
+    async fn resolve(&self, job: &ResolveJob) -> ResolveUpdate {
+        let Some(source) = self.cfg.source(&job.source) else {
+            return ResolveUpdate::Parked(format!(
+                "source {:?} is no longer configured",
+                job.source
+            ));
+        };
+        let body: Value = match serde_json::from_str(&job.body) {
+            Ok(v) => v,
+            Err(e) => return ResolveUpdate::Parked(format!("stored body is not JSON: {e}")),
+        };
+        let mapped = match mapping::map(source, &body) {
+            Ok(m) => m,
+            Err(reason) => return ResolveUpdate::Parked(reason),
+        };
+        let key = match mapped.leads {
+            Leads::Ids(ids) => return ResolveUpdate::Links(ids),
+            Leads::Key(key) => key,
+        };
+        let lead = &source.lead;
+        let result = match (lead.lookup, lead.field) {
+            (Some(LookupKind::Sprinthub), Some(field)) => {
+                self.via_sprinthub(source, field, &key, &body).await
+            }
+            _ => self.via_table(source, &key).await,
+        };
+        match result {
+            Ok(ids) if ids.is_empty() => ResolveUpdate::Parked(match lead.lookup {
+                Some(LookupKind::Sprinthub) => format!(
+                    "no SprintHub lead has {} = {key:?}; create it (or set create_missing) and replay",
+                    lead.field.map_or("the key", LeadField::as_str)
+                ),
+                _ => format!(
+                    "no lead mapped to key {key:?} for source {}; add it with PUT /admin/mappings/{}/{{key}} and replay",
+                    source.name, source.name
+                ),
+            }),
+            Ok(ids) => ResolveUpdate::Links(ids),
+            Err(Lookup::Storage(e)) => ResolveUpdate::Retry {
+                due_at: now_ms() + 1_000,
+                counted: false,
+                error: format!("mapping table unavailable: {e}"),
+            },
+            Err(Lookup::Hub(failure)) => {
+                self.metrics.lookup("error");
+                match after_failure(
+                    &failure,
+                    job.attempts,
+                    job.first_at,
+                    now_ms(),
+                    &self.cfg.delivery,
+                    fastrand::f64(),
+                ) {
+                    Next::Retry { delay, counted } => ResolveUpdate::Retry {
+                        due_at: now_ms() + delay.as_millis() as i64,
+                        counted,
+                        error: format!("lead lookup: {}", failure.describe()),
+                    },
+                    Next::Dead(reason) => ResolveUpdate::Dead(format!("lead lookup: {reason}")),
+                }
+            }
+        }
+    }
+
+    async fn via_table(&self, source: &SourceConfig, key: &str) -> Result<Vec<String>, Lookup> {
+        let ids = self
+            .store
+            .mapping_get(&source.name, key)
+            .await
+            .map_err(|e| Lookup::Storage(e.to_string()))?;
+        self.metrics
+            .lookup(if ids.is_empty() { "miss" } else { "hit" });
+        Ok(ids)
+    }
+
+    async fn via_sprinthub(
+        &self,
+        source: &SourceConfig,
+        field: LeadField,
+        key: &str,
+        body: &Value,
+    ) -> Result<Vec<String>, Lookup> {
+        if let Some(ids) = self.cache.get(field, key) {
+            self.metrics.lookup("cache_hit");
+            if !ids.is_empty() || !source.lead.create_missing {
+                return Ok(ids);
+            }
+        }
+        let found = self.search(field, key).await?;
+        if !found.is_empty() || !source.lead.create_missing {
+            return Ok(found);
+        }
+        // Create once per key: whoever holds the lock searches again before creating.
+        let lock = {
+            let mut creating = self.creating.lock().expect("creation lock");
+            creating
+                .entry(format!("{}:{key}", field.as_str()))
+                .or_default()
+                .clone()
+        };
+        let _guard = lock.lock().await;
+        if let Some(ids) = self.cache.get(field, key).filter(|ids| !ids.is_empty()) {
+            return Ok(ids);
+        }
+        let found = self.search(field, key).await?;
+        if !found.is_empty() {
+            return Ok(found);
+        }
+        let mut fields = Map::new();
+        for (name, pointer) in &source.lead.create_fields {
+            if let Some(v) = body.pointer(pointer).filter(|v| !v.is_null()) {
+                fields.insert(name.clone(), v.clone());
+            }
+        }
+        fields
+            .entry(field.as_str().to_string())
+            .or_insert_with(|| Value::String(key.to_string()));
+        self.limiter.acquire().await;
+        let id = self
+            .hub
+            .create_lead(&Value::Object(fields))
+            .await
+            .map_err(Lookup::Hub)?;
+        self.metrics.lookup("created");
+        let ids = vec![id];
+        self.cache.put(field, key, ids.clone());
+        self.creating
+            .lock()
+            .expect("creation lock")
+            .remove(&format!("{}:{key}", field.as_str()));
+        Ok(ids)
+    }
+
+    async fn search(&self, field: LeadField, key: &str) -> Result<Vec<String>, Lookup> {
+        self.limiter.acquire().await;
+        let leads = self
+            .hub
+            .search_leads(field, key)
+            .await
+            .map_err(Lookup::Hub)?;
+        let ids: Vec<String> = leads.into_iter().map(|l| l.id).collect();
+        self.metrics
+            .lookup(if ids.is_empty() { "miss" } else { "hit" });
+        self.cache.put(field, key, ids.clone());
+        Ok(ids)
+    }
+}
+
+enum Lookup {
+    Storage(String),
+    Hub(Failure),
+}

@@ -1,0 +1,148 @@
+//! `POST /webhooks/{source}`: one verify, one parse, and a commit shared with the requests that
+//! arrive at the same time. Nothing is acknowledged before it is durable.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::app::AppState;
+use crate::config::SourceConfig;
+use crate::error::AppError;
+use crate::mapping::{self, Leads};
+use crate::store::{IngestOutcome, NewEvent, Plan, now_ms};
+
+/// Where the mapping sends an event: its object id (when found) and what to do next.
+pub fn plan_for(source: &SourceConfig, body: &Value) -> (Option<String>, Plan) {
+    match mapping::map(source, body) {
+        Ok(m) => match m.leads {
+            Leads::Ids(ids) => (Some(m.object_id), Plan::Links(ids)),
+            Leads::Key(_) => (Some(m.object_id), Plan::Resolve),
+        },
+        Err(reason) => {
+            let object_id = body.pointer(&source.object_id).and_then(mapping::id_text);
+            (object_id, Plan::Parked(reason))
+        }
+    }
+}
+
+pub async fn webhook(
+    State(state): State<Arc<AppState>>,
+    Path(source): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let start = Instant::now();
+    let label = if state.sources.contains_key(&source) {
+        source.as_str()
+    } else {
+        "_unknown"
+    };
+    let (outcome, response) = match accept(&state, &source, &headers, body).await {
+        Ok((outcome, resp)) => (outcome, resp),
+        Err(e) => {
+            if !matches!(e, AppError::UnknownSource(_)) {
+                tracing::info!(source = %source, code = e.code(), error = %e, "webhook rejected");
+            }
+            (e.code(), e.into_response())
+        }
+    };
+    state.metrics.webhook(label, outcome, start.elapsed());
+    response
+}
+
+async fn accept(
+    state: &AppState,
+    source_name: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(&'static str, Response), AppError> {
+    if state.shutdown.is_cancelled() {
+        return Err(AppError::Unavailable(
+            "the service is shutting down, retry shortly".into(),
+        ));
+    }
+    let (source, verifier) = state
+        .sources
+        .get(source_name)
+        .ok_or_else(|| AppError::UnknownSource(source_name.to_string()))?;
+    let max = state.config.server.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(AppError::PayloadTooLarge(max));
+    }
+    let raw = axum::body::to_bytes(body, max).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            AppError::PayloadTooLarge(max)
+        } else {
+            AppError::BadRequest(format!("could not read the body: {e}"))
+        }
+    })?;
+    let now = now_ms();
+    let verified = verifier.verify(headers, &raw, now.div_euclid(1000))?;
+    let json: Value =
+        serde_json::from_slice(&raw).map_err(|e| AppError::InvalidJson(e.to_string()))?;
+    let event_type = mapping::event_type(source, &json);
+    if !mapping::accepts(source, event_type.as_deref()) {
+        tracing::debug!(source = %source.name, event_type = ?event_type, "event type ignored");
+        return Ok((
+            "ignored",
+            (StatusCode::OK, axum::Json(json!({"status": "ignored"}))).into_response(),
+        ));
+    }
+    let event_id = mapping::event_id(source, &json, &raw, verified.delivery_id.as_deref());
+    let (object_id, plan) = plan_for(source, &json);
+    let parked_reason = match &plan {
+        Plan::Parked(r) => Some(r.clone()),
+        _ => None,
+    };
+    let event = NewEvent {
+        source: source.name.clone(),
+        event_id: event_id.clone(),
+        event_type,
+        received_at: now,
+        // The body passed JSON parsing, so it is UTF-8.
+        body: String::from_utf8_lossy(&raw).into_owned(),
+        object_id,
+        plan,
+    };
+    let outcome = state.ingest.submit(event).await?;
+    let answer = match outcome {
+        IngestOutcome::Queued => {
+            state.wake.notify_one();
+            tracing::debug!(event_id = %event_id, source = %source.name, "event queued");
+            (
+                "queued",
+                StatusCode::ACCEPTED,
+                json!({"event_id": event_id, "status": "queued"}),
+            )
+        }
+        IngestOutcome::Parked => {
+            let reason = parked_reason.unwrap_or_default();
+            tracing::warn!(event_id = %event_id, source = %source.name, reason = %reason, "event parked");
+            (
+                "parked",
+                StatusCode::ACCEPTED,
+                json!({"event_id": event_id, "status": "parked", "reason": reason}),
+            )
+        }
+        IngestOutcome::Duplicate => {
+            tracing::debug!(event_id = %event_id, source = %source.name, "duplicate event");
+            (
+                "duplicate",
+                StatusCode::OK,
+                json!({"event_id": event_id, "status": "duplicate"}),
+            )
+        }
+    };
+    Ok((answer.0, (answer.1, axum::Json(answer.2)).into_response()))
+}

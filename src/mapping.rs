@@ -1,0 +1,302 @@
+//! From a parsed webhook body to what must be linked: the event id and type, the SprintHub
+//! object id and the lead ids (or the key that resolves to them). Pure: no I/O, no HTTP.
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::config::{LeadField, LookupKind, Scheme, SourceConfig};
+
+/// How a source's events find their leads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Leads {
+    /// The body names the lead ids.
+    Ids(Vec<String>),
+    /// The body names a key that the worker resolves through the mapping table or SprintHub.
+    Key(String),
+}
+
+/// What one event maps to. `Err` carries the reason an operator reads on a parked event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapped {
+    pub object_id: String,
+    pub leads: Leads,
+}
+
+/// Reads the event id: the configured pointer, else the scheme's delivery id (Stripe's is the
+/// body's `id`), else the SHA-256 of the body, so identical bodies deduplicate.
+pub fn event_id(
+    source: &SourceConfig,
+    body: &Value,
+    raw: &[u8],
+    delivery_id: Option<&str>,
+) -> String {
+    let pointer = source
+        .event_id
+        .as_deref()
+        .or((source.scheme == Scheme::Stripe).then_some("/id"));
+    pointer
+        .and_then(|p| body.pointer(p))
+        .and_then(scalar_text)
+        .or_else(|| delivery_id.filter(|d| !d.is_empty()).map(str::to_string))
+        .unwrap_or_else(|| format!("sha256:{}", hex::encode(Sha256::digest(raw))))
+}
+
+/// The event's type, when the source names where it is.
+pub fn event_type(source: &SourceConfig, body: &Value) -> Option<String> {
+    source
+        .event_type
+        .as_deref()
+        .and_then(|p| body.pointer(p))
+        .and_then(scalar_text)
+}
+
+/// Whether the source wants events of this type (an empty list accepts every type).
+pub fn accepts(source: &SourceConfig, event_type: Option<&str>) -> bool {
+    source.accept_types.is_empty()
+        || event_type.is_some_and(|t| source.accept_types.iter().any(|a| a == t))
+}
+
+/// Maps the body to an object id and leads, or explains why it cannot.
+pub fn map(source: &SourceConfig, body: &Value) -> Result<Mapped, String> {
+    let object_id = body
+        .pointer(&source.object_id)
+        .and_then(id_text)
+        .ok_or_else(|| format!("object id not found at {}", source.object_id))?;
+    let lead = &source.lead;
+    let leads = if let Some(p) = &lead.id {
+        let ids = match body.pointer(p) {
+            Some(Value::Array(items)) => {
+                let ids: Option<Vec<String>> = items.iter().map(id_text).collect();
+                ids.ok_or_else(|| format!("lead ids at {p} are not all ids"))?
+            }
+            Some(v) => vec![id_text(v).ok_or_else(|| format!("lead id at {p} is not an id"))?],
+            None => return Err(format!("lead id not found at {p}")),
+        };
+        let mut ids = ids;
+        ids.sort();
+        ids.dedup();
+        if ids.is_empty() {
+            return Err(format!("lead id list at {p} is empty"));
+        }
+        Leads::Ids(ids)
+    } else if let Some(p) = &lead.key {
+        let raw = body
+            .pointer(p)
+            .and_then(scalar_text)
+            .ok_or_else(|| format!("lead key not found at {p}"))?;
+        let key = normalize_key(&raw, lead.lookup, lead.field);
+        if key.is_empty() {
+            return Err(format!("lead key at {p} is empty"));
+        }
+        Leads::Key(key)
+    } else {
+        return Err("source has no lead mapping".into());
+    };
+    Ok(Mapped { object_id, leads })
+}
+
+/// Canonical form of a lookup key: emails compare case-insensitively, phone numbers by digits.
+pub fn normalize_key(raw: &str, lookup: Option<LookupKind>, field: Option<LeadField>) -> String {
+    let raw = raw.trim();
+    match (lookup, field) {
+        (Some(LookupKind::Sprinthub), Some(LeadField::Whatsapp | LeadField::Mobile)) => digits(raw),
+        _ if raw.contains('@') => raw.to_lowercase(),
+        _ => raw.to_string(),
+    }
+}
+
+/// The digits of a phone number, so `+55 (11) 9999-0000` equals `5511999990000`.
+pub fn digits(s: &str) -> String {
+    s.chars().filter(char::is_ascii_digit).collect()
+}
+
+/// An id as stored: integers and strings keep their text; anything else is not an id.
+pub fn id_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
+        Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+        _ => None,
+    }
+}
+
+fn scalar_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// An id as SprintHub receives it: a JSON number when it is an integer or a string of digits,
+/// otherwise the string as given.
+pub fn id_json(id: &str) -> Value {
+    let numeric = !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit());
+    match id.parse::<u64>() {
+        Ok(n) if numeric => Value::from(n),
+        _ => match id.parse::<i64>() {
+            Ok(n) if id.starts_with('-') && id[1..].bytes().all(|b| b.is_ascii_digit()) => {
+                Value::from(n)
+            }
+            _ => Value::String(id.to_string()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{LeadConfig, Secret};
+    use serde_json::json;
+
+    fn source(lead: LeadConfig) -> SourceConfig {
+        SourceConfig {
+            name: "erp".into(),
+            scheme: Scheme::StandardWebhooks,
+            secrets: vec![Secret::new("whsec_AAAA")],
+            tolerance_seconds: 300,
+            signature_header: None,
+            encoding: None,
+            prefix: None,
+            event_id: Some("/id".into()),
+            event_type: Some("/type".into()),
+            accept_types: vec!["object.created".into()],
+            object_id: "/data/object_id".into(),
+            lead,
+        }
+    }
+
+    fn by_id() -> SourceConfig {
+        source(LeadConfig {
+            id: Some("/data/lead_id".into()),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn single_digit_string_and_array_lead_ids() {
+        let s = by_id();
+        let m = map(&s, &json!({"data": {"object_id": 123, "lead_id": 8473}})).unwrap();
+        assert_eq!(
+            m,
+            Mapped {
+                object_id: "123".into(),
+                leads: Leads::Ids(vec!["8473".into()])
+            }
+        );
+        let m = map(
+            &s,
+            &json!({"data": {"object_id": "123", "lead_id": "8473"}}),
+        )
+        .unwrap();
+        assert_eq!(m.leads, Leads::Ids(vec!["8473".into()]));
+        let m = map(
+            &s,
+            &json!({"data": {"object_id": "obj-x", "lead_id": [2, "1", 2]}}),
+        )
+        .unwrap();
+        assert_eq!(m.object_id, "obj-x");
+        assert_eq!(m.leads, Leads::Ids(vec!["1".into(), "2".into()]));
+    }
+
+    #[test]
+    fn missing_or_wrong_values_explain_themselves() {
+        let s = by_id();
+        assert!(
+            map(&s, &json!({"data": {"lead_id": 1}}))
+                .unwrap_err()
+                .contains("object id not found at /data/object_id")
+        );
+        assert!(
+            map(&s, &json!({"data": {"object_id": 1}}))
+                .unwrap_err()
+                .contains("lead id not found")
+        );
+        assert!(
+            map(&s, &json!({"data": {"object_id": 1, "lead_id": []}}))
+                .unwrap_err()
+                .contains("empty")
+        );
+        assert!(map(&s, &json!({"data": {"object_id": 1, "lead_id": [1, null]}})).is_err());
+        assert!(map(&s, &json!({"data": {"object_id": 1.5, "lead_id": 1}})).is_err());
+        assert!(map(&s, &json!({"data": {"object_id": "  ", "lead_id": 1}})).is_err());
+        assert!(map(&s, &json!([1, 2])).is_err());
+    }
+
+    #[test]
+    fn keys_are_normalised() {
+        let s = source(LeadConfig {
+            key: Some("/c/email".into()),
+            lookup: Some(LookupKind::Table),
+            ..Default::default()
+        });
+        let m = map(
+            &s,
+            &json!({"data": {"object_id": 5}, "c": {"email": " Ann@Example.COM "}}),
+        )
+        .unwrap();
+        assert_eq!(m.leads, Leads::Key("ann@example.com".into()));
+        assert_eq!(
+            normalize_key(
+                "+55 (11) 9999-0000",
+                Some(LookupKind::Sprinthub),
+                Some(LeadField::Whatsapp)
+            ),
+            "551199990000"
+        );
+        assert_eq!(
+            normalize_key("CUST-7", Some(LookupKind::Table), None),
+            "CUST-7"
+        );
+    }
+
+    #[test]
+    fn event_id_falls_back_to_delivery_id_then_body_hash() {
+        let s = by_id();
+        assert_eq!(
+            event_id(&s, &json!({"id": "evt_1"}), b"x", Some("d")),
+            "evt_1"
+        );
+        assert_eq!(event_id(&s, &json!({"id": 42}), b"x", None), "42");
+        assert_eq!(event_id(&s, &json!({}), b"x", Some("d")), "d");
+        let h = event_id(&s, &json!({}), b"abc", None);
+        assert_eq!(
+            h,
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        let mut stripe = by_id();
+        stripe.scheme = Scheme::Stripe;
+        stripe.event_id = None;
+        assert_eq!(
+            event_id(&stripe, &json!({"id": "evt_s"}), b"x", None),
+            "evt_s"
+        );
+    }
+
+    #[test]
+    fn accept_types_filter() {
+        let s = by_id();
+        assert!(accepts(&s, Some("object.created")));
+        assert!(!accepts(&s, Some("object.deleted")));
+        assert!(!accepts(&s, None));
+        let mut all = by_id();
+        all.accept_types.clear();
+        assert!(accepts(&all, None));
+        assert_eq!(
+            event_type(&s, &json!({"type": "object.created"})).as_deref(),
+            Some("object.created")
+        );
+    }
+
+    #[test]
+    fn ids_go_out_as_numbers_when_they_are_digits() {
+        assert_eq!(id_json("123"), json!(123));
+        assert_eq!(id_json("-4"), json!(-4));
+        assert_eq!(id_json("abc-1"), json!("abc-1"));
+        assert_eq!(id_json("12a"), json!("12a"));
+        assert_eq!(
+            id_json("99999999999999999999999"),
+            json!("99999999999999999999999")
+        );
+    }
+}

@@ -1,0 +1,430 @@
+//! The outbound SprintHub client and the failure classes of SPEC section 1. It never lets the
+//! API token out: URLs are stripped from errors and the token is scrubbed from any text it
+//! returns.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use reqwest::StatusCode;
+use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
+use reqwest_retry::policies::ExponentialBackoff;
+use reqwest_retry::{RetryTransientMiddleware, Retryable, RetryableStrategy};
+use serde_json::{Value, json};
+
+use crate::config::{LeadField, Secret, SprintHubConfig};
+use crate::mapping::{digits, id_json};
+
+/// How one call ended, classified the way delivery decides what to do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    /// Connection error, timeout, 408, 425, 429, 5xx: try again, after `retry_after` if given.
+    Transient {
+        status: Option<u16>,
+        retry_after: Option<Duration>,
+        error: String,
+        excerpt: Option<String>,
+    },
+    /// SprintHub's rate limiting (a 401 saying "too many requests"): wait at least 60 s.
+    Throttled {
+        retry_after: Option<Duration>,
+        excerpt: Option<String>,
+    },
+    /// Any other 401 or 403: the token or instance is wrong; retried, as an operator may fix it.
+    Auth {
+        status: u16,
+        excerpt: Option<String>,
+    },
+    /// Any other 4xx: this request will never succeed.
+    Permanent {
+        status: u16,
+        excerpt: Option<String>,
+    },
+}
+
+impl Failure {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Failure::Transient { status, .. } => *status,
+            Failure::Throttled { .. } => Some(401),
+            Failure::Auth { status, .. } | Failure::Permanent { status, .. } => Some(*status),
+        }
+    }
+    pub fn excerpt(&self) -> Option<&str> {
+        match self {
+            Failure::Transient { excerpt, .. }
+            | Failure::Throttled { excerpt, .. }
+            | Failure::Auth { excerpt, .. }
+            | Failure::Permanent { excerpt, .. } => excerpt.as_deref(),
+        }
+    }
+    /// A one-line description for the attempt record and logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Failure::Transient {
+                status: Some(s), ..
+            } => format!("transient: HTTP {s}"),
+            Failure::Transient { error, .. } => format!("transient: {error}"),
+            Failure::Throttled { .. } => "throttled: SprintHub said too many requests".into(),
+            Failure::Auth { status, .. } => {
+                format!("auth: HTTP {status}, check sprinthub.api_token and sprinthub.instance")
+            }
+            Failure::Permanent { status, .. } => format!("rejected: HTTP {status}"),
+        }
+    }
+    /// The metric label for this class.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Failure::Transient { .. } => "transient",
+            Failure::Throttled { .. } => "throttled",
+            Failure::Auth { .. } => "auth_error",
+            Failure::Permanent { .. } => "rejected",
+        }
+    }
+}
+
+/// A successful call: the status and the start of the answer, kept with the attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Success {
+    pub status: u16,
+    pub excerpt: Option<String>,
+    pub body: Value,
+}
+
+/// A lead found by search.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lead {
+    pub id: String,
+    pub value: Option<String>,
+}
+
+/// Retries only connection failures in memory (the request never reached SprintHub); every
+/// answer goes back to the classifier so Retry-After and the durable schedule apply.
+struct ConnectErrorsOnly;
+
+impl RetryableStrategy for ConnectErrorsOnly {
+    fn handle(
+        &self,
+        res: &Result<reqwest::Response, reqwest_middleware::Error>,
+    ) -> Option<Retryable> {
+        match res {
+            Err(reqwest_middleware::Error::Reqwest(e)) if e.is_connect() => {
+                Some(Retryable::Transient)
+            }
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct SprintHubClient {
+    http: ClientWithMiddleware,
+    base_url: String,
+    instance: String,
+    token: Secret,
+}
+
+impl SprintHubClient {
+    pub fn new(cfg: &SprintHubConfig) -> Result<Self, String> {
+        let inner = reqwest::Client::builder()
+            .timeout(Duration::from_millis(cfg.timeout_ms))
+            .connect_timeout(Duration::from_millis(cfg.timeout_ms.min(5_000)))
+            .pool_max_idle_per_host(cfg.concurrency.max(1) * 2)
+            .user_agent(concat!("sprintlink/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {}", e.without_url()))?;
+        let policy = ExponentialBackoff::builder()
+            .retry_bounds(Duration::from_millis(50), Duration::from_millis(500))
+            .build_with_max_retries(2);
+        let http = ClientBuilder::new(inner)
+            .with(reqwest_tracing::TracingMiddleware::default())
+            .with(RetryTransientMiddleware::new_with_policy_and_strategy(
+                policy,
+                ConnectErrorsOnly,
+            ))
+            .build();
+        Ok(SprintHubClient {
+            http,
+            base_url: cfg.base_url.trim_end_matches('/').to_string(),
+            instance: cfg.instance.clone(),
+            token: cfg.api_token.clone(),
+        })
+    }
+
+    /// `POST /customobjects/link`, the core call.
+    pub async fn link(&self, object_id: &str, lead_id: &str) -> Result<Success, Failure> {
+        let body = json!({"objectId": id_json(object_id), "linkType": "lead", "targetId": id_json(lead_id), "amount": 1});
+        self.post("/customobjects/link", &body).await
+    }
+
+    /// `POST /leadsadvanced`, keeping only leads whose `field` equals `value` exactly.
+    pub async fn search_leads(&self, field: LeadField, value: &str) -> Result<Vec<Lead>, Failure> {
+        let body = json!({"query": "{leads{id,email,whatsapp,mobile}}", "search": value, "page": 0, "limit": 15});
+        let ok = self.post("/leadsadvanced", &body).await?;
+        Ok(exact_matches(&ok.body, field, value))
+    }
+
+    /// `POST /leads`; the new lead's id is read from `id` or `data.id`.
+    pub async fn create_lead(&self, fields: &Value) -> Result<String, Failure> {
+        let ok = self.post("/leads", fields).await?;
+        ok.body
+            .get("id")
+            .or_else(|| ok.body.pointer("/data/id"))
+            .and_then(crate::mapping::id_text)
+            .ok_or_else(|| Failure::Permanent {
+                status: ok.status,
+                excerpt: Some(format!(
+                    "lead created but no id in the answer: {}",
+                    ok.excerpt.unwrap_or_default()
+                )),
+            })
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> Result<Success, Failure> {
+        let url = format!("{}{}", self.base_url, path);
+        let sent = self
+            .http
+            .post(&url)
+            .query(&[
+                ("apitoken", self.token.expose()),
+                ("i", self.instance.as_str()),
+            ])
+            .json(body)
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(Failure::Transient {
+                    status: None,
+                    retry_after: None,
+                    error: self.scrub(&describe_error(e)),
+                    excerpt: None,
+                });
+            }
+        };
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                return Err(Failure::Transient {
+                    status: Some(status.as_u16()),
+                    retry_after,
+                    error: self.scrub(&describe_error(reqwest_middleware::Error::Reqwest(e))),
+                    excerpt: None,
+                });
+            }
+        };
+        let excerpt = (!bytes.is_empty()).then(|| self.scrub(&excerpt(&bytes)));
+        if status.is_success() {
+            let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            return Ok(Success {
+                status: status.as_u16(),
+                excerpt,
+                body,
+            });
+        }
+        Err(classify(status, retry_after, &bytes, excerpt))
+    }
+
+    /// Removes the token from text that might quote a URL or an echo of the request.
+    fn scrub(&self, text: &str) -> String {
+        let t = self.token.expose();
+        if t.len() >= 4 {
+            text.replace(t, "***")
+        } else {
+            text.to_string()
+        }
+    }
+}
+
+/// Sorts an unsuccessful answer into its failure class.
+pub fn classify(
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: &[u8],
+    excerpt: Option<String>,
+) -> Failure {
+    let code = status.as_u16();
+    match code {
+        401 if says_too_many_requests(body) => Failure::Throttled {
+            retry_after,
+            excerpt,
+        },
+        401 | 403 => Failure::Auth {
+            status: code,
+            excerpt,
+        },
+        408 | 425 | 429 | 500..=599 => Failure::Transient {
+            status: Some(code),
+            retry_after,
+            error: format!("HTTP {code}"),
+            excerpt,
+        },
+        _ => Failure::Permanent {
+            status: code,
+            excerpt,
+        },
+    }
+}
+
+fn says_too_many_requests(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("msg").and_then(Value::as_str).map(str::to_lowercase))
+        .is_some_and(|m| m.contains("too many requests"))
+}
+
+/// The first 2 KiB of an answer, cut at a character boundary.
+pub fn excerpt(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(crate::store::EXCERPT_BYTES)]);
+    text.trim_end_matches('\u{FFFD}').to_string()
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// An error's text without the URL (which carries the token in its query).
+fn describe_error(e: reqwest_middleware::Error) -> String {
+    match e {
+        reqwest_middleware::Error::Reqwest(e) => {
+            let kind = if e.is_timeout() {
+                "timeout"
+            } else if e.is_connect() {
+                "connection failed"
+            } else {
+                "request failed"
+            };
+            let e = e.without_url();
+            let mut text = format!("{kind}: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            text
+        }
+        reqwest_middleware::Error::Middleware(e) => format!("request failed: {e:#}"),
+    }
+}
+
+/// Leads from a `/leadsadvanced` answer whose `field` equals `value`: email ignoring case,
+/// phone numbers by their digits.
+pub fn exact_matches(answer: &Value, field: LeadField, value: &str) -> Vec<Lead> {
+    let wanted = normalize(field, value);
+    let Some(leads) = answer.pointer("/data/leads").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Lead> = leads
+        .iter()
+        .filter_map(|l| {
+            let v = l.get(field.as_str()).and_then(|v| match v {
+                Value::String(s) => Some(s.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            })?;
+            let id = l.get("id").and_then(crate::mapping::id_text)?;
+            (!wanted.is_empty() && normalize(field, &v) == wanted)
+                .then_some(Lead { id, value: Some(v) })
+        })
+        .collect();
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out.dedup_by(|a, b| a.id == b.id);
+    out
+}
+
+fn normalize(field: LeadField, v: &str) -> String {
+    match field {
+        LeadField::Email => v.trim().to_lowercase(),
+        LeadField::Whatsapp | LeadField::Mobile => digits(v),
+    }
+}
+
+/// How long one call took, for the attempt record.
+pub fn elapsed_ms(start: Instant) -> i64 {
+    start.elapsed().as_millis() as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_classes_follow_the_spec() {
+        let c = |code: u16, body: &str| {
+            classify(
+                StatusCode::from_u16(code).unwrap(),
+                None,
+                body.as_bytes(),
+                None,
+            )
+        };
+        for code in [408, 425, 429, 500, 502, 503, 599] {
+            assert!(matches!(c(code, ""), Failure::Transient { .. }), "{code}");
+        }
+        assert!(matches!(
+            c(401, r#"{"msg":"Too Many Requests, slow down"}"#),
+            Failure::Throttled { .. }
+        ));
+        assert!(matches!(
+            c(401, r#"{"msg":"invalid token"}"#),
+            Failure::Auth { status: 401, .. }
+        ));
+        assert!(matches!(c(401, "too many requests"), Failure::Auth { .. }));
+        assert!(matches!(c(403, ""), Failure::Auth { status: 403, .. }));
+        for code in [400, 404, 409, 422] {
+            assert!(matches!(c(code, ""), Failure::Permanent { .. }), "{code}");
+        }
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(90))
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn exact_match_filtering() {
+        let answer = json!({"data": {"leads": [
+            {"id": 1, "email": "Ann@Example.com", "whatsapp": "+55 11 99999-0000"},
+            {"id": 2, "email": "ann@example.com.br", "whatsapp": "5511999990001"},
+            {"id": 3, "email": null, "whatsapp": "55 (11) 99999 0000"},
+        ]}});
+        let ids = |f, v| {
+            exact_matches(&answer, f, v)
+                .into_iter()
+                .map(|l| l.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(LeadField::Email, "ann@example.com"), vec!["1"]);
+        assert_eq!(ids(LeadField::Whatsapp, "5511999990000"), vec!["1", "3"]);
+        assert!(ids(LeadField::Mobile, "5511999990000").is_empty());
+        assert!(exact_matches(&json!({"oops": 1}), LeadField::Email, "x").is_empty());
+    }
+
+    #[test]
+    fn excerpt_is_capped_at_two_kib() {
+        let long = "é".repeat(3000);
+        let e = excerpt(long.as_bytes());
+        assert!(e.len() <= 2048);
+        assert!(e.chars().all(|c| c == 'é'));
+    }
+}

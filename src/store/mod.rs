@@ -1,0 +1,256 @@
+//! Durable state: events, the links they ask for, every attempt, and the lead mapping table.
+//! One trait with a SQLite and a PostgreSQL implementation; the SQL is shared where the two
+//! dialects agree. Storage knows nothing of HTTP or of the worker: it records decisions made
+//! elsewhere and hands out due jobs under a lease.
+
+mod sql;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+pub use sql::{PostgresStore, SqliteStore};
+
+/// Milliseconds since the Unix epoch: the one time unit stored, the same on both backends.
+pub type Millis = i64;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    Database(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Database(e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// What to do with an event once it is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Waits for an operator; the reason says why.
+    Parked(String),
+    /// Link the object to these leads.
+    Links(Vec<String>),
+    /// The worker must first resolve the lead key.
+    Resolve,
+}
+
+/// An accepted webhook, ready to be committed.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub source: String,
+    pub event_id: String,
+    pub event_type: Option<String>,
+    pub received_at: Millis,
+    pub body: String,
+    pub object_id: Option<String>,
+    pub plan: Plan,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestOutcome {
+    Queued,
+    Parked,
+    Duplicate,
+}
+
+/// A link claimed for delivery under `lease` until the lease expires.
+#[derive(Debug, Clone)]
+pub struct LinkJob {
+    pub link_id: i64,
+    pub lease: i64,
+    pub object_id: String,
+    pub lead_id: String,
+    /// Attempts so far that count toward `max_attempts`.
+    pub attempts: i64,
+    pub first_queued_at: Millis,
+}
+
+/// An event whose lead key must be resolved, claimed under `lease`.
+#[derive(Debug, Clone)]
+pub struct ResolveJob {
+    pub event_pk: i64,
+    pub lease: i64,
+    pub source: String,
+    pub event_id: String,
+    pub body: String,
+    pub attempts: i64,
+    pub first_at: Millis,
+}
+
+/// One call to SprintHub, as the admin API shows it. Never holds the API token.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Attempt {
+    pub at: Millis,
+    pub status_code: Option<i64>,
+    pub error: Option<String>,
+    pub response_excerpt: Option<String>,
+    pub duration_ms: i64,
+}
+
+/// The new state of a delivered link.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LinkUpdate {
+    Linked,
+    /// Try again at `due_at`; `counted` says whether this attempt uses up one of `max_attempts`.
+    Retry {
+        due_at: Millis,
+        counted: bool,
+        error: String,
+    },
+    Dead {
+        error: String,
+    },
+    /// Give the job back untouched (shutdown).
+    Release,
+}
+
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub link_id: i64,
+    pub lease: i64,
+    pub attempt: Option<Attempt>,
+    pub update: LinkUpdate,
+}
+
+/// The result of resolving an event's lead key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResolveUpdate {
+    Links(Vec<String>),
+    Parked(String),
+    Retry {
+        due_at: Millis,
+        counted: bool,
+        error: String,
+    },
+    /// Resolution failed for good (a permanent error, or retries exhausted).
+    Dead(String),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub state: Option<String>,
+    pub source: Option<String>,
+    /// Only events older than this internal position (keyset pagination).
+    pub before: Option<i64>,
+    pub limit: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EventSummary {
+    #[serde(skip)]
+    pub pk: i64,
+    pub event_id: String,
+    pub source: String,
+    pub state: String,
+    pub received_at: Millis,
+    pub object_id: Option<String>,
+    pub event_type: Option<String>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkDetail {
+    #[serde(skip)]
+    pub link_id: i64,
+    pub object_id: String,
+    pub lead_id: String,
+    pub state: String,
+    pub next_attempt_at: Option<Millis>,
+    pub attempts: Vec<Attempt>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EventDetail {
+    #[serde(flatten)]
+    pub summary: EventSummary,
+    pub body: String,
+    pub links: Vec<LinkDetail>,
+}
+
+/// Numbers for `/metrics` and the dashboard.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    pub events_by_state: Vec<(String, i64)>,
+    pub links_by_state: Vec<(String, i64)>,
+    /// Pending links plus events waiting for lead resolution.
+    pub queue_depth: i64,
+    pub dead_links: i64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Commits a batch of events in one transaction (group commit), one outcome per event.
+    async fn ingest(&self, events: &[NewEvent]) -> Result<Vec<IngestOutcome>>;
+    async fn claim_links(
+        &self,
+        now: Millis,
+        lease_until: Millis,
+        limit: i64,
+    ) -> Result<Vec<LinkJob>>;
+    /// Records attempts and their consequences, in one transaction.
+    async fn complete_links(&self, done: &[Completion], now: Millis) -> Result<()>;
+    async fn claim_resolves(
+        &self,
+        now: Millis,
+        lease_until: Millis,
+        limit: i64,
+    ) -> Result<Vec<ResolveJob>>;
+    async fn complete_resolve(
+        &self,
+        job: &ResolveJob,
+        update: ResolveUpdate,
+        now: Millis,
+    ) -> Result<()>;
+    /// When the next job falls due, if any is waiting.
+    async fn next_due(&self) -> Result<Option<Millis>>;
+    async fn list_events(&self, filter: &EventFilter) -> Result<Vec<EventSummary>>;
+    /// Events with this id (one per source at most), optionally of one source.
+    async fn find_events(&self, event_id: &str, source: Option<&str>) -> Result<Vec<EventSummary>>;
+    async fn event_detail(&self, pk: i64) -> Result<Option<EventDetail>>;
+    async fn event_body(&self, pk: i64) -> Result<Option<String>>;
+    /// Applies a fresh plan to an existing event: every link not yet linked is due now.
+    async fn replay(&self, pk: i64, object_id: Option<&str>, plan: Plan, now: Millis)
+    -> Result<()>;
+    async fn stats(&self) -> Result<Stats>;
+    async fn ping(&self) -> Result<()>;
+    async fn mapping_get(&self, source: &str, key: &str) -> Result<Vec<String>>;
+    async fn mapping_put(&self, source: &str, key: &str, lead_ids: &[String]) -> Result<()>;
+    async fn mapping_delete(&self, source: &str, key: &str) -> Result<bool>;
+    /// Adds many `key -> lead id` rows in one transaction; returns how many rows were given.
+    async fn mapping_import(&self, source: &str, rows: &[(String, String)]) -> Result<usize>;
+    /// Closes the pools, flushing SQLite's WAL.
+    async fn close(&self);
+}
+
+/// Opens the storage the URL names and brings its schema up to date.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::open(url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::open(url).await?))
+    } else {
+        Err(StoreError::Invalid(format!(
+            "storage.url {:?} is neither sqlite: nor postgres://",
+            crate::config::redact_url(url)
+        )))
+    }
+}
+
+/// The current time in the store's unit.
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// How many bytes of a SprintHub answer are kept with an attempt.
+pub const EXCERPT_BYTES: usize = 2048;
