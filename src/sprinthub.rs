@@ -96,6 +96,40 @@ pub struct Lead {
     pub value: Option<String>,
 }
 
+/// Request spans without the URL and with errors stripped of it: the query carries the API
+/// token, and the default backend records `error.message` from an error that prints the URL.
+struct TokenSafeSpans;
+
+impl reqwest_tracing::ReqwestOtelSpanBackend for TokenSafeSpans {
+    fn on_request_start(req: &reqwest::Request, _ext: &mut http::Extensions) -> tracing::Span {
+        use reqwest_tracing::reqwest_otel_span;
+        let path = req.url().path().to_string();
+        reqwest_otel_span!(name = "sprinthub", req, sprinthub.path = %path)
+    }
+
+    fn on_request_end(
+        span: &tracing::Span,
+        outcome: &reqwest_middleware::Result<reqwest::Response>,
+        _ext: &mut http::Extensions,
+    ) {
+        match outcome {
+            Ok(resp) => reqwest_tracing::default_on_request_success(span, resp),
+            Err(reqwest_middleware::Error::Reqwest(e)) => {
+                span.record(reqwest_tracing::OTEL_STATUS_CODE, "ERROR");
+                let text = e.to_string();
+                let safe = match e.url() {
+                    Some(url) => text.replace(url.as_str(), "<url>"),
+                    None => text,
+                };
+                span.record(reqwest_tracing::ERROR_MESSAGE, safe.as_str());
+            }
+            Err(_) => {
+                span.record(reqwest_tracing::OTEL_STATUS_CODE, "ERROR");
+            }
+        }
+    }
+}
+
 /// Retries only connection failures in memory (the request never reached SprintHub); every
 /// answer goes back to the classifier so Retry-After and the durable schedule apply.
 struct ConnectErrorsOnly;
@@ -135,7 +169,7 @@ impl SprintHubClient {
             .retry_bounds(Duration::from_millis(50), Duration::from_millis(500))
             .build_with_max_retries(2);
         let http = ClientBuilder::new(inner)
-            .with(reqwest_tracing::TracingMiddleware::default())
+            .with(reqwest_tracing::TracingMiddleware::<TokenSafeSpans>::new())
             .with(RetryTransientMiddleware::new_with_policy_and_strategy(
                 policy,
                 ConnectErrorsOnly,

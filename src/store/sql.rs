@@ -107,8 +107,9 @@ const PG_SCHEMA: &[&str] = &[
         PRIMARY KEY (source, key, lead_id))",
 ];
 
-/// Indexes are the same text on both backends.
+/// Indexes (and the heartbeat row readiness writes) are the same text on both backends.
 const INDEXES: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS heartbeat (id BIGINT PRIMARY KEY, at BIGINT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS events_state ON events (state, id)",
     "CREATE INDEX IF NOT EXISTS events_source ON events (source, id)",
     "CREATE INDEX IF NOT EXISTS events_event_id ON events (event_id)",
@@ -621,8 +622,12 @@ macro_rules! sql_store {
                 })
             }
 
+            /// A write, not a `SELECT 1`: a database that answers but cannot commit is not ready.
             async fn ping(&self) -> Result<()> {
-                sqlx::query("SELECT 1").execute(&self.write).await?;
+                sqlx::query("INSERT INTO heartbeat (id, at) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET at = excluded.at")
+                    .bind(now_ms())
+                    .execute(&self.write)
+                    .await?;
                 Ok(())
             }
 
