@@ -25,6 +25,8 @@ use resolve::Resolver;
 
 /// Longest idle sleep between polls when nothing is due (other replicas may add work).
 const IDLE_POLL: Duration = Duration::from_millis(500);
+/// How long a busy worker waits to gather free slots before claiming.
+const CLAIM_GATHER: Duration = Duration::from_millis(5);
 
 pub struct Worker {
     store: Arc<dyn Store>,
@@ -89,6 +91,16 @@ impl Worker {
                 p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
                 _ = shutdown.cancelled() => break,
             };
+            // Under load, wait a moment for a quarter of the slots to free up, so that one claim
+            // (one write) serves several links instead of one.
+            let batch = (self.cfg.sprinthub.concurrency / 4).max(1);
+            if batch > 1 && permits.available_permits() + 1 < batch {
+                let more = permits.clone().acquire_many_owned((batch - 1) as u32);
+                if let Ok(Ok(p)) = tokio::time::timeout(CLAIM_GATHER, more).await {
+                    // Only this loop acquires permits, so releasing and re-taking them below is safe.
+                    drop(p);
+                }
+            }
             let mut held = vec![first];
             while let Ok(p) = permits.clone().try_acquire_owned() {
                 held.push(p);

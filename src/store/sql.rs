@@ -143,19 +143,19 @@ const INSERT_EVENT: &str = "INSERT INTO events
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
     ON CONFLICT (source, event_id) DO NOTHING RETURNING id";
 
-/// Creates the pair, or finds it. A dead pair comes back to life (a new event or a replay is a
-/// new request to link it); with `$4 = 1` (replay) a pending pair is also made due now with a
-/// fresh attempt budget. A linked pair is never touched. The update takes the row lock, which
-/// orders this against a concurrent completion of the same pair.
-const UPSERT_LINK: &str = "INSERT INTO links (object_id, lead_id, state, attempts, due_at, first_queued_at, updated_at)
+/// Creates the pair, or finds it (the no-op update takes the row lock, which orders this
+/// against a concurrent completion of the same pair) and says in which state it is.
+const UPSERT_LINK: &str =
+    "INSERT INTO links (object_id, lead_id, state, attempts, due_at, first_queued_at, updated_at)
     VALUES ($1, $2, 'pending', 0, $3, $3, $3)
-    ON CONFLICT (object_id, lead_id) DO UPDATE SET
-      state = CASE WHEN links.state = 'linked' THEN 'linked' WHEN links.state = 'dead' OR $4 = 1 THEN 'pending' ELSE links.state END,
-      attempts = CASE WHEN links.state = 'dead' OR (links.state = 'pending' AND $4 = 1) THEN 0 ELSE links.attempts END,
-      due_at = CASE WHEN links.state = 'dead' OR (links.state = 'pending' AND $4 = 1) THEN excluded.due_at ELSE links.due_at END,
-      first_queued_at = CASE WHEN links.state = 'dead' OR (links.state = 'pending' AND $4 = 1) THEN excluded.first_queued_at ELSE links.first_queued_at END,
-      updated_at = excluded.updated_at
+    ON CONFLICT (object_id, lead_id) DO UPDATE SET updated_at = links.updated_at
     RETURNING id, state";
+
+/// Makes a pair that is not linked due now with a fresh attempt budget: a dead pair named by a
+/// new event, or any unlinked pair of a replayed event. A linked pair is never touched.
+const REVIVE_LINK: &str =
+    "UPDATE links SET state = 'pending', attempts = 0, due_at = $2, first_queued_at = $2,
+    updated_at = $2, last_error = NULL WHERE id = $1 AND state <> 'linked'";
 
 const ATTACH: &str =
     "INSERT INTO event_links (event_pk, link_id) VALUES ($1, $2) ON CONFLICT DO NOTHING";
@@ -551,7 +551,21 @@ macro_rules! sql_store {
                 .bind(pk)
                 .fetch_all(&mut *tx)
                 .await?;
+                // A pair the new plan names again keeps its row and its attempt history: it is
+                // attached again below.
+                let wanted: &[String] = match (&plan, object_id) {
+                    (Plan::Links(leads), Some(_)) => leads,
+                    _ => &[],
+                };
                 for link_id in detached {
+                    let pair: Option<(String, String)> =
+                        sqlx::query_as("SELECT object_id, lead_id FROM links WHERE id = $1")
+                            .bind(link_id)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                    if pair.is_some_and(|(o, l)| Some(o.as_str()) == object_id && wanted.contains(&l)) {
+                        continue;
+                    }
                     let orphan = sqlx::query("DELETE FROM links WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM event_links WHERE link_id = $1)")
                         .bind(link_id)
                         .execute(&mut *tx)
@@ -706,14 +720,19 @@ macro_rules! sql_store {
                         .bind(object_id)
                         .bind(lead)
                         .bind(now)
-                        .bind(i64::from(replay))
                         .fetch_one(&mut **tx)
                         .await?;
                     let link_id: i64 = row.try_get("id")?;
                     let state: String = row.try_get("state")?;
                     sqlx::query(ATTACH).bind(pk).bind(link_id).execute(&mut **tx).await?;
-                    if state != "linked" {
-                        all_linked = false;
+                    if state == "linked" {
+                        continue;
+                    }
+                    all_linked = false;
+                    if state == "dead" || replay {
+                        sqlx::query(REVIVE_LINK).bind(link_id).bind(now).execute(&mut **tx).await?;
+                    }
+                    if state == "dead" {
                         // Other events waiting on a pair that was dead are queued again too.
                         sqlx::query(AssertSqlSafe(recompute.clone()))
                             .bind(link_id)

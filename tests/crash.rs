@@ -1,0 +1,342 @@
+//! Crash safety and scale-out with the real binary: `kill -9` in the middle of posting and
+//! delivering, restarts, several replicas on one PostgreSQL database. Every event that got a
+//! 202 must end linked; duplicates sends (at least once) are counted and bounded.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sprintlink::config::{Scheme, Secret, SourceConfig};
+use sprintlink::signature::Verifier;
+use sprintlink::standin::StandIn;
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn verifier() -> Verifier {
+    Verifier::from_source(&SourceConfig {
+        name: "erp".into(),
+        scheme: Scheme::StandardWebhooks,
+        secrets: vec![Secret::new(SECRET)],
+        tolerance_seconds: 300,
+        signature_header: None,
+        encoding: None,
+        prefix: None,
+        event_id: Some("/id".into()),
+        event_type: None,
+        accept_types: vec![],
+        object_id: "/data/object_id".into(),
+        lead: Default::default(),
+    })
+}
+
+fn write_config(dir: &Path, port: u16, storage: &str, hub: &str, concurrency: usize) -> PathBuf {
+    let path = dir.join(format!("sprintlink-{port}.toml"));
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:{port}"
+shutdown_timeout_ms = 2000
+[storage]
+url = "{storage}"
+[sprinthub]
+base_url = "{hub}"
+instance = "crash"
+api_token = "tok-crash-test"
+timeout_ms = 1000
+concurrency = {concurrency}
+rate_limit_per_second = 0
+[delivery]
+initial_backoff_ms = 50
+max_backoff_ms = 500
+lease_seconds = 6
+[[sources]]
+name = "erp"
+scheme = "standard-webhooks"
+secrets = ["{SECRET}"]
+event_id = "/id"
+object_id = "/data/object_id"
+[sources.lead]
+id = "/data/lead_id"
+"#
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+struct Service {
+    child: Child,
+    base: String,
+}
+
+impl Service {
+    async fn spawn(config: &Path, port: u16) -> Service {
+        let child = Command::new(env!("CARGO_BIN_EXE_sprintlink"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start sprintlink");
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(r) = client.get(format!("{base}/readyz")).send().await
+                && r.status() == 200
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "service on {port} did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Service { child, base }
+    }
+
+    fn kill9(&mut self) {
+        // std's kill sends SIGKILL on Unix: no drain, no lease release.
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+type Acked = Arc<Mutex<HashSet<(u64, u64)>>>;
+
+/// Posts events `from..` to `bases` round-robin from `workers` tasks until `stop` or an error;
+/// records the pairs of every event that got a 202.
+async fn post_until_error(bases: Vec<String>, from: u64, count: u64, workers: u64, acked: Acked) {
+    let v = verifier();
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let bases = bases.clone();
+        let v = v.clone();
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut n = from + w;
+            while n < from + count {
+                let (obj, lead) = (n, n % 7 + 1);
+                let body =
+                    json!({"id": format!("evt-{n}"), "data": {"object_id": obj, "lead_id": lead}})
+                        .to_string();
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs() as i64;
+                let base = &bases[(n as usize) % bases.len()];
+                let mut req = client
+                    .post(format!("{base}/webhooks/erp"))
+                    .header("content-type", "application/json");
+                for (k, val) in v.sign(body.as_bytes(), now, &format!("m{n}")) {
+                    req = req.header(k, val);
+                }
+                match req.body(body).send().await {
+                    Ok(r) if r.status() == 202 => {
+                        acked.lock().unwrap().insert((obj, lead));
+                    }
+                    Ok(r) if r.status() == 503 => {}
+                    Ok(r) => panic!("unexpected answer {}", r.status()),
+                    Err(_) => return,
+                }
+                n += workers;
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+fn link_counts(hub: &StandIn) -> HashMap<(u64, u64), usize> {
+    let mut counts = HashMap::new();
+    for (o, l) in hub.linked_pairs() {
+        *counts
+            .entry((o.as_u64().unwrap(), l.as_u64().unwrap()))
+            .or_insert(0) += 1;
+    }
+    counts
+}
+
+async fn wait_all_linked(
+    hub: &StandIn,
+    acked: &Acked,
+    within: Duration,
+) -> HashMap<(u64, u64), usize> {
+    let deadline = Instant::now() + within;
+    loop {
+        let counts = link_counts(hub);
+        let missing: Vec<_> = acked
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| !counts.contains_key(p))
+            .copied()
+            .collect();
+        if missing.is_empty() {
+            return counts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} acknowledged events never linked, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_twenty_times_loses_nothing_acknowledged() {
+    let rounds: u64 = std::env::var("SPRINTLINK_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let dir = tempfile::tempdir().unwrap();
+    let hub = StandIn::start().await.unwrap();
+    hub.set_delay(Duration::from_millis(5));
+    let port = free_port();
+    let storage = format!("sqlite://{}", dir.path().join("crash.db").display());
+    let config = write_config(dir.path(), port, &storage, &hub.url(), 8);
+    let acked: Acked = Arc::default();
+    for round in 0..rounds {
+        let mut svc = Service::spawn(&config, port).await;
+        let poster = tokio::spawn(post_until_error(
+            vec![svc.base.clone()],
+            round * 100_000,
+            100_000,
+            8,
+            acked.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(50..400))).await;
+        svc.kill9();
+        poster.await.unwrap();
+    }
+    let _svc = Service::spawn(&config, port).await;
+    let counts = wait_all_linked(&hub, &acked, Duration::from_secs(60)).await;
+    let acked_n = acked.lock().unwrap().len();
+    let duplicates: usize = counts.values().map(|c| c - 1).sum();
+    println!(
+        "crash safety: {rounds} kill -9 rounds, {acked_n} events acknowledged, all linked, {duplicates} duplicate sends"
+    );
+    assert!(
+        acked_n > rounds as usize,
+        "too few events were acknowledged to mean anything"
+    );
+    // Only calls in flight at a kill can be repeated: at most `concurrency` per round.
+    assert!(duplicates <= rounds as usize * 8, "{duplicates} duplicates");
+}
+
+async fn pg_database() -> Option<(String, String)> {
+    if std::env::var("SPRINTLINK_SKIP_PG").is_ok_and(|v| v == "1") {
+        return None;
+    }
+    use sqlx::Connection;
+    let admin = "postgres://postgres@127.0.0.1:5432/postgres";
+    let mut conn = sqlx::PgConnection::connect(admin)
+        .await
+        .expect("PostgreSQL at 127.0.0.1:5432 is needed (set SPRINTLINK_SKIP_PG=1 to skip)");
+    let name = format!("sl_crash_{:x}", fastrand::u64(..));
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    Some((
+        name.clone(),
+        format!("postgres://postgres@127.0.0.1:5432/{name}"),
+    ))
+}
+
+async fn drop_pg_database(name: &str) {
+    use sqlx::Connection;
+    if let Ok(mut conn) =
+        sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres").await
+    {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&mut conn)
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_on_postgres_share_work_and_survive_a_kill() {
+    let Some((db, url)) = pg_database().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let hub = StandIn::start().await.unwrap();
+    hub.set_delay(Duration::from_millis(5));
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let port = free_port();
+        let config = write_config(dir.path(), port, &url, &hub.url(), 4);
+        replicas.push(Service::spawn(&config, port).await);
+    }
+    let bases: Vec<String> = replicas.iter().map(|r| r.base.clone()).collect();
+
+    // Phase 1: no failures. Every pair is linked exactly once, whichever replica took it.
+    let acked: Acked = Arc::default();
+    post_until_error(bases.clone(), 0, 300, 6, acked.clone()).await;
+    assert_eq!(acked.lock().unwrap().len(), 300);
+    let counts = wait_all_linked(&hub, &acked, Duration::from_secs(60)).await;
+    let twice: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "pairs sent twice by replicas sharing one database: {twice:?}"
+    );
+
+    // Phase 2: replica 0 is killed mid-run; its leased jobs are taken over after the lease.
+    let acked2: Acked = Arc::default();
+    let poster = tokio::spawn(post_until_error(
+        bases[1..].to_vec(),
+        1_000,
+        300,
+        6,
+        acked2.clone(),
+    ));
+    let slow = tokio::spawn(post_until_error(
+        vec![bases[0].clone()],
+        5_000,
+        100_000,
+        4,
+        acked2.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    replicas[0].kill9();
+    poster.await.unwrap();
+    slow.await.unwrap();
+    let counts = wait_all_linked(&hub, &acked2, Duration::from_secs(60)).await;
+    let duplicates: usize = acked2.lock().unwrap().iter().map(|p| counts[p] - 1).sum();
+    println!(
+        "replicas: {} events after the kill all linked, {duplicates} duplicate sends",
+        acked2.lock().unwrap().len()
+    );
+    assert!(
+        duplicates <= 4,
+        "only the killed replica's in-flight calls may repeat: {duplicates}"
+    );
+    drop(replicas);
+    drop_pg_database(&db).await;
+}
