@@ -300,3 +300,95 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Property tests: mapping arbitrary JSON with arbitrary pointers never panics, and what
+    //! it returns is well formed.
+    use super::*;
+    use crate::config::{LeadConfig, Secret};
+    use proptest::prelude::*;
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            ".{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(6, 64, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-z_0-9~/]{0,6}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn source(object: String, lead: String, key: bool) -> SourceConfig {
+        SourceConfig {
+            name: "s".into(),
+            scheme: Scheme::Github,
+            secrets: vec![Secret::new("x")],
+            tolerance_seconds: 300,
+            signature_header: None,
+            encoding: None,
+            prefix: None,
+            event_id: Some(lead.clone()),
+            event_type: Some(object.clone()),
+            accept_types: vec![],
+            object_id: object,
+            lead: if key {
+                LeadConfig {
+                    key: Some(lead),
+                    lookup: Some(LookupKind::Table),
+                    ..Default::default()
+                }
+            } else {
+                LeadConfig {
+                    id: Some(lead),
+                    ..Default::default()
+                }
+            },
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn mapping_never_panics_and_returns_clean_ids(
+            body in json(),
+            object in "(/[a-z_0-9~]{0,4}){0,3}",
+            lead in "(/[a-z_0-9~]{0,4}){0,3}",
+            key in any::<bool>(),
+        ) {
+            let s = source(object, lead, key);
+            let _ = event_type(&s, &body);
+            let id = event_id(&s, &body, b"raw", None);
+            prop_assert!(!id.is_empty());
+            if let Ok(m) = map(&s, &body) {
+                prop_assert!(!m.object_id.trim().is_empty());
+                match m.leads {
+                    Leads::Ids(ids) => prop_assert!(!ids.is_empty() && ids.iter().all(|i| !i.is_empty())),
+                    Leads::Key(k) => prop_assert!(!k.is_empty()),
+                }
+            }
+        }
+
+        #[test]
+        fn ids_survive_the_trip_to_json(id in prop_oneof![".{1,30}", "-?[0-9]{1,22}"]) {
+            let v = id_json(&id);
+            match v {
+                // Digit strings go out as the number they spell ("0123" is 123).
+                Value::Number(n) => prop_assert_eq!(n.to_string().parse::<i128>().ok(), id.parse::<i128>().ok()),
+                Value::String(s) => prop_assert_eq!(s, id),
+                _ => prop_assert!(false),
+            }
+        }
+    }
+}

@@ -258,3 +258,100 @@ mod reference_vectors {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Property tests: whatever a client sends, verification answers an error or a match,
+    //! never panics, and never accepts a signature it did not compute.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn verifiers() -> Vec<Verifier> {
+        let keys = vec![b"k1".to_vec(), b"another key".to_vec()];
+        [
+            Scheme::StandardWebhooks,
+            Scheme::Github,
+            Scheme::Stripe,
+            Scheme::HmacSha256,
+        ]
+        .into_iter()
+        .flat_map(|scheme| {
+            [Encoding::Hex, Encoding::Base64]
+                .into_iter()
+                .map(move |encoding| (scheme, encoding))
+        })
+        .map(|(scheme, encoding)| Verifier {
+            scheme,
+            keys: keys.clone(),
+            tolerance_seconds: 300,
+            header: "x-sig".into(),
+            encoding,
+            prefix: "sha256=".into(),
+        })
+        .collect()
+    }
+
+    const NAMES: &[&str] = &[
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+        "svix-id",
+        "svix-timestamp",
+        "svix-signature",
+        "x-hub-signature-256",
+        "stripe-signature",
+        "x-sig",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_headers_never_panic_or_verify(
+            values in proptest::collection::vec(".{0,120}", NAMES.len()),
+            ts_like in proptest::option::of(0i64..4_000_000_000),
+            body in proptest::collection::vec(any::<u8>(), 0..256),
+        ) {
+            let mut headers: Vec<(&str, String)> = NAMES.iter().copied().zip(values).collect();
+            if let Some(ts) = ts_like {
+                headers[1].1 = ts.to_string();
+                headers[7].1 = format!("t={ts},{}", headers[7].1);
+            }
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            for v in verifiers() {
+                prop_assert!(v.verify(h.as_slice(), &body, 1_700_000_000).is_err());
+            }
+        }
+
+        #[test]
+        fn structured_but_wrong_signatures_are_rejected(
+            sig in proptest::collection::vec(any::<u8>(), 32),
+            ts in 1_699_999_800i64..1_700_000_200,
+            body in proptest::collection::vec(any::<u8>(), 0..256),
+        ) {
+            use base64::Engine;
+            let b64 = base64::engine::general_purpose::STANDARD.encode(&sig);
+            let hx = hex::encode(&sig);
+            let tss = ts.to_string();
+            let sw = format!("v1,{b64}");
+            let st = format!("t={ts},v1={hx}");
+            let gh = format!("sha256={hx}");
+            let h: Vec<(&str, &str)> = vec![
+                ("webhook-id", "msg"), ("webhook-timestamp", &tss), ("webhook-signature", &sw),
+                ("stripe-signature", &st), ("x-hub-signature-256", &gh), ("x-sig", &gh),
+            ];
+            for v in verifiers() {
+                prop_assert_eq!(v.verify(h.as_slice(), &body, 1_700_000_000), Err(SignatureError::Invalid));
+            }
+        }
+
+        #[test]
+        fn sign_then_verify_round_trips(body in proptest::collection::vec(any::<u8>(), 0..512), id in "[a-z0-9_]{1,20}") {
+            for v in verifiers() {
+                let signed = v.sign(&body, 1_700_000_000, &id);
+                let h: Vec<(&str, &str)> = signed.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                prop_assert!(v.verify(h.as_slice(), &body, 1_700_000_000).is_ok(), "{:?}", v.scheme());
+            }
+        }
+    }
+}
