@@ -264,15 +264,39 @@ impl SprintHubClient {
         Err(classify(status, retry_after, &bytes, excerpt))
     }
 
-    /// Removes the token from text that might quote a URL or an echo of the request.
+    /// Removes the token from text that might quote a URL or an echo of the request. A quoted
+    /// URL carries the token percent-encoded, so `apitoken=` values are masked whatever their form.
     fn scrub(&self, text: &str) -> String {
         let t = self.token.expose();
-        if t.len() >= 4 {
+        let text = if t.len() >= 4 {
             text.replace(t, "***")
         } else {
             text.to_string()
-        }
+        };
+        mask_query_token(&text)
     }
+}
+
+/// Replaces the value of every `apitoken=` query parameter quoted in `text` by `***`.
+fn mask_query_token(text: &str) -> String {
+    const KEY: &str = "apitoken=";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(KEY) {
+        let (head, tail) = rest.split_at(i + KEY.len());
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| {
+                matches!(c, '&' | '#' | ')' | '"' | '\'' | '<' | '>') || c.is_whitespace()
+            })
+            .unwrap_or(tail.len());
+        if end > 0 {
+            out.push_str("***");
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Sorts an unsuccessful answer into its failure class.
@@ -330,17 +354,10 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 
 /// An error's text without the URL (which carries the token in its query).
 fn describe_error(e: reqwest_middleware::Error) -> String {
-    match e {
+    let text = match e {
         reqwest_middleware::Error::Reqwest(e) => {
-            let kind = if e.is_timeout() {
-                "timeout"
-            } else if e.is_connect() {
-                "connection failed"
-            } else {
-                "request failed"
-            };
             let e = e.without_url();
-            let mut text = format!("{kind}: {e}");
+            let mut text = e.to_string();
             let mut source = std::error::Error::source(&e);
             while let Some(s) = source {
                 text.push_str(&format!(": {s}"));
@@ -348,8 +365,34 @@ fn describe_error(e: reqwest_middleware::Error) -> String {
             }
             text
         }
-        reqwest_middleware::Error::Middleware(e) => format!("request failed: {e:#}"),
+        reqwest_middleware::Error::Middleware(e) => format!("{e:#}"),
+    };
+    // Errors nested in the chain still print their URL, query (token) included.
+    let text = strip_urls(&text);
+    let kind = if text.contains("timed out") {
+        "timeout"
+    } else if text.contains("connect") {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    format!("{kind}: {text}")
+}
+
+/// Removes every ` for url (...)` that reqwest writes into error messages.
+fn strip_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(" for url (") {
+        out.push_str(&rest[..i]);
+        rest = &rest[i + " for url (".len()..];
+        match rest.find(')') {
+            Some(j) => rest = &rest[j + 1..],
+            None => rest = "",
+        }
     }
+    out.push_str(rest);
+    out
 }
 
 /// Leads from a `/leadsadvanced` answer whose `field` equals `value`: email ignoring case,
@@ -452,6 +495,45 @@ mod tests {
         assert_eq!(ids(LeadField::Whatsapp, "5511999990000"), vec!["1", "3"]);
         assert!(ids(LeadField::Mobile, "5511999990000").is_empty());
         assert!(exact_matches(&json!({"oops": 1}), LeadField::Email, "x").is_empty());
+    }
+
+    #[test]
+    fn quoted_urls_lose_their_token_in_any_encoding() {
+        let text = "error sending request for url (http://h/customobjects/link?apitoken=tok%2B%2F%3D&i=acme): refused";
+        assert_eq!(
+            mask_query_token(text),
+            "error sending request for url (http://h/customobjects/link?apitoken=***&i=acme): refused"
+        );
+        assert_eq!(mask_query_token("a apitoken=x"), "a apitoken=***");
+        assert_eq!(mask_query_token("apitoken=&i=1"), "apitoken=&i=1");
+        assert_eq!(mask_query_token("no token here"), "no token here");
+    }
+
+    #[test]
+    fn urls_are_stripped_from_error_text() {
+        let t = "error sending request for url (http://h/customobjects/link?apitoken=SECRET&i=x): client error (Connect): refused";
+        assert_eq!(
+            strip_urls(t),
+            "error sending request: client error (Connect): refused"
+        );
+        assert_eq!(strip_urls("a for url (b"), "a");
+    }
+
+    #[tokio::test]
+    async fn connection_errors_never_carry_the_token() {
+        let cfg = SprintHubConfig {
+            base_url: "http://127.0.0.1:9".into(),
+            instance: "acme".into(),
+            api_token: Secret::new("tok-NEVER-SHOWN-55"),
+            timeout_ms: 500,
+            ..Default::default()
+        };
+        let client = SprintHubClient::new(&cfg).unwrap();
+        let err = client.link("1", "2").await.unwrap_err();
+        let shown = format!("{err:?} {}", err.describe());
+        assert!(matches!(err, Failure::Transient { status: None, .. }));
+        assert!(!shown.contains("NEVER-SHOWN"), "{shown}");
+        assert!(!shown.contains("apitoken"), "{shown}");
     }
 
     #[test]

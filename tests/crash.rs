@@ -340,3 +340,49 @@ async fn three_replicas_on_postgres_share_work_and_survive_a_kill() {
     drop(replicas);
     drop_pg_database(&db).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_finishes_in_flight_delivery_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = StandIn::start().await.unwrap();
+    // Shorter than sprinthub.timeout_ms (1 s), longer than it takes to send the signal.
+    hub.set_delay(Duration::from_millis(700));
+    let port = free_port();
+    let storage = format!("sqlite://{}", dir.path().join("term.db").display());
+    let config = write_config(dir.path(), port, &storage, &hub.url(), 4);
+    let mut svc = Service::spawn(&config, port).await;
+    let acked: Acked = Arc::default();
+    post_until_error(vec![svc.base.clone()], 0, 1, 1, acked.clone()).await;
+    assert_eq!(acked.lock().unwrap().len(), 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while hub.max_concurrency() == 0 {
+        assert!(Instant::now() < deadline, "the delivery never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let sent = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &svc.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = loop {
+        if let Some(s) = svc.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(5),
+            "still running 5 s after SIGTERM (drain is 2 s)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+    // The call in flight was allowed to finish and was recorded: a restart does not send it again.
+    assert_eq!(hub.linked_pairs().len(), 1);
+    let _svc = Service::spawn(&config, port).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        hub.requests_to("/customobjects/link").len(),
+        1,
+        "the finished delivery was sent again"
+    );
+}
