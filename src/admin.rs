@@ -4,34 +4,33 @@
 
 use std::sync::Arc;
 
-use axum::Router;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::app::AppState;
-use crate::error::AppError;
+use crate::error::{ApiPath as Path, ApiQuery as Query, AppError};
 use crate::ingest::plan_for;
 use crate::store::{Attempt, EventDetail, EventFilter, EventSummary, Millis, Plan, now_ms};
 
 const STATES: &[&str] = &["queued", "delivered", "parked", "dead"];
 
-pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/admin/events", get(list_events))
-        .route("/admin/events/{event_id}", get(get_event))
-        .route("/admin/events/{event_id}/replay", post(replay_event))
-        .route("/admin/replay", post(replay_many))
-        .route("/admin/mappings/{source}", post(import_mappings))
-        .route(
-            "/admin/mappings/{source}/{key}",
-            get(get_mapping).put(put_mapping).delete(delete_mapping),
-        )
+/// The admin routes with their OpenAPI descriptions, behind `require_admin`.
+pub fn routes(state: Arc<AppState>) -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .routes(routes!(list_events))
+        .routes(routes!(get_event))
+        .routes(routes!(replay_event))
+        .routes(routes!(replay_many))
+        .routes(routes!(import_mappings))
+        .routes(routes!(get_mapping, put_mapping, delete_mapping))
         .route_layer(middleware::from_fn_with_state(state, require_admin))
 }
 
@@ -125,11 +124,18 @@ pub fn detail_json(d: &EventDetail) -> Value {
     v
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only events in this state.
+    #[param(inline, value_type = Option<crate::openapi::EventState>)]
     pub state: Option<String>,
+    /// Only events of this source.
     pub source: Option<String>,
+    /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
 }
 
@@ -165,6 +171,23 @@ pub fn filter_from(q: &ListQuery) -> Result<EventFilter, AppError> {
     })
 }
 
+/// List events, newest first.
+#[utoipa::path(
+    get,
+    path = "/admin/events",
+    tag = "admin",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of events; follow `next_cursor` for older ones", body = crate::openapi::EventList),
+        (status = 400, description = "`bad_request`: a bad state, limit or cursor", body = crate::openapi::ErrorBody),
+        (status = 401, description = "`unauthorized`: admin token missing or wrong", body = crate::openapi::ErrorBody,
+            headers(("WWW-Authenticate" = String))),
+        (status = 404, description = "`not_found`: the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
+        (status = 503, description = "`unavailable`: storage is down; retry", body = crate::openapi::ErrorBody,
+            headers(("Retry-After" = String))),
+    ),
+    security(("admin_token" = []))
+)]
 async fn list_events(
     State(state): State<Arc<AppState>>,
     Query(q): Query<ListQuery>,
@@ -181,8 +204,10 @@ async fn list_events(
     .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct SourceQuery {
+    /// The event's source, when two sources have an event with this id.
     pub source: Option<String>,
 }
 
@@ -203,6 +228,24 @@ pub async fn find_one(
     }
 }
 
+/// One event with its body, links and every attempt.
+#[utoipa::path(
+    get,
+    path = "/admin/events/{event_id}",
+    tag = "admin",
+    params(("event_id" = String, Path, description = "The event id (unique per source)"), SourceQuery),
+    responses(
+        (status = 200, description = "The event", body = crate::openapi::EventDetail),
+        (status = 400, description = "`bad_request`: a malformed path or query", body = crate::openapi::ErrorBody),
+        (status = 401, description = "`unauthorized`: admin token missing or wrong", body = crate::openapi::ErrorBody,
+            headers(("WWW-Authenticate" = String))),
+        (status = 404, description = "`not_found`: no such event, or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
+        (status = 409, description = "`conflict`: several sources have an event with this id; add `?source=`", body = crate::openapi::ErrorBody),
+        (status = 503, description = "`unavailable`: storage is down; retry", body = crate::openapi::ErrorBody,
+            headers(("Retry-After" = String))),
+    ),
+    security(("admin_token" = []))
+)]
 async fn get_event(
     State(state): State<Arc<AppState>>,
     Path(event_id): Path<String>,
@@ -243,6 +286,26 @@ pub async fn replay(state: &AppState, e: &EventSummary) -> Result<(), AppError> 
     Ok(())
 }
 
+/// Replay one event.
+///
+/// Maps the stored event again with today's configuration and queues every link not yet linked.
+#[utoipa::path(
+    post,
+    path = "/admin/events/{event_id}/replay",
+    tag = "admin",
+    params(("event_id" = String, Path, description = "The event id (unique per source)"), SourceQuery),
+    responses(
+        (status = 202, description = "Replayed; the event's state after the replay", body = crate::openapi::Replayed),
+        (status = 400, description = "`bad_request`: a malformed path or query", body = crate::openapi::ErrorBody),
+        (status = 401, description = "`unauthorized`: admin token missing or wrong", body = crate::openapi::ErrorBody,
+            headers(("WWW-Authenticate" = String))),
+        (status = 404, description = "`not_found`: no such event, or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
+        (status = 409, description = "`conflict`: several sources have an event with this id; add `?source=`", body = crate::openapi::ErrorBody),
+        (status = 503, description = "`unavailable`: storage is down; retry", body = crate::openapi::ErrorBody,
+            headers(("Retry-After" = String))),
+    ),
+    security(("admin_token" = []))
+)]
 async fn replay_event(
     State(state): State<Arc<AppState>>,
     Path(event_id): Path<String>,
@@ -267,6 +330,24 @@ struct ReplayMany {
     source: Option<String>,
 }
 
+/// Replay every event in a state (default `dead`), optionally of one source.
+#[utoipa::path(
+    post,
+    path = "/admin/replay",
+    tag = "admin",
+    request_body(content = crate::openapi::ReplayManyRequest, content_type = "application/json",
+        example = json!({"state": "dead", "source": "erp"})),
+    responses(
+        (status = 202, description = "How many events were replayed", body = crate::openapi::ReplayedMany),
+        (status = 400, description = "`bad_request`: not `{\"state\", \"source\"}`, or a state other than dead, parked, queued", body = crate::openapi::ErrorBody),
+        (status = 401, description = "`unauthorized`: admin token missing or wrong", body = crate::openapi::ErrorBody,
+            headers(("WWW-Authenticate" = String))),
+        (status = 404, description = "`not_found`: the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
+        (status = 503, description = "`unavailable`: storage is down; retry", body = crate::openapi::ErrorBody,
+            headers(("Retry-After" = String))),
+    ),
+    security(("admin_token" = []))
+)]
 async fn replay_many(
     State(state): State<Arc<AppState>>,
     body: axum::body::Bytes,
@@ -323,6 +404,24 @@ fn mapping_key(source: &crate::config::SourceConfig, key: &str) -> String {
     crate::mapping::normalize_key(key, source.lead.lookup, source.lead.field)
 }
 
+/// The lead ids a key maps to.
+#[utoipa::path(
+    get,
+    path = "/admin/mappings/{source}/{key}",
+    tag = "admin",
+    params(("source" = String, Path, description = "A configured source name"),
+        ("key" = String, Path, description = "The lead key (an email is compared ignoring case)"),),
+    responses(
+        (status = 200, description = "The mapping", body = crate::openapi::Mapping),
+        (status = 400, description = "`bad_request`: a malformed path or query", body = crate::openapi::ErrorBody),
+        (status = 401, description = "`unauthorized`: admin token missing or wrong", body = crate::openapi::ErrorBody,
+            headers(("WWW-Authenticate" = String))),
+        (status = 404, description = "`unknown_source`, `not_found` (no mapping for the key), or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
+        (status = 503, description = "`unavailable`: storage is down; retry", body = crate::openapi::ErrorBody,
+            headers(("Retry-After" = String))),
+    ),
+    security(("admin_token" = []))
+)]
 async fn get_mapping(
     State(state): State<Arc<AppState>>,
     Path((source, key)): Path<(String, String)>,
@@ -344,6 +443,26 @@ struct MappingBody {
     lead_ids: Vec<Value>,
 }
 
+/// Set the lead ids a key maps to.
+#[utoipa::path(
+    put,
+    path = "/admin/mappings/{source}/{key}",
+    tag = "admin",
+    params(("source" = String, Path, description = "A configured source name"),
+        ("key" = String, Path, description = "The lead key (an email is compared ignoring case)"),),
+    request_body(content = crate::openapi::MappingRequest, content_type = "application/json",
+        example = json!({"lead_ids": [17]})),
+    responses(
+        (status = 200, description = "The mapping as stored", body = crate::openapi::Mapping),
+        (status = 400, description = "`bad_request`: not `{\"lead_ids\": [...]}` with at least one id", body = crate::openapi::ErrorBody),
+        (status = 401, description = "`unauthorized`: admin token missing or wrong", body = crate::openapi::ErrorBody,
+            headers(("WWW-Authenticate" = String))),
+        (status = 404, description = "`unknown_source`, or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
+        (status = 503, description = "`unavailable`: storage is down; retry", body = crate::openapi::ErrorBody,
+            headers(("Retry-After" = String))),
+    ),
+    security(("admin_token" = []))
+)]
 async fn put_mapping(
     State(state): State<Arc<AppState>>,
     Path((source, key)): Path<(String, String)>,
@@ -361,6 +480,24 @@ async fn put_mapping(
     Ok(axum::Json(json!({"source": source, "key": key, "lead_ids": ids.iter().map(|i| crate::mapping::id_json(i)).collect::<Vec<_>>()})).into_response())
 }
 
+/// Remove a key's mapping.
+#[utoipa::path(
+    delete,
+    path = "/admin/mappings/{source}/{key}",
+    tag = "admin",
+    params(("source" = String, Path, description = "A configured source name"),
+        ("key" = String, Path, description = "The lead key (an email is compared ignoring case)"),),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 400, description = "`bad_request`: a malformed path or query", body = crate::openapi::ErrorBody),
+        (status = 401, description = "`unauthorized`: admin token missing or wrong", body = crate::openapi::ErrorBody,
+            headers(("WWW-Authenticate" = String))),
+        (status = 404, description = "`unknown_source`, `not_found` (no mapping for the key), or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
+        (status = 503, description = "`unavailable`: storage is down; retry", body = crate::openapi::ErrorBody,
+            headers(("Retry-After" = String))),
+    ),
+    security(("admin_token" = []))
+)]
 async fn delete_mapping(
     State(state): State<Arc<AppState>>,
     Path((source, key)): Path<(String, String)>,
@@ -410,6 +547,28 @@ pub fn parse_csv(text: &str) -> Result<Vec<(String, String)>, String> {
     Ok(rows)
 }
 
+/// Import many `key,lead_id` rows from CSV.
+///
+/// A `key,lead_id` header row is allowed and blank lines are skipped; a malformed line rejects
+/// the whole file, naming its line number.
+#[utoipa::path(
+    post,
+    path = "/admin/mappings/{source}",
+    tag = "admin",
+    params(("source" = String, Path, description = "A configured source name")),
+    request_body(content = String, content_type = "text/csv", description = "`key,lead_id` lines",
+        example = json!("key,lead_id\nann@example.com,17\n")),
+    responses(
+        (status = 200, description = "How many rows were imported", body = crate::openapi::Imported),
+        (status = 400, description = "`bad_request`: not text/csv, not UTF-8, or a malformed line (named)", body = crate::openapi::ErrorBody),
+        (status = 401, description = "`unauthorized`: admin token missing or wrong", body = crate::openapi::ErrorBody,
+            headers(("WWW-Authenticate" = String))),
+        (status = 404, description = "`unknown_source`, or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
+        (status = 503, description = "`unavailable`: storage is down; retry", body = crate::openapi::ErrorBody,
+            headers(("Retry-After" = String))),
+    ),
+    security(("admin_token" = []))
+)]
 async fn import_mappings(
     State(state): State<Arc<AppState>>,
     Path(source): Path<String>,

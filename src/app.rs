@@ -6,16 +6,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::{Extension, Router};
 use serde_json::json;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::batch::Batcher;
 use crate::config::{Config, SourceConfig};
@@ -73,12 +75,20 @@ impl Running {
 /// Builds the router over a state; exposed so tests can drive it without a socket.
 pub fn build_app(state: Arc<AppState>) -> Router {
     let timeout = Duration::from_millis(state.config.server.request_timeout_ms);
-    Router::new()
-        .route("/webhooks/{source}", post(crate::ingest::webhook))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+    // Every route is registered with its `#[utoipa::path]` description, which makes the
+    // OpenAPI document served at /openapi.json.
+    let (router, api) = OpenApiRouter::with_openapi(crate::openapi::ApiDoc::openapi())
+        .routes(routes!(crate::ingest::webhook))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(crate::openapi::openapi_json))
         .merge(crate::admin::routes(state.clone()))
+        .merge(crate::ui::routes(state.clone()))
+        .split_for_parts();
+    let spec = crate::openapi::Spec::new(&crate::openapi::finish(api));
+    router
+        .layer(Extension(spec))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(timeout, request_timeout))
         .layer(middleware::from_fn(request_id))
@@ -185,10 +195,27 @@ async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
+/// Liveness: 200 while the process runs.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "The process runs", body = crate::openapi::Health))
+)]
 async fn healthz() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
 }
 
+/// Readiness: storage answers and the service is not draining.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready: storage answers and the service is not draining", body = crate::openapi::Readiness),
+        (status = 503, description = "Not ready; the body names each check", body = crate::openapi::Readiness),
+    )
+)]
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let storage = match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
         Ok(Ok(())) => "ok".to_string(),
@@ -212,6 +239,15 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
+/// Prometheus metrics.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The Prometheus text exposition format (0.0.4)", content_type = "text/plain", body = String),
+    )
+)]
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let stats = match tokio::time::timeout(Duration::from_secs(5), state.store.stats()).await {
         Ok(Ok(s)) => Some(s),

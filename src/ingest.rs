@@ -5,14 +5,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::app::AppState;
 use crate::config::SourceConfig;
-use crate::error::AppError;
+use crate::error::{ApiPath as Path, AppError};
 use crate::mapping::{self, Leads};
 use crate::store::{IngestOutcome, NewEvent, Plan, now_ms};
 
@@ -30,6 +30,37 @@ pub fn plan_for(source: &SourceConfig, body: &Value) -> (Option<String>, Plan) {
     }
 }
 
+/// Receive a signed webhook.
+///
+/// The signature is verified over the raw body with the source's scheme (standard-webhooks,
+/// github, stripe or hmac-sha256 with a configured header). A `202` means the event is committed
+/// to storage; on any error nothing is stored.
+#[utoipa::path(
+    post,
+    path = "/webhooks/{source}",
+    tag = "webhooks",
+    params(
+        ("source" = String, Path, description = "A configured source name"),
+        ("webhook-id" = Option<String>, Header, description = "standard-webhooks: the message id (also `svix-id`)"),
+        ("webhook-timestamp" = Option<String>, Header, description = "standard-webhooks: Unix seconds (also `svix-timestamp`)"),
+        ("webhook-signature" = Option<String>, Header, description = "standard-webhooks: `v1,<base64>` entries (also `svix-signature`)"),
+        ("X-Hub-Signature-256" = Option<String>, Header, description = "github: `sha256=<hex>`"),
+        ("X-GitHub-Delivery" = Option<String>, Header, description = "github: the delivery id"),
+        ("Stripe-Signature" = Option<String>, Header, description = "stripe: `t=<unix>,v1=<hex>`"),
+    ),
+    request_body(content = Object, content_type = "application/json", description = "The event, as the sending system posts it"),
+    responses(
+        (status = 202, description = "Committed to storage: `queued`, or `parked` with a reason", body = crate::openapi::WebhookAccepted),
+        (status = 200, description = "`duplicate` (this source already has the event id) or `ignored` (type not accepted); nothing new stored", body = crate::openapi::WebhookNoop),
+        (status = 400, description = "`invalid_json`, or `bad_request` when the body could not be read", body = crate::openapi::ErrorBody),
+        (status = 401, description = "`missing_signature`, `invalid_signature` or `timestamp_out_of_tolerance`", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`unknown_source`", body = crate::openapi::ErrorBody),
+        (status = 413, description = "`payload_too_large`: more than `server.max_body_bytes`", body = crate::openapi::ErrorBody),
+        (status = 503, description = "`unavailable`: storage down or shutting down; retry", body = crate::openapi::ErrorBody,
+            headers(("Retry-After" = String, description = "Seconds to wait"))),
+    ),
+    security(())
+)]
 pub async fn webhook(
     State(state): State<Arc<AppState>>,
     Path(source): Path<String>,

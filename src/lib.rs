@@ -1,7 +1,7 @@
 //! sprintlink: signed "object created" webhooks in, SprintHub custom-object links out, durably.
 //!
-//! The HTTP layer (`ingest`, `admin`, `app`) and the `delivery` worker use `signature`,
-//! `mapping`, `store` and the `sprinthub` client; none of those knows about routes.
+//! The HTTP layer (`ingest`, `admin`, `ui`, `openapi`, `app`) and the `delivery` worker use
+//! `signature`, `mapping`, `store` and the `sprinthub` client; none of those knows about routes.
 
 pub mod admin;
 pub mod app;
@@ -12,11 +12,13 @@ pub mod delivery;
 pub mod error;
 pub mod ingest;
 pub mod mapping;
+pub mod openapi;
 pub mod signature;
 pub mod sprinthub;
 pub mod standin;
 pub mod store;
 pub mod telemetry;
+pub mod ui;
 
 pub use app::{Running, build_app, run, start};
 pub use config::Config;

@@ -1,0 +1,360 @@
+//! `GET /openapi.json`: the OpenAPI 3.1 description of every route, generated from the code.
+//!
+//! Each handler carries a `#[utoipa::path]` annotation and is registered through
+//! `utoipa_axum::routes!`, so a route cannot be served without being described (see
+//! `app::build_app`). The handlers build their JSON with `serde_json::json!`; the types below only
+//! describe those bodies, and `.ci/api-fuzz` (schemathesis) checks every answer against them.
+
+use axum::Extension;
+use axum::body::Bytes;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, OpenApi as OpenApiDoc, Ref, ResponseBuilder};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+/// The name of the admin bearer security scheme in the document.
+pub const ADMIN_BEARER: &str = "admin_token";
+/// The name of the dashboard's session cookie scheme in the document.
+pub const UI_SESSION: &str = "ui_session";
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "sprintlink",
+        description = "Signed webhooks in, SprintHub custom-object links out, durably. \
+            Every error answer is `{\"error\": {\"code\": \"...\", \"message\": \"...\"}}`.",
+    ),
+    components(schemas(ErrorBody)),
+    modifiers(&Security),
+    tags(
+        (name = "webhooks", description = "Signed webhooks from the sending systems"),
+        (name = "operations", description = "Health, readiness, metrics and this document"),
+        (name = "admin", description = "The operator's API (bearer admin token; 404 when admin.token is not set)"),
+        (name = "dashboard", description = "The server-rendered dashboard at /ui (same token; 404 when admin.token is not set)"),
+    )
+)]
+pub struct ApiDoc;
+
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, openapi: &mut OpenApiDoc) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            ADMIN_BEARER,
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("The configured `admin.token`."))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            UI_SESSION,
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
+                crate::ui::SESSION_COOKIE,
+                "The dashboard session set by `POST /ui/login`.",
+            ))),
+        );
+    }
+}
+
+/// Completes the collected document with what applies to every route: the request timeout
+/// middleware can answer 408 anywhere.
+pub fn finish(mut doc: OpenApiDoc) -> OpenApiDoc {
+    let timeout = ResponseBuilder::new()
+        .description(
+            "The request took longer than `server.request_timeout_ms` (`request_timeout`).",
+        )
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build(),
+        )
+        .build();
+    for item in doc.paths.paths.values_mut() {
+        for op in [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            op.responses
+                .responses
+                .entry("408".to_string())
+                .or_insert_with(|| timeout.clone().into());
+        }
+    }
+    doc
+}
+
+/// The serialised document, computed once when the router is built.
+#[derive(Clone)]
+pub struct Spec(pub Bytes);
+
+impl Spec {
+    pub fn new(doc: &OpenApiDoc) -> Spec {
+        // Serialising a document of plain strings and maps cannot fail; if it ever did, the
+        // answer still says so in JSON.
+        let text = doc.to_pretty_json().unwrap_or_else(|e| {
+            json!({"error": {"code": "openapi", "message": e.to_string()}}).to_string()
+        });
+        Spec(Bytes::from(text))
+    }
+}
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The OpenAPI 3.1 document describing every route", content_type = "application/json", body = Object),
+    )
+)]
+pub async fn openapi_json(Extension(spec): Extension<Spec>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], spec.0).into_response()
+}
+
+// ------------------------------------------------------------------ documented bodies
+
+/// The body of every error answer.
+#[derive(ToSchema)]
+#[schema(example = json!({"error": {"code": "invalid_signature", "message": "no signature matches"}}))]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(ToSchema)]
+pub struct ErrorDetail {
+    /// A stable code to act on without parsing the message.
+    pub code: ErrorCode,
+    /// A human-readable explanation.
+    pub message: String,
+}
+
+#[derive(ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidJson,
+    BadRequest,
+    MissingSignature,
+    InvalidSignature,
+    TimestampOutOfTolerance,
+    Unauthorized,
+    Csrf,
+    UnknownSource,
+    NotFound,
+    RequestTimeout,
+    Conflict,
+    PayloadTooLarge,
+    Unavailable,
+}
+
+/// An event's state.
+#[derive(ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EventState {
+    /// Links pending.
+    Queued,
+    /// Every link linked.
+    Delivered,
+    /// Object id or lead missing, or no lead found: waits for an operator.
+    Parked,
+    /// At least one link is dead.
+    Dead,
+}
+
+/// A link's state.
+#[derive(ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkState {
+    Pending,
+    Linked,
+    Dead,
+}
+
+/// `202`: the event is committed to storage.
+#[derive(ToSchema)]
+pub struct WebhookAccepted {
+    pub event_id: String,
+    /// `queued`: links will be made; `parked`: waits for an operator (see `reason`).
+    #[schema(pattern = "^(queued|parked)$")]
+    pub status: String,
+    /// Only when parked: why.
+    pub reason: Option<String>,
+}
+
+/// `200`: a duplicate of a stored event (`event_id` given), or a type not in `accept_types`.
+#[derive(ToSchema)]
+pub struct WebhookNoop {
+    pub event_id: Option<String>,
+    #[schema(pattern = "^(duplicate|ignored)$")]
+    pub status: String,
+}
+
+#[derive(ToSchema)]
+pub struct Health {
+    #[schema(example = "ok")]
+    pub status: String,
+}
+
+#[derive(ToSchema)]
+pub struct Readiness {
+    #[schema(pattern = "^(ready|not_ready)$")]
+    pub status: String,
+    pub checks: ReadinessChecks,
+}
+
+#[derive(ToSchema)]
+pub struct ReadinessChecks {
+    /// `ok`, or `failing: ...`.
+    pub storage: String,
+    /// `ok`, or `draining` after SIGTERM.
+    pub accepting: String,
+}
+
+/// One event in a list.
+#[derive(ToSchema)]
+pub struct EventSummary {
+    pub event_id: String,
+    pub source: String,
+    pub state: EventState,
+    #[schema(format = DateTime)]
+    pub received_at: String,
+    #[schema(required = true)]
+    pub object_id: Option<String>,
+    #[schema(required = true)]
+    pub event_type: Option<String>,
+    /// Why the event is parked or dead, when it is.
+    #[schema(required = true)]
+    pub reason: Option<String>,
+}
+
+#[derive(ToSchema)]
+pub struct EventList {
+    pub events: Vec<EventSummary>,
+    /// Pass as `cursor` for the next (older) page; null on the last page.
+    #[schema(required = true)]
+    pub next_cursor: Option<String>,
+}
+
+/// One call to SprintHub.
+#[derive(ToSchema)]
+pub struct AttemptDoc {
+    #[schema(format = DateTime)]
+    pub at: String,
+    /// Null when no answer came (connection error, timeout).
+    #[schema(required = true)]
+    pub status_code: Option<i64>,
+    #[schema(required = true)]
+    pub error: Option<String>,
+    /// The first 2 KiB of SprintHub's answer.
+    #[schema(required = true)]
+    pub response_excerpt: Option<String>,
+    pub duration_ms: i64,
+}
+
+#[derive(ToSchema)]
+pub struct LinkDoc {
+    pub object_id: String,
+    pub lead_id: String,
+    pub state: LinkState,
+    #[schema(required = true, format = DateTime)]
+    pub next_attempt_at: Option<String>,
+    pub attempts: Vec<AttemptDoc>,
+}
+
+/// An event with its body, links and every attempt.
+#[derive(ToSchema)]
+pub struct EventDetail {
+    pub event_id: String,
+    pub source: String,
+    pub state: EventState,
+    #[schema(format = DateTime)]
+    pub received_at: String,
+    #[schema(required = true)]
+    pub object_id: Option<String>,
+    #[schema(required = true)]
+    pub event_type: Option<String>,
+    #[schema(required = true)]
+    pub reason: Option<String>,
+    /// The stored body: its JSON, or the text when it is not JSON.
+    #[schema(value_type = Value)]
+    pub body: serde_json::Value,
+    pub links: Vec<LinkDoc>,
+}
+
+/// `202`: the event after the replay.
+#[derive(ToSchema)]
+pub struct Replayed {
+    pub event_id: String,
+    pub source: String,
+    pub state: EventState,
+}
+
+/// Which events `POST /admin/replay` replays.
+#[derive(ToSchema)]
+pub struct ReplayManyRequest {
+    /// Default `dead`.
+    #[schema(pattern = "^(dead|parked|queued)$")]
+    pub state: Option<String>,
+    /// Default: every source.
+    pub source: Option<String>,
+}
+
+#[derive(ToSchema)]
+pub struct ReplayedMany {
+    pub replayed: u64,
+}
+
+/// A lead id: a number, or a string when it is not all digits.
+#[derive(ToSchema)]
+#[serde(untagged)]
+pub enum LeadId {
+    Number(i64),
+    Text(String),
+}
+
+#[derive(ToSchema)]
+pub struct MappingRequest {
+    /// At least one lead id.
+    #[schema(min_items = 1)]
+    pub lead_ids: Vec<LeadId>,
+}
+
+#[derive(ToSchema)]
+pub struct Mapping {
+    pub source: String,
+    /// The key as lookups compare it (emails in lower case).
+    pub key: String,
+    pub lead_ids: Vec<LeadId>,
+}
+
+#[derive(ToSchema)]
+pub struct Imported {
+    pub imported: u64,
+}
+
+/// The dashboard's login form.
+#[derive(ToSchema)]
+pub struct LoginForm {
+    /// The admin token.
+    pub token: String,
+    /// Where to go after logging in (a `/ui` path).
+    pub next: Option<String>,
+}
+
+/// A dashboard form that changes something; `csrf` is required with a session cookie.
+#[derive(ToSchema)]
+pub struct CsrfForm {
+    /// The token from the page's hidden field.
+    pub csrf: Option<String>,
+}

@@ -1,0 +1,1193 @@
+//! The dashboard at `/ui`: server-rendered HTML over the admin API's data, no JavaScript and no
+//! build step. Every dynamic value goes through `esc` (HTML) or `pct` (URL).
+//!
+//! Access is the admin token, either as `Authorization: Bearer` (scripts) or through the login
+//! form, which sets a session cookie. The cookie never holds the token: it holds an expiry and
+//! an HMAC of it keyed by the token, so it stops working when it expires or the token changes.
+//! Forms that change something carry a CSRF token derived from the session (HMAC of the session
+//! value), compared in constant time; the cookie is also `SameSite=Strict`. Like the admin API,
+//! the dashboard answers 404 when no admin token is configured.
+
+use std::fmt::Write as _;
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::admin::{self, ListQuery, SourceQuery, token_matches};
+use crate::app::AppState;
+use crate::error::AppError;
+use crate::store::{Attempt, EventFilter, EventSummary, LinkDetail, Millis, now_ms};
+
+/// The session cookie's name.
+pub const SESSION_COOKIE: &str = "sprintlink_ui";
+/// How long a login lasts.
+const SESSION_SECONDS: i64 = 12 * 3600;
+const STATES: [&str; 4] = ["queued", "delivered", "parked", "dead"];
+
+/// The dashboard's routes with their OpenAPI descriptions, behind `guard`.
+pub fn routes(state: Arc<AppState>) -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .routes(routes!(overview))
+        .routes(routes!(events_page))
+        .routes(routes!(event_page))
+        .routes(routes!(replay_action))
+        .routes(routes!(login_page, login_submit))
+        .routes(routes!(logout))
+        .route_layer(middleware::from_fn_with_state(state, guard))
+}
+
+/// Off (404) without an admin token; browser hardening headers on every answer.
+async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if state.config.admin.token.is_empty() {
+        return AppError::NotFound("the dashboard is off: set admin.token to enable it".into())
+            .into_response();
+    }
+    let mut resp = next.run(req).await;
+    let h = resp.headers_mut();
+    let csp = format!(
+        "default-src 'none'; style-src '{}'; img-src data:; form-action 'self'; \
+         frame-ancestors 'none'; base-uri 'none'",
+        style_hash()
+    );
+    if let Ok(v) = HeaderValue::from_str(&csp) {
+        h.insert(header::CONTENT_SECURITY_POLICY, v);
+    }
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+// ------------------------------------------------------------------ authentication
+
+/// How a request proved it holds the admin token.
+enum Who {
+    /// `Authorization: Bearer <token>`: no CSRF possible, none required.
+    Bearer,
+    /// The session cookie's value, from which the CSRF token is derived.
+    Session(String),
+}
+
+impl Who {
+    fn csrf(&self) -> Option<String> {
+        match self {
+            Who::Bearer => None,
+            Who::Session(s) => Some(csrf_token(s)),
+        }
+    }
+}
+
+fn session_mac(token: &str, expires: i64) -> String {
+    let msg = format!("sprintlink-ui-session:{expires}");
+    hex::encode(crate::signature::mac(token.as_bytes(), &[msg.as_bytes()]))
+}
+
+/// A fresh session value: `<expiry unix seconds>.<hex HMAC-SHA256(token, label:expiry)>`.
+fn new_session(state: &AppState, now_s: i64) -> String {
+    let expires = now_s + SESSION_SECONDS;
+    format!(
+        "{expires}.{}",
+        session_mac(state.config.admin.token.expose(), expires)
+    )
+}
+
+fn session_valid(state: &AppState, value: &str, now_s: i64) -> bool {
+    session_valid_for(state.config.admin.token.expose(), value, now_s)
+}
+
+fn session_valid_for(token: &str, value: &str, now_s: i64) -> bool {
+    let Some((expires, mac)) = value.split_once('.') else {
+        return false;
+    };
+    let Ok(expires) = expires.parse::<i64>() else {
+        return false;
+    };
+    if token.is_empty() || expires <= now_s || expires > now_s + SESSION_SECONDS + 60 {
+        return false;
+    }
+    bool::from(session_mac(token, expires).as_bytes().ct_eq(mac.as_bytes()))
+}
+
+fn csrf_token(session: &str) -> String {
+    hex::encode(crate::signature::mac(session.as_bytes(), &[b"csrf"]))
+}
+
+fn csrf_ok(who: &Who, presented: Option<&str>) -> bool {
+    match who {
+        Who::Bearer => true,
+        Who::Session(s) => {
+            let expected = csrf_token(s);
+            let presented = presented.unwrap_or("");
+            bool::from(expected.as_bytes().ct_eq(presented.as_bytes()))
+        }
+    }
+}
+
+fn cookies(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+}
+
+/// Who is asking: `Ok(None)` when nobody is signed in, `Err` when a bearer token is wrong.
+fn who(state: &AppState, headers: &HeaderMap) -> Result<Option<Who>, AppError> {
+    if let Some(auth) = headers.get(header::AUTHORIZATION) {
+        let presented = auth
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        return if token_matches(state, presented) {
+            Ok(Some(Who::Bearer))
+        } else {
+            Err(AppError::Unauthorized)
+        };
+    }
+    let now_s = now_ms() / 1000;
+    Ok(cookies(headers)
+        .filter(|(k, _)| *k == SESSION_COOKIE)
+        .find(|(_, v)| session_valid(state, v, now_s))
+        .map(|(_, v)| Who::Session(v.to_string())))
+}
+
+/// Why a dashboard request cannot go on.
+enum Denied {
+    /// Nobody is signed in: to the login page, then back to this path.
+    Login(String),
+    Error(AppError),
+}
+
+impl IntoResponse for Denied {
+    fn into_response(self) -> Response {
+        match self {
+            Denied::Login(back) => see_other(&format!("/ui/login?next={}", pct(&back))),
+            Denied::Error(e) => e.into_response(),
+        }
+    }
+}
+
+/// The signed-in caller, or why not.
+fn gate(state: &AppState, headers: &HeaderMap, uri: &Uri) -> Result<Who, Denied> {
+    match who(state, headers) {
+        Ok(Some(w)) => Ok(w),
+        Ok(None) => Err(Denied::Login(
+            uri.path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/ui")
+                .to_string(),
+        )),
+        Err(e) => Err(Denied::Error(e)),
+    }
+}
+
+fn behind_https(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
+}
+
+fn session_cookie(value: &str, max_age: i64, secure: bool) -> String {
+    format!(
+        "{SESSION_COOKIE}={value}; Path=/ui; Max-Age={max_age}; HttpOnly; SameSite=Strict{}",
+        if secure { "; Secure" } else { "" }
+    )
+}
+
+/// Where to go after logging in: only a path of the dashboard itself.
+fn safe_next(next: Option<&str>) -> &str {
+    match next {
+        Some(n)
+            if n.len() <= 1024
+                && (n == "/ui" || n.starts_with("/ui/") || n.starts_with("/ui?"))
+                && !n.contains("//")
+                && n.bytes().all(|b| b.is_ascii_graphic() && b != b'\\') =>
+        {
+            n
+        }
+        _ => "/ui",
+    }
+}
+
+// ------------------------------------------------------------------ small helpers
+
+/// HTML-escapes text for element content and quoted attribute values.
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters: safe in a path segment and in
+/// a query value.
+pub fn pct(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// Decodes `application/x-www-form-urlencoded` bytes (`+` is a space; a bad escape is kept).
+fn form_fields(body: &[u8]) -> Vec<(String, String)> {
+    fn decode(raw: &[u8]) -> String {
+        let mut out = Vec::with_capacity(raw.len());
+        let mut i = 0;
+        while i < raw.len() {
+            match raw[i] {
+                b'+' => out.push(b' '),
+                b'%' => match raw
+                    .get(i + 1..i + 3)
+                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+                {
+                    Some(h) => {
+                        let hex = std::str::from_utf8(h).unwrap_or("00");
+                        out.push(u8::from_str_radix(hex, 16).unwrap_or(0));
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                },
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    body.split(|b| *b == b'&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| match pair.iter().position(|b| *b == b'=') {
+            Some(i) => (decode(&pair[..i]), decode(&pair[i + 1..])),
+            None => (decode(pair), String::new()),
+        })
+        .collect()
+}
+
+fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    fields
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+fn see_other(location: &str) -> Response {
+    let mut resp = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+fn html(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+/// `2025-11-29 08:06:01 UTC`.
+fn when(ms: Millis) -> String {
+    let r = admin::rfc3339(ms);
+    format!("{} {} UTC", &r[..10], &r[11..19])
+}
+
+/// `12 s ago`, `in 3 min`.
+fn relative(ms: Millis, now: Millis) -> String {
+    let d = (now - ms) / 1000;
+    let a = d.abs();
+    let amount = if a < 5 {
+        return "just now".into();
+    } else if a < 60 {
+        format!("{a} s")
+    } else if a < 3600 {
+        format!("{} min", a / 60)
+    } else if a < 86_400 {
+        format!("{} h", a / 3600)
+    } else {
+        format!("{} d", a / 86_400)
+    };
+    if d >= 0 {
+        format!("{amount} ago")
+    } else {
+        format!("in {amount}")
+    }
+}
+
+fn time_tag(ms: Millis, now: Millis) -> String {
+    let r = admin::rfc3339(ms);
+    format!(
+        "<time datetime=\"{r}\" title=\"{r}\">{}</time> <span class=\"muted\">{}</span>",
+        when(ms),
+        relative(ms, now)
+    )
+}
+
+/// A coloured badge; the CSS class comes from a fixed list, never from the value.
+fn badge(state: &str) -> String {
+    let class = match state {
+        "queued" | "pending" => "b-blue",
+        "delivered" | "linked" => "b-green",
+        "parked" => "b-amber",
+        "dead" => "b-red",
+        _ => "b-grey",
+    };
+    format!("<span class=\"badge {class}\">{}</span>", esc(state))
+}
+
+fn status_badge(code: Option<i64>) -> String {
+    match code {
+        Some(c) => {
+            let class = match c {
+                200..=299 => "b-green",
+                400..=499 => "b-red",
+                _ => "b-amber",
+            };
+            format!("<span class=\"badge mono {class}\">HTTP {c}</span>")
+        }
+        None => "<span class=\"badge b-grey\">no answer</span>".into(),
+    }
+}
+
+fn event_href(e: &EventSummary) -> String {
+    format!("/ui/events/{}?source={}", pct(&e.event_id), pct(&e.source))
+}
+
+// ------------------------------------------------------------------ layout
+
+const CSS: &str = r#"
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#1f2937;background:#f4f5f7}
+a{color:#1d4ed8;text-decoration:none}a:hover{text-decoration:underline}
+.wrap{max-width:1120px;margin:0 auto;padding:0 24px}
+header.top{background:#111827;color:#e5e7eb}
+header.top .wrap{display:flex;align-items:center;gap:28px;height:56px}
+.brand{color:#fff;font-weight:700;font-size:17px;letter-spacing:.2px}
+.brand span{color:#60a5fa}
+nav{display:flex;gap:4px;flex:1}
+nav a{color:#d1d5db;padding:6px 12px;border-radius:6px}
+nav a:hover{background:#1f2937;text-decoration:none;color:#fff}
+nav a.active{background:#374151;color:#fff}
+.who{color:#9ca3af;font-size:13px;display:flex;align-items:center;gap:12px}
+.who form{margin:0}
+main.wrap{padding-top:28px;padding-bottom:40px}
+h1{font-size:22px;margin:0 0 18px;display:flex;align-items:center;gap:12px;flex-wrap:wrap}
+h2{font-size:16px;margin:28px 0 12px}
+.muted{color:#6b7280}
+.mono,code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,"DejaVu Sans Mono",monospace;font-size:13px}
+.card{background:#fff;border:1px solid #e5e7eb;border-radius:10px;padding:18px 20px}
+.cards{display:grid;grid-template-columns:repeat(4,1fr);gap:16px}
+.stat{display:block;color:inherit}
+.stat:hover{text-decoration:none;border-color:#93c5fd}
+.stat .n{font-size:30px;font-weight:700;margin-top:6px}
+.facts{display:flex;gap:28px;flex-wrap:wrap;margin-top:16px}
+.facts b{font-size:16px}
+table{width:100%;border-collapse:collapse;background:#fff;border:1px solid #e5e7eb;border-radius:10px;overflow:hidden}
+th{text-align:left;font-size:12px;text-transform:uppercase;letter-spacing:.4px;color:#6b7280;background:#f9fafb;font-weight:600}
+th,td{padding:9px 14px;border-bottom:1px solid #eef0f3;vertical-align:top}
+tr:last-child td{border-bottom:0}
+tbody tr:hover{background:#f9fafb}
+td.reason{color:#6b7280;max-width:320px}
+.badge{display:inline-block;padding:1px 10px;border-radius:999px;font-size:12px;font-weight:600;line-height:20px;white-space:nowrap}
+.b-blue{background:#dbeafe;color:#1e40af}.b-green{background:#dcfce7;color:#166534}
+.b-amber{background:#fef3c7;color:#92400e}.b-red{background:#fee2e2;color:#991b1b}.b-grey{background:#e5e7eb;color:#374151}
+h1 .badge{font-size:13px;padding:3px 12px}
+h1 .mono{font-size:19px;font-weight:600}
+.filters{display:flex;gap:12px;align-items:end;margin-bottom:16px;flex-wrap:wrap}
+.filters button{height:36px;padding-top:0;padding-bottom:0}
+label{display:block;font-size:12px;color:#6b7280;margin-bottom:4px}
+select,input[type=password],input[type=text]{font:inherit;height:36px;padding:0 10px;border:1px solid #d1d5db;border-radius:6px;background:#fff;min-width:160px}
+button,.btn{font:inherit;font-weight:600;padding:7px 16px;border-radius:6px;border:1px solid #1d4ed8;background:#2563eb;color:#fff;cursor:pointer}
+button:hover{background:#1d4ed8}
+button.ghost{background:transparent;border-color:#4b5563;color:#d1d5db;padding:4px 12px;font-weight:500}
+button.ghost:hover{background:#1f2937}
+a.btn-light{display:inline-block;padding:7px 14px;border:1px solid #d1d5db;border-radius:6px;background:#fff;color:#374151;font-weight:500}
+.pager{display:flex;justify-content:space-between;margin-top:14px}
+dl{display:grid;grid-template-columns:140px 1fr;gap:8px 16px;margin:0}
+dt{color:#6b7280}dd{margin:0;word-break:break-all}
+.head{display:flex;justify-content:space-between;align-items:flex-start;gap:16px}
+.notice{background:#ecfdf5;border:1px solid #a7f3d0;color:#065f46;border-radius:8px;padding:10px 14px;margin-bottom:18px}
+.error{background:#fef2f2;border:1px solid #fecaca;color:#991b1b;border-radius:8px;padding:10px 14px;margin-bottom:14px}
+.link{margin-bottom:16px}
+.link-head{display:flex;align-items:center;gap:12px;flex-wrap:wrap;margin-bottom:10px}
+.timeline{list-style:none;margin:0;padding:0 0 0 18px;border-left:2px solid #e5e7eb}
+.timeline li{position:relative;padding:2px 0 14px 14px}
+.timeline li:last-child{padding-bottom:2px}
+.timeline li::before{content:"";position:absolute;left:-25px;top:7px;width:12px;height:12px;border-radius:50%;background:#9ca3af;border:2px solid #fff}
+.timeline li.ok::before{background:#16a34a}.timeline li.fail::before{background:#dc2626}.timeline li.retry::before{background:#d97706}
+.t-head{display:flex;gap:10px;align-items:center;flex-wrap:wrap}
+.t-error{color:#991b1b;margin-top:4px}
+pre{background:#f8fafc;border:1px solid #e5e7eb;border-radius:8px;padding:12px 14px;overflow:auto;max-height:420px;margin:6px 0 0;white-space:pre-wrap;word-break:break-all}
+.login{max-width:380px;margin:80px auto}
+.login h1{justify-content:center}
+.login input{width:100%;margin-bottom:14px}
+.login button{width:100%}
+footer{color:#9ca3af;font-size:12px;padding-bottom:28px}
+footer a{color:#6b7280}
+@media (max-width:760px){.cards{grid-template-columns:repeat(2,1fr)}dl{grid-template-columns:1fr}}
+"#;
+
+/// The CSP source for the inline stylesheet.
+fn style_hash() -> &'static str {
+    static HASH: OnceLock<String> = OnceLock::new();
+    HASH.get_or_init(|| {
+        let digest = Sha256::digest(CSS.as_bytes());
+        format!(
+            "sha256-{}",
+            base64::engine::general_purpose::STANDARD.encode(digest)
+        )
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tab {
+    Overview,
+    Events,
+    Dead,
+    Parked,
+    None,
+}
+
+fn page(title: &str, tab: Tab, who: Option<&Who>, content: &str) -> String {
+    let nav_item = |t: Tab, href: &str, label: &str| {
+        format!(
+            "<a href=\"{href}\"{}>{label}</a>",
+            if t == tab { " class=\"active\"" } else { "" }
+        )
+    };
+    let header = match who {
+        Some(w) => {
+            let account = match w {
+                Who::Bearer => "<span>signed in with a bearer token</span>".to_string(),
+                Who::Session(_) => format!(
+                    "<form method=\"post\" action=\"/ui/logout\">{}<button class=\"ghost\" id=\"logout\" type=\"submit\">Log out</button></form>",
+                    csrf_field(w)
+                ),
+            };
+            format!(
+                "<nav>{}{}{}{}</nav><div class=\"who\">{account}</div>",
+                nav_item(Tab::Overview, "/ui", "Overview"),
+                nav_item(Tab::Events, "/ui/events", "Events"),
+                nav_item(Tab::Dead, "/ui/events?state=dead", "Dead"),
+                nav_item(Tab::Parked, "/ui/events?state=parked", "Parked"),
+            )
+        }
+        None => String::new(),
+    };
+    format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{} · sprintlink</title><link rel=\"icon\" href=\"data:,\"><style>{CSS}</style></head>\
+         <body><header class=\"top\"><div class=\"wrap\"><a class=\"brand\" href=\"/ui\">sprint<span>link</span></a>{header}</div></header>\
+         <main class=\"wrap\">{content}</main>\
+         <footer class=\"wrap\">sprintlink {} · <a href=\"/openapi.json\">OpenAPI</a> · <a href=\"/metrics\">metrics</a></footer>\
+         </body></html>\n",
+        esc(title),
+        env!("CARGO_PKG_VERSION"),
+    )
+}
+
+fn csrf_field(who: &Who) -> String {
+    match who.csrf() {
+        Some(t) => format!(
+            "<input type=\"hidden\" name=\"csrf\" value=\"{}\">",
+            esc(&t)
+        ),
+        None => String::new(),
+    }
+}
+
+fn events_table(events: &[EventSummary], now: Millis) -> String {
+    if events.is_empty() {
+        return "<div class=\"card muted\">No events.</div>".into();
+    }
+    let mut t = String::from(
+        "<table id=\"events\"><thead><tr><th>Received</th><th>Event</th><th>Source</th>\
+         <th>Type</th><th>Object</th><th>State</th><th>Reason</th></tr></thead><tbody>",
+    );
+    for e in events {
+        let _ = write!(
+            t,
+            "<tr><td>{}</td><td><a class=\"mono\" href=\"{}\">{}</a></td><td>{}</td>\
+             <td class=\"mono\">{}</td><td class=\"mono\">{}</td><td>{}</td><td class=\"reason\">{}</td></tr>",
+            time_tag(e.received_at, now),
+            esc(&event_href(e)),
+            esc(&e.event_id),
+            esc(&e.source),
+            esc(e.event_type.as_deref().unwrap_or("")),
+            esc(e.object_id.as_deref().unwrap_or("–")),
+            badge(&e.state),
+            esc(e.reason.as_deref().unwrap_or("")),
+        );
+    }
+    t.push_str("</tbody></table>");
+    t
+}
+
+// ------------------------------------------------------------------ pages
+
+/// Dashboard overview: counts by state and the latest events.
+#[utoipa::path(
+    get,
+    path = "/ui",
+    tag = "dashboard",
+    responses(
+        (status = 200, description = "The overview page", content_type = "text/html", body = String),
+        (status = 303, description = "Not signed in: to `/ui/login`", headers(("Location" = String))),
+        (status = 401, description = "`unauthorized`: a wrong bearer token", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`not_found`: the dashboard is off (no `admin.token`)", body = crate::openapi::ErrorBody),
+        (status = 503, description = "`unavailable`: storage is down", body = crate::openapi::ErrorBody),
+    ),
+    security(("admin_token" = []), ("ui_session" = []))
+)]
+async fn overview(State(state): State<Arc<AppState>>, headers: HeaderMap, uri: Uri) -> Response {
+    let who = match gate(&state, &headers, &uri) {
+        Ok(w) => w,
+        Err(d) => return d.into_response(),
+    };
+    let stats = match state.store.stats().await {
+        Ok(s) => s,
+        Err(e) => return AppError::from(e).into_response(),
+    };
+    let recent = match state
+        .store
+        .list_events(&EventFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return AppError::from(e).into_response(),
+    };
+    let count = |list: &[(String, i64)], s: &str| {
+        list.iter()
+            .find(|(k, _)| k == s)
+            .map(|(_, n)| *n)
+            .unwrap_or(0)
+    };
+    let mut c = String::from("<h1>Overview</h1><div class=\"cards\">");
+    for s in STATES {
+        let _ = write!(
+            c,
+            "<a class=\"card stat\" id=\"count-{s}\" href=\"/ui/events?state={s}\">{}<div class=\"n\">{}</div></a>",
+            badge(s),
+            count(&stats.events_by_state, s)
+        );
+    }
+    let _ = write!(
+        c,
+        "</div><div class=\"facts card\"><span class=\"muted\">Links</span>\
+         <span><b>{}</b> pending</span><span><b>{}</b> linked</span><span><b>{}</b> dead</span>\
+         <span class=\"muted\">Queue depth</span><span><b>{}</b></span>\
+         <span class=\"muted\">Sources</span><span class=\"mono\">{}</span></div>",
+        count(&stats.links_by_state, "pending"),
+        count(&stats.links_by_state, "linked"),
+        count(&stats.links_by_state, "dead"),
+        stats.queue_depth,
+        esc(&source_names(&state).join(", ")),
+    );
+    c.push_str("<h2>Latest events</h2>");
+    c.push_str(&events_table(&recent, now_ms()));
+    c.push_str(
+        "<div class=\"pager\"><span></span><a class=\"btn-light\" href=\"/ui/events\">All events →</a></div>",
+    );
+    html(
+        StatusCode::OK,
+        page("Overview", Tab::Overview, Some(&who), &c),
+    )
+}
+
+fn source_names(state: &AppState) -> Vec<&str> {
+    let mut names: Vec<&str> = state.sources.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    names
+}
+
+/// Dashboard event list, filtered by state and source, newest first.
+#[utoipa::path(
+    get,
+    path = "/ui/events",
+    tag = "dashboard",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of events", content_type = "text/html", body = String),
+        (status = 303, description = "Not signed in: to `/ui/login`", headers(("Location" = String))),
+        (status = 400, description = "`bad_request`: a bad state, limit or cursor", body = crate::openapi::ErrorBody),
+        (status = 401, description = "`unauthorized`: a wrong bearer token", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`not_found`: the dashboard is off (no `admin.token`)", body = crate::openapi::ErrorBody),
+        (status = 503, description = "`unavailable`: storage is down", body = crate::openapi::ErrorBody),
+    ),
+    security(("admin_token" = []), ("ui_session" = []))
+)]
+async fn events_page(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Response {
+    let who = match gate(&state, &headers, &uri) {
+        Ok(w) => w,
+        Err(d) => return d.into_response(),
+    };
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return AppError::BadRequest(e.body_text()).into_response(),
+    };
+    let filter = match admin::filter_from(&q) {
+        Ok(f) => f,
+        Err(e) => return e.into_response(),
+    };
+    let events = match state.store.list_events(&filter).await {
+        Ok(e) => e,
+        Err(e) => return AppError::from(e).into_response(),
+    };
+    let next_cursor = (events.len() as i64 == filter.limit)
+        .then(|| events.last().map(|e| e.pk.to_string()))
+        .flatten();
+    let state_sel = filter.state.as_deref().unwrap_or("");
+    let source_sel = filter.source.as_deref().unwrap_or("");
+    let tab = match state_sel {
+        "dead" => Tab::Dead,
+        "parked" => Tab::Parked,
+        _ => Tab::Events,
+    };
+    let title = if state_sel.is_empty() {
+        "Events".to_string()
+    } else {
+        format!("Events: {state_sel}")
+    };
+    let mut c = format!("<h1>{}</h1>", esc(&title));
+    c.push_str("<form class=\"filters\" method=\"get\" action=\"/ui/events\"><div><label for=\"state\">State</label><select id=\"state\" name=\"state\"><option value=\"\">any</option>");
+    for s in STATES {
+        let _ = write!(
+            c,
+            "<option value=\"{s}\"{}>{s}</option>",
+            if s == state_sel { " selected" } else { "" }
+        );
+    }
+    c.push_str("</select></div><div><label for=\"source\">Source</label><select id=\"source\" name=\"source\"><option value=\"\">any</option>");
+    let mut names = source_names(&state);
+    if !source_sel.is_empty() && !names.contains(&source_sel) {
+        names.push(source_sel);
+    }
+    for s in names {
+        let _ = write!(
+            c,
+            "<option value=\"{0}\"{1}>{0}</option>",
+            esc(s),
+            if s == source_sel { " selected" } else { "" }
+        );
+    }
+    c.push_str("</select></div><div><button type=\"submit\">Filter</button></div></form>");
+    c.push_str(&events_table(&events, now_ms()));
+    let mut keep = format!("state={}&source={}", pct(state_sel), pct(source_sel));
+    if let Some(l) = q.limit {
+        let _ = write!(keep, "&limit={l}");
+    }
+    let first = if filter.before.is_some() {
+        format!(
+            "<a class=\"btn-light\" href=\"{}\">← Newest</a>",
+            esc(&format!("/ui/events?{keep}"))
+        )
+    } else {
+        "<span></span>".into()
+    };
+    let older = match next_cursor {
+        Some(cur) => format!(
+            "<a class=\"btn-light\" id=\"older\" href=\"{}\">Older →</a>",
+            esc(&format!("/ui/events?{keep}&cursor={}", pct(&cur)))
+        ),
+        None => "<span></span>".into(),
+    };
+    let _ = write!(c, "<div class=\"pager\">{first}{older}</div>");
+    html(StatusCode::OK, page(&title, tab, Some(&who), &c))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct EventPageQuery {
+    /// The event's source, when two sources have an event with this id.
+    source: Option<String>,
+    /// Show the "replayed" notice.
+    replayed: Option<bool>,
+}
+
+/// Dashboard view of one event: its fields, links and every attempt, and a replay button.
+#[utoipa::path(
+    get,
+    path = "/ui/events/{event_id}",
+    tag = "dashboard",
+    params(
+        ("event_id" = String, Path, description = "The event id (unique per source)"),
+        EventPageQuery,
+    ),
+    responses(
+        (status = 200, description = "The event page", content_type = "text/html", body = String),
+        (status = 303, description = "Not signed in: to `/ui/login`", headers(("Location" = String))),
+        (status = 400, description = "`bad_request`: a malformed query", body = crate::openapi::ErrorBody),
+        (status = 401, description = "`unauthorized`: a wrong bearer token", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`not_found`: no such event, or the dashboard is off", body = crate::openapi::ErrorBody),
+        (status = 409, description = "`conflict`: several sources have an event with this id; add `?source=`", body = crate::openapi::ErrorBody),
+        (status = 503, description = "`unavailable`: storage is down", body = crate::openapi::ErrorBody),
+    ),
+    security(("admin_token" = []), ("ui_session" = []))
+)]
+async fn event_page(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    event_id: Result<Path<String>, PathRejection>,
+    q: Result<Query<EventPageQuery>, QueryRejection>,
+) -> Response {
+    let who = match gate(&state, &headers, &uri) {
+        Ok(w) => w,
+        Err(d) => return d.into_response(),
+    };
+    let (event_id, q) = match (event_id, q) {
+        (Ok(Path(id)), Ok(Query(q))) => (id, q),
+        (Err(e), _) => return AppError::BadRequest(e.body_text()).into_response(),
+        (_, Err(e)) => return AppError::BadRequest(e.body_text()).into_response(),
+    };
+    let source = q.source.as_deref().filter(|s| !s.is_empty());
+    let e = match admin::find_one(&state, &event_id, source).await {
+        Ok(e) => e,
+        Err(e) => return e.into_response(),
+    };
+    let detail = match state.store.event_detail(e.pk).await {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            return AppError::NotFound(format!("no event with id {event_id:?}")).into_response();
+        }
+        Err(e) => return AppError::from(e).into_response(),
+    };
+    let now = now_ms();
+    let s = &detail.summary;
+    let mut c = String::new();
+    let _ = write!(
+        c,
+        "<div class=\"head\"><h1>Event <span class=\"mono\" id=\"event-id\">{}</span>\
+         <span id=\"event-state\">{}</span></h1>\
+         <form method=\"post\" action=\"{}\">{}<button id=\"replay\" type=\"submit\">Replay</button></form></div>",
+        esc(&s.event_id),
+        badge(&s.state),
+        esc(&format!(
+            "/ui/events/{}/replay?source={}",
+            pct(&s.event_id),
+            pct(&s.source)
+        )),
+        csrf_field(&who),
+    );
+    if q.replayed == Some(true) {
+        c.push_str(
+            "<div class=\"notice\" id=\"notice\">Replayed: the event was mapped again with today's \
+             configuration, and every link not yet linked is queued.</div>",
+        );
+    }
+    let _ = write!(
+        c,
+        "<div class=\"card\"><dl><dt>Source</dt><dd>{}</dd><dt>Type</dt><dd class=\"mono\">{}</dd>\
+         <dt>Object id</dt><dd class=\"mono\">{}</dd><dt>Received</dt><dd>{}</dd>",
+        esc(&s.source),
+        esc(s.event_type.as_deref().unwrap_or("–")),
+        esc(s.object_id.as_deref().unwrap_or("–")),
+        time_tag(s.received_at, now),
+    );
+    if let Some(r) = &s.reason {
+        let _ = write!(c, "<dt>Reason</dt><dd id=\"reason\">{}</dd>", esc(r));
+    }
+    c.push_str("</dl></div>");
+    let _ = write!(c, "<h2>Links ({})</h2>", detail.links.len());
+    if detail.links.is_empty() {
+        c.push_str("<div class=\"card muted\">No links: the event is parked or its leads are not resolved yet.</div>");
+    }
+    for l in &detail.links {
+        c.push_str(&link_card(l, now));
+    }
+    let body = serde_json::from_str::<serde_json::Value>(&detail.body)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or_else(|| detail.body.clone());
+    let _ = write!(c, "<h2>Body</h2><pre id=\"body\">{}</pre>", esc(&body));
+    html(
+        StatusCode::OK,
+        page(&format!("Event {}", s.event_id), Tab::None, Some(&who), &c),
+    )
+}
+
+fn link_card(l: &LinkDetail, now: Millis) -> String {
+    let mut c = format!(
+        "<div class=\"card link\"><div class=\"link-head\"><span>object <b class=\"mono\">{}</b> → lead <b class=\"mono\">{}</b></span>{}",
+        esc(&l.object_id),
+        esc(&l.lead_id),
+        badge(&l.state),
+    );
+    if let (Some(at), "pending") = (l.next_attempt_at, l.state.as_str()) {
+        let next = if at <= now + 5_000 {
+            "due now".to_string()
+        } else {
+            relative(at, now)
+        };
+        let _ = write!(
+            c,
+            "<span class=\"muted\" title=\"{}\">next attempt {next}</span>",
+            admin::rfc3339(at)
+        );
+    }
+    let _ = write!(
+        c,
+        "<span class=\"muted\">{} attempt{}</span></div>",
+        l.attempts.len(),
+        if l.attempts.len() == 1 { "" } else { "s" }
+    );
+    if l.attempts.is_empty() {
+        c.push_str("<div class=\"muted\">No attempts yet.</div>");
+    } else {
+        c.push_str("<ol class=\"timeline\">");
+        for a in &l.attempts {
+            c.push_str(&attempt_item(a, now));
+        }
+        c.push_str("</ol>");
+    }
+    c.push_str("</div>");
+    c
+}
+
+fn attempt_item(a: &Attempt, now: Millis) -> String {
+    let class = match a.status_code {
+        Some(200..=299) => "ok",
+        Some(400..=499) if !matches!(a.status_code, Some(401 | 403 | 408 | 425 | 429)) => "fail",
+        _ => "retry",
+    };
+    let mut c = format!(
+        "<li class=\"{class}\"><div class=\"t-head\">{}{}<span class=\"muted\">{} ms</span></div>",
+        status_badge(a.status_code),
+        time_tag(a.at, now),
+        a.duration_ms
+    );
+    if let Some(e) = &a.error {
+        let _ = write!(c, "<div class=\"t-error\">{}</div>", esc(e));
+    }
+    if let Some(x) = a.response_excerpt.as_deref().filter(|x| !x.is_empty()) {
+        let _ = write!(c, "<pre class=\"excerpt\">{}</pre>", esc(x));
+    }
+    c.push_str("</li>");
+    c
+}
+
+/// Dashboard replay of one event (the admin API's replay), then back to the event page.
+#[utoipa::path(
+    post,
+    path = "/ui/events/{event_id}/replay",
+    tag = "dashboard",
+    params(
+        ("event_id" = String, Path, description = "The event id (unique per source)"),
+        SourceQuery,
+    ),
+    request_body(content = crate::openapi::CsrfForm, content_type = "application/x-www-form-urlencoded",
+        description = "`csrf` is required when signed in with the session cookie"),
+    responses(
+        (status = 303, description = "Replayed: to the event page (or, not signed in, to `/ui/login`)", headers(("Location" = String))),
+        (status = 400, description = "`bad_request`: a malformed path or query", body = crate::openapi::ErrorBody),
+        (status = 401, description = "`unauthorized`: a wrong bearer token", body = crate::openapi::ErrorBody),
+        (status = 403, description = "`csrf`: the form's CSRF token is missing or wrong", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`not_found`: no such event, or the dashboard is off", body = crate::openapi::ErrorBody),
+        (status = 409, description = "`conflict`: several sources have an event with this id; add `?source=`", body = crate::openapi::ErrorBody),
+        (status = 503, description = "`unavailable`: storage is down", body = crate::openapi::ErrorBody),
+    ),
+    security(("admin_token" = []), ("ui_session" = []))
+)]
+async fn replay_action(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    event_id: Result<Path<String>, PathRejection>,
+    q: Result<Query<SourceQuery>, QueryRejection>,
+    body: axum::body::Bytes,
+) -> Response {
+    let who = match gate(&state, &headers, &uri) {
+        Ok(w) => w,
+        Err(d) => return d.into_response(),
+    };
+    let fields = form_fields(&body);
+    if !csrf_ok(&who, field(&fields, "csrf")) {
+        return AppError::Csrf.into_response();
+    }
+    let (event_id, q) = match (event_id, q) {
+        (Ok(Path(id)), Ok(Query(q))) => (id, q),
+        (Err(e), _) => return AppError::BadRequest(e.body_text()).into_response(),
+        (_, Err(e)) => return AppError::BadRequest(e.body_text()).into_response(),
+    };
+    let source = q.source.as_deref().filter(|s| !s.is_empty());
+    let e = match admin::find_one(&state, &event_id, source).await {
+        Ok(e) => e,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(err) = admin::replay(&state, &e).await {
+        return err.into_response();
+    }
+    see_other(&format!(
+        "/ui/events/{}?source={}&replayed=true",
+        pct(&e.event_id),
+        pct(&e.source)
+    ))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct LoginQuery {
+    /// Where to go after logging in (a `/ui` path).
+    next: Option<String>,
+}
+
+fn login_html(next: &str, error: Option<&str>) -> String {
+    let error = error
+        .map(|e| format!("<div class=\"error\" id=\"login-error\">{}</div>", esc(e)))
+        .unwrap_or_default();
+    let content = format!(
+        "<div class=\"login card\"><h1>Sign in</h1>{error}\
+         <form method=\"post\" action=\"/ui/login\">\
+         <input type=\"hidden\" name=\"next\" value=\"{}\">\
+         <label for=\"token\">Admin token</label>\
+         <input type=\"password\" id=\"token\" name=\"token\" autocomplete=\"current-password\" autofocus required>\
+         <button type=\"submit\" id=\"login\">Sign in</button></form>\
+         <p class=\"muted\">The token is the service's <span class=\"mono\">admin.token</span>.</p></div>",
+        esc(next)
+    );
+    page("Sign in", Tab::None, None, &content)
+}
+
+/// The dashboard's login form.
+#[utoipa::path(
+    get,
+    path = "/ui/login",
+    tag = "dashboard",
+    params(LoginQuery),
+    responses(
+        (status = 200, description = "The login page", content_type = "text/html", body = String),
+        (status = 303, description = "Already signed in: to `next` or `/ui`", headers(("Location" = String))),
+        (status = 401, description = "`unauthorized`: a wrong bearer token", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`not_found`: the dashboard is off (no `admin.token`)", body = crate::openapi::ErrorBody),
+    ),
+    security(())
+)]
+async fn login_page(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    q: Result<Query<LoginQuery>, QueryRejection>,
+) -> Response {
+    let next = match &q {
+        Ok(Query(q)) => safe_next(q.next.as_deref()),
+        Err(_) => "/ui",
+    };
+    match who(&state, &headers) {
+        Ok(Some(_)) => see_other(next),
+        Ok(None) => html(StatusCode::OK, login_html(next, None)),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Sign in to the dashboard with the admin token; sets the session cookie.
+#[utoipa::path(
+    post,
+    path = "/ui/login",
+    tag = "dashboard",
+    request_body(content = crate::openapi::LoginForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 303, description = "Signed in: the session cookie is set; to `next` or `/ui`",
+            headers(("Location" = String), ("Set-Cookie" = String, description = "`sprintlink_ui=...; Path=/ui; HttpOnly; SameSite=Strict` (and `Secure` behind https)"))),
+        (status = 401, description = "The token is wrong: the login page again, with the error", content_type = "text/html", body = String),
+        (status = 404, description = "`not_found`: the dashboard is off (no `admin.token`)", body = crate::openapi::ErrorBody),
+    ),
+    security(())
+)]
+async fn login_submit(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let fields = form_fields(&body);
+    let next = safe_next(field(&fields, "next"));
+    let token = field(&fields, "token").unwrap_or("");
+    if !token_matches(&state, token) {
+        tracing::warn!("dashboard login with a wrong token");
+        return html(
+            StatusCode::UNAUTHORIZED,
+            login_html(next, Some("That is not the admin token.")),
+        );
+    }
+    let value = new_session(&state, now_ms() / 1000);
+    let mut resp = see_other(next);
+    if let Ok(v) = HeaderValue::from_str(&session_cookie(
+        &value,
+        SESSION_SECONDS,
+        behind_https(&headers),
+    )) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+/// Sign out of the dashboard: clears the session cookie.
+#[utoipa::path(
+    post,
+    path = "/ui/logout",
+    tag = "dashboard",
+    request_body(content = crate::openapi::CsrfForm, content_type = "application/x-www-form-urlencoded",
+        description = "`csrf` is required when signed in with the session cookie"),
+    responses(
+        (status = 303, description = "Signed out (or not signed in): to `/ui/login`",
+            headers(("Location" = String), ("Set-Cookie" = String, description = "Clears the session cookie"))),
+        (status = 401, description = "`unauthorized`: a wrong bearer token", body = crate::openapi::ErrorBody),
+        (status = 403, description = "`csrf`: the form's CSRF token is missing or wrong", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`not_found`: the dashboard is off (no `admin.token`)", body = crate::openapi::ErrorBody),
+    ),
+    security(("admin_token" = []), ("ui_session" = []))
+)]
+async fn logout(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: axum::body::Bytes,
+) -> Response {
+    let who = match gate(&state, &headers, &uri) {
+        Ok(w) => w,
+        Err(d) => return d.into_response(),
+    };
+    if !csrf_ok(&who, field(&form_fields(&body), "csrf")) {
+        return AppError::Csrf.into_response();
+    }
+    let mut resp = see_other("/ui/login");
+    if let Ok(v) = HeaderValue::from_str(&session_cookie("", 0, behind_https(&headers))) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_html_and_urls() {
+        assert_eq!(
+            esc(r#"<a href="x">'&'</a>"#),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
+        assert_eq!(pct("evt 1/ä?&=#"), "evt%201%2F%C3%A4%3F%26%3D%23");
+        assert_eq!(pct("AZaz09-._~"), "AZaz09-._~");
+    }
+
+    #[test]
+    fn decodes_forms() {
+        let f = form_fields(b"token=a%2Bb+c&next=%2Fui%2Fevents&bad=%zz%4&empty");
+        assert_eq!(field(&f, "token"), Some("a+b c"));
+        assert_eq!(field(&f, "next"), Some("/ui/events"));
+        assert_eq!(field(&f, "bad"), Some("%zz%4"));
+        assert_eq!(field(&f, "empty"), Some(""));
+        assert_eq!(field(&f, "missing"), None);
+    }
+
+    #[test]
+    fn next_stays_on_the_dashboard() {
+        assert_eq!(
+            safe_next(Some("/ui/events?state=dead")),
+            "/ui/events?state=dead"
+        );
+        assert_eq!(safe_next(Some("/ui")), "/ui");
+        for bad in [
+            "//evil.example/ui",
+            "https://evil.example",
+            "/uix",
+            "/ui//evil",
+            "/ui/\\evil",
+            "/ui/a b",
+            "/admin/events",
+        ] {
+            assert_eq!(safe_next(Some(bad)), "/ui", "{bad}");
+        }
+        assert_eq!(safe_next(None), "/ui");
+    }
+
+    #[test]
+    fn sessions_expire_and_follow_the_token() {
+        let now = 1_700_000_000;
+        let exp = now + SESSION_SECONDS;
+        let value = format!("{exp}.{}", session_mac("tok", exp));
+        assert!(session_valid_for("tok", &value, now));
+        assert!(!value.contains("tok"));
+        assert!(!session_valid_for("other", &value, now));
+        assert!(!session_valid_for("", &value, now));
+        assert!(!session_valid_for("tok", &value, exp));
+        assert!(!session_valid_for("tok", &value.replace('.', "x"), now));
+        let forged = format!("{}.{}", exp + 1, session_mac("tok", exp));
+        assert!(!session_valid_for("tok", &forged, now));
+        let far = now + 10 * SESSION_SECONDS;
+        let long = format!("{far}.{}", session_mac("tok", far));
+        assert!(!session_valid_for("tok", &long, now));
+        assert_ne!(csrf_token(&value), csrf_token(&long));
+        assert_eq!(csrf_token(&value).len(), 64);
+    }
+
+    #[test]
+    fn cookie_attributes() {
+        let mut h = HeaderMap::new();
+        assert!(!behind_https(&h));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("HTTPS, http"));
+        assert!(behind_https(&h));
+        assert_eq!(
+            session_cookie("v", 60, false),
+            "sprintlink_ui=v; Path=/ui; Max-Age=60; HttpOnly; SameSite=Strict"
+        );
+        assert!(session_cookie("", 0, true).ends_with("; Secure"));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; sprintlink_ui=x.y ;b=2"),
+        );
+        let found: Vec<_> = cookies(&h).collect();
+        assert_eq!(found, [("a", "1"), ("sprintlink_ui", "x.y"), ("b", "2")]);
+    }
+
+    #[test]
+    fn relative_times() {
+        assert_eq!(relative(1_000_000, 1_000_000), "just now");
+        assert_eq!(relative(1_000_000, 1_030_000), "30 s ago");
+        assert_eq!(relative(1_000_000, 1_000_000 + 7_200_000), "2 h ago");
+        assert_eq!(relative(1_000_000 + 120_000, 1_000_000), "in 2 min");
+    }
+}
