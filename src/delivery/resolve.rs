@@ -64,8 +64,9 @@ pub struct Resolver {
     limiter: Arc<RateLimiter>,
     metrics: Arc<Metrics>,
     cache: LookupCache,
-    /// One lock per key being created, so concurrent events for one new customer create one lead.
-    creating: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per key being looked up, so concurrent events for one customer make one search
+    /// (and, for a new customer, create one lead).
+    key_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Resolver {
@@ -89,7 +90,7 @@ impl Resolver {
             limiter,
             metrics,
             cache,
-            creating: Mutex::new(HashMap::new()),
+            key_locks: Mutex::new(HashMap::new()),
         }
     }
 
@@ -196,32 +197,56 @@ impl Resolver {
         key: &str,
         body: &Value,
     ) -> Result<Vec<String>, Lookup> {
-        if let Some(ids) = self.cache.get(field, key) {
+        let create = source.lead.create_missing;
+        let cached = || {
+            let ids = self
+                .cache
+                .get(field, key)
+                .filter(|ids| !ids.is_empty() || !create)?;
             self.metrics.lookup("cache_hit");
-            if !ids.is_empty() || !source.lead.create_missing {
-                return Ok(ids);
-            }
-        }
-        let found = self.search(field, key).await?;
-        if !found.is_empty() || !source.lead.create_missing {
-            return Ok(found);
-        }
-        // Create once per key: whoever holds the lock searches again before creating.
-        let lock = {
-            let mut creating = self.creating.lock().expect("creation lock");
-            creating
-                .entry(format!("{}:{key}", field.as_str()))
-                .or_default()
-                .clone()
+            Some(ids)
         };
-        let _guard = lock.lock().await;
-        if let Some(ids) = self.cache.get(field, key).filter(|ids| !ids.is_empty()) {
+        if let Some(ids) = cached() {
             return Ok(ids);
         }
-        let found = self.search(field, key).await?;
-        if !found.is_empty() {
-            return Ok(found);
+        // One lookup per key at a time: events for one customer that arrive together wait for
+        // the first answer (and its cache entry) instead of each searching, or each creating.
+        let name = format!("{}:{key}", field.as_str());
+        let lock = self
+            .key_locks
+            .lock()
+            .expect("lookup lock")
+            .entry(name.clone())
+            .or_default()
+            .clone();
+        let result = async {
+            let _guard = lock.lock().await;
+            if let Some(ids) = cached() {
+                return Ok(ids);
+            }
+            let found = self.search(field, key).await?;
+            if !found.is_empty() || !create {
+                return Ok(found);
+            }
+            self.create(source, field, key, body).await
         }
+        .await;
+        let mut locks = self.key_locks.lock().expect("lookup lock");
+        // Only the map's handle and ours are left: nobody else waits for this key.
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(&name);
+        }
+        result
+    }
+
+    /// Creates the lead from the event's `create_fields` (and the key itself).
+    async fn create(
+        &self,
+        source: &SourceConfig,
+        field: LeadField,
+        key: &str,
+        body: &Value,
+    ) -> Result<Vec<String>, Lookup> {
         let mut fields = Map::new();
         for (name, pointer) in &source.lead.create_fields {
             if let Some(v) = body.pointer(pointer).filter(|v| !v.is_null()) {
@@ -240,10 +265,6 @@ impl Resolver {
         self.metrics.lookup("created");
         let ids = vec![id];
         self.cache.put(field, key, ids.clone());
-        self.creating
-            .lock()
-            .expect("creation lock")
-            .remove(&format!("{}:{key}", field.as_str()));
         Ok(ids)
     }
 

@@ -1,0 +1,330 @@
+//! Robustness: a SprintHub outage, storage faults, and hostile input over HTTP. Nothing may
+//! panic, hang or answer 5xx (but the storage-fault 503), and nothing acknowledged may be lost.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+/// SprintHub is down for a while, then back: every link is delivered, the outbound rate limit
+/// holds during the outage and the catch-up, and retries back off instead of storming.
+async fn outage_then_recovery(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .config(|c| {
+            c.sprinthub.rate_limit_per_second = 20.0;
+            c.delivery.initial_backoff_ms = 200;
+            c.delivery.max_backoff_ms = 1_000;
+            c.delivery.max_attempts = 100;
+        })
+        .spawn()
+        .await;
+    app.hub.set_down(true);
+    for i in 0..30 {
+        app.post_webhook("erp", &erp_event(&format!("out-{i}"), 7000 + i, 1))
+            .await
+            .expect(202);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = app.link_calls().len();
+    // 20/s for 2 s is the ceiling whatever the number of failing links.
+    assert!(
+        during <= 20 * 2 + 2,
+        "{during} calls in a 2 s outage: the rate limit did not hold"
+    );
+    assert!(during >= 10, "only {during} calls: retries stalled");
+    app.hub.set_down(false);
+    wait_until(
+        "all 30 links are delivered",
+        Duration::from_secs(20),
+        async || app.events(Some("delivered")).await.len() == 30,
+    )
+    .await;
+    let calls = app.link_calls();
+    let ok: Vec<_> = calls.iter().filter(|c| c.status == 200).collect();
+    assert_eq!(ok.len(), 30, "each pair linked once");
+    // No two-second window of the whole run holds more than the limit allows (plus the
+    // bucket's one and one for arrival jitter at the stand-in).
+    for (i, first) in calls.iter().enumerate() {
+        let in_window = calls[i..]
+            .iter()
+            .take_while(|c| c.at.duration_since(first.at) < Duration::from_secs(2))
+            .count();
+        assert!(
+            in_window <= 42,
+            "{in_window} calls within two seconds at 20/s"
+        );
+    }
+}
+
+/// A database that cannot commit: ingest answers 503 with Retry-After (nothing acknowledged
+/// that is not stored), readiness is 503, and both recover by themselves.
+async fn storage_fault_then_recovery(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.post_webhook("erp", &erp_event("before", 1, 2))
+        .await
+        .expect(202);
+    let fault = StorageFault::begin(&app.db.url).await;
+    let r = app.post_webhook("erp", &erp_event("during", 3, 4)).await;
+    r.expect_error(503, "unavailable");
+    assert!(
+        r.headers.get("retry-after").is_some(),
+        "503 without Retry-After"
+    );
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: Value = ready.json().await.unwrap();
+    assert_ne!(body["checks"]["storage"], "ok", "{body}");
+    fault.end().await;
+    wait_until("readiness recovers", TIMEOUT, async || {
+        app.client
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    app.post_webhook("erp", &erp_event("after", 5, 6))
+        .await
+        .expect(202);
+    app.wait_for_state("after", "delivered").await;
+    app.wait_for_state("before", "delivered").await;
+    assert_eq!(
+        app.event_state("during").await,
+        None,
+        "a 503'd event must not be stored"
+    );
+}
+
+/// How each backend is made to fail without disturbing other tests: SQLite is write-locked by
+/// another connection past the busy timeout; the PostgreSQL database refuses connections and
+/// the service's sessions are terminated.
+enum StorageFault {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(String),
+}
+
+impl StorageFault {
+    async fn begin(url: &str) -> StorageFault {
+        use sqlx::Connection;
+        if url.starts_with("sqlite:") {
+            let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+            sqlx::query("BEGIN EXCLUSIVE")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            StorageFault::Sqlite(conn)
+        } else {
+            let name = url.rsplit('/').next().unwrap().to_string();
+            let mut admin =
+                sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres")
+                    .await
+                    .unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "ALTER DATABASE {name} ALLOW_CONNECTIONS false"
+            )))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+            )
+            .bind(&name)
+            .execute(&mut admin)
+            .await
+            .unwrap();
+            StorageFault::Postgres(name)
+        }
+    }
+
+    async fn end(self) {
+        use sqlx::Connection;
+        match self {
+            StorageFault::Sqlite(mut conn) => {
+                sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
+            }
+            StorageFault::Postgres(name) => {
+                let mut admin =
+                    sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres")
+                        .await
+                        .unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "ALTER DATABASE {name} ALLOW_CONNECTIONS true"
+                )))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            }
+        }
+    }
+}
+
+both_backends!(outage_then_recovery, storage_fault_then_recovery);
+
+// ---------------------------------------------------------------------------------------------
+// Hostile input (SQLite is enough: the request path is the same code for both backends)
+
+fn now_secs() -> i64 {
+    unix_ms() / 1000
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_bodies_get_clear_4xx_never_5xx() {
+    let app = TestApp::builder(Backend::Sqlite)
+        .config(|c| c.server.max_body_bytes = 64 * 1024)
+        .spawn()
+        .await;
+    let signed = |body: &[u8]| {
+        app.sign(
+            "erp",
+            body,
+            now_secs(),
+            &format!("h-{:x}", fastrand::u64(..)),
+        )
+    };
+
+    // Not UTF-8, correctly signed.
+    let body = vec![0xff, 0xfe, b'{', 0x80, b'}'];
+    app.post_raw("erp", body.clone(), &signed(&body))
+        .await
+        .expect_error(400, "invalid_json");
+    // Truncated JSON.
+    let body = br#"{"id":"t","data":{"object_id":1,"lead_id""#.to_vec();
+    app.post_raw("erp", body.clone(), &signed(&body))
+        .await
+        .expect_error(400, "invalid_json");
+    // Deeply nested.
+    let body = format!("{}{}", "[".repeat(20_000), "]".repeat(20_000)).into_bytes();
+    app.post_raw("erp", body.clone(), &signed(&body))
+        .await
+        .expect_error(400, "invalid_json");
+    let body = format!(
+        "{{\"id\":\"deep\",\"data\":{}1{}}}",
+        "{\"a\":".repeat(100),
+        "}".repeat(100)
+    )
+    .into_bytes();
+    let r = app.post_raw("erp", body.clone(), &signed(&body)).await;
+    assert!(r.status.as_u16() < 500, "{}", r.text);
+    // Oversized: declared, and streamed without a length.
+    let body = vec![b' '; 64 * 1024 + 1];
+    app.post_raw("erp", body.clone(), &signed(&body))
+        .await
+        .expect_error(413, "payload_too_large");
+    let addr = app.addr;
+    let chunked = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "POST /webhooks/erp HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        .unwrap();
+        for _ in 0..20 {
+            let chunk = vec![b' '; 8 * 1024];
+            if write!(s, "{:x}\r\n", chunk.len()).is_err()
+                || s.write_all(&chunk).is_err()
+                || s.write_all(b"\r\n").is_err()
+            {
+                break;
+            }
+        }
+        let _ = s.write_all(b"0\r\n\r\n");
+        let mut answer = vec![0u8; 512];
+        let n = s.read(&mut answer).unwrap_or(0);
+        String::from_utf8_lossy(&answer[..n]).into_owned()
+    });
+    let answer = chunked.await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 413"),
+        "streamed oversized body got: {answer:?}"
+    );
+    // Random bytes and random JSON, signed or not: a 4xx or an acceptance, never 5xx.
+    for i in 0..300 {
+        let body: Vec<u8> = match i % 3 {
+            0 => (0..fastrand::usize(0..300))
+                .map(|_| fastrand::u8(..))
+                .collect(),
+            1 => random_json(4).to_string().into_bytes(),
+            _ => erp_event(&format!("r{i}"), random_json(1), random_json(1))
+                .to_string()
+                .into_bytes(),
+        };
+        let headers = if i % 5 == 0 { vec![] } else { signed(&body) };
+        let r = app.post_raw("erp", body, &headers).await;
+        assert!(r.status.as_u16() < 500, "5xx for input {i}: {}", r.text);
+        if !r.status.is_success() {
+            assert!(
+                r.body["error"]["code"].is_string(),
+                "error without a code: {}",
+                r.text
+            );
+        }
+    }
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+}
+
+fn random_json(depth: u32) -> Value {
+    match fastrand::u8(0..if depth == 0 { 4 } else { 6 }) {
+        0 => Value::Null,
+        1 => json!(fastrand::i64(..)),
+        2 => json!(fastrand::bool()),
+        3 => Value::String(
+            (0..fastrand::usize(0..12))
+                .map(|_| fastrand::char(..))
+                .collect(),
+        ),
+        4 => Value::Array(
+            (0..fastrand::usize(0..4))
+                .map(|_| random_json(depth - 1))
+                .collect(),
+        ),
+        _ => Value::Object(
+            (0..fastrand::usize(0..4))
+                .map(|i| (format!("k{i}"), random_json(depth - 1)))
+                .collect(),
+        ),
+    }
+}
+
+/// A client that sends its body one byte at a time, slowly, is cut off at the request timeout
+/// with a JSON 408, and the service keeps serving others meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_loris_is_timed_out_and_others_are_served() {
+    let app = TestApp::builder(Backend::Sqlite)
+        .config(|c| c.server.request_timeout_ms = 700)
+        .spawn()
+        .await;
+    let addr = app.addr;
+    let loris = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "POST /webhooks/erp HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n").unwrap();
+        let start = Instant::now();
+        for _ in 0..30 {
+            if s.write_all(b" ").is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        (answer, start.elapsed())
+    });
+    // Meanwhile, a normal sender is served at once.
+    let t = Instant::now();
+    app.post_webhook("erp", &erp_event("while-slow", 1, 1))
+        .await
+        .expect(202);
+    assert!(t.elapsed() < Duration::from_millis(600));
+    let (answer, took) = loris.await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 408"),
+        "slow client got: {answer:?}"
+    );
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert!(took < Duration::from_secs(3), "cut off only after {took:?}");
+}
