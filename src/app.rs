@@ -90,6 +90,7 @@ pub fn build_app(state: Arc<AppState>) -> Router {
     router
         .layer(Extension(spec))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(timeout, request_timeout))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
@@ -265,6 +266,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 async fn not_found() -> AppError {
     AppError::NotFound("no such route".into())
+}
+
+async fn method_not_allowed() -> AppError {
+    AppError::MethodNotAllowed
 }
 
 /// Answers 408 in the JSON error format when a request (a slow client included) takes too long.

@@ -34,6 +34,8 @@ pub enum AppError {
     Storage(String),
     #[error("the request took longer than {0} ms")]
     Timeout(u64),
+    #[error("this route does not take that method")]
+    MethodNotAllowed,
 }
 
 impl AppError {
@@ -51,6 +53,7 @@ impl AppError {
             AppError::Csrf => "csrf",
             AppError::Storage(_) => "unavailable",
             AppError::Timeout(_) => "request_timeout",
+            AppError::MethodNotAllowed => "method_not_allowed",
         }
     }
 
@@ -64,6 +67,7 @@ impl AppError {
             AppError::Conflict(_) => StatusCode::CONFLICT,
             AppError::Csrf => StatusCode::FORBIDDEN,
             AppError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 }

@@ -263,6 +263,16 @@ async fn hostile_bodies_get_clear_4xx_never_5xx() {
             );
         }
     }
+    // A method a route does not take is a JSON error too.
+    let r = app
+        .client
+        .delete(app.url("/webhooks/erp"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed");
     let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
 }
