@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
-use crate::config::{Config, LeadConfig, Scheme, Secret, SourceConfig, config_path};
+use crate::config::{Config, Secret, SourceConfig, config_path};
 use crate::signature::Verifier;
 
 #[derive(Debug, Parser)]
@@ -201,23 +201,10 @@ async fn run_demo() -> Result<(), String> {
     let mut config = Config::for_local(&format!("sqlite://{}", db.display()), &hub.url());
     config.admin.token = Secret::new("demo-admin");
     config.delivery.initial_backoff_ms = 200;
-    config.sources.push(SourceConfig {
-        name: "erp".into(),
-        scheme: Scheme::StandardWebhooks,
-        secrets: vec![Secret::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")],
-        tolerance_seconds: 300,
-        signature_header: None,
-        encoding: None,
-        prefix: None,
-        event_id: Some("/id".into()),
-        event_type: Some("/type".into()),
-        accept_types: vec!["object.created".into()],
-        object_id: "/data/object_id".into(),
-        lead: LeadConfig {
-            id: Some("/data/lead_id".into()),
-            ..Default::default()
-        },
-    });
+    config.sources.push(SourceConfig::example(
+        "erp",
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    ));
     let verifier = Verifier::from_source(&config.sources[0]);
     let running = crate::app::start(config).await.map_err(|e| e.to_string())?;
     let base = format!("http://{}", running.addr);

@@ -10,6 +10,17 @@ use serde::Deserialize;
 /// Environment variables that start with `SPRINTLINK_` but are not configuration paths.
 const NON_CONFIG_ENV: &[&str] = &["SPRINTLINK_CONFIG", "SPRINTLINK_LOG_FORMAT"];
 
+/// The top-level sections, the only places `SPRINTLINK_*` overrides may write to.
+const SECTIONS: &[&str] = &[
+    "server",
+    "storage",
+    "sprinthub",
+    "delivery",
+    "admin",
+    "lookup",
+    "sources",
+];
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -191,6 +202,30 @@ fn default_tolerance() -> u64 {
     300
 }
 
+impl SourceConfig {
+    /// The layout of SPEC section 3's example: Standard Webhooks, `{"id", "type": "object.created",
+    /// "data": {"object_id", "lead_id"}}`. The demo and the tests start from it.
+    pub fn example(name: &str, secret: &str) -> SourceConfig {
+        SourceConfig {
+            name: name.into(),
+            scheme: Scheme::StandardWebhooks,
+            secrets: vec![Secret::new(secret)],
+            tolerance_seconds: default_tolerance(),
+            signature_header: None,
+            encoding: None,
+            prefix: None,
+            event_id: Some("/id".into()),
+            event_type: Some("/type".into()),
+            accept_types: vec!["object.created".into()],
+            object_id: "/data/object_id".into(),
+            lead: LeadConfig {
+                id: Some("/data/lead_id".into()),
+                ..Default::default()
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LookupKind {
@@ -338,6 +373,21 @@ impl Config {
                 continue;
             }
             let segments: Vec<String> = path.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            // Only paths into a known section are configuration; other SPRINTLINK_* variables
+            // belong to tools around the service. A single `_` after a section is a typo.
+            if !SECTIONS.contains(&segments[0].as_str()) {
+                if let Some(section) = SECTIONS
+                    .iter()
+                    .find(|s| segments[0].starts_with(&format!("{s}_")))
+                {
+                    errors.push(format!(
+                        "{name}: levels are separated by two underscores, e.g. SPRINTLINK_{}__{}",
+                        section.to_ascii_uppercase(),
+                        segments[0][section.len() + 1..].to_ascii_uppercase()
+                    ));
+                }
+                continue;
+            }
             if let Err(e) = apply_override(&mut root, &segments, value) {
                 errors.push(format!("{name}: {e}"));
             }
@@ -675,12 +725,20 @@ id = "/data/lead_id"
                 "60".to_string(),
             ),
             ("SPRINTLINK_CONFIG".to_string(), "x.toml".to_string()),
+            ("SPRINTLINK_SKIP_PG".to_string(), "1".to_string()),
         ];
         let cfg = Config::from_parts(BASE, &o, &env).unwrap();
         assert_eq!(cfg.server.listen, "127.0.0.1:9000");
         assert_eq!(cfg.sprinthub.concurrency, 3);
         assert_eq!(cfg.sprinthub.instance, "123");
         assert_eq!(cfg.sources[0].tolerance_seconds, 60);
+    }
+
+    #[test]
+    fn a_single_underscore_after_a_section_is_reported() {
+        let o = vec![("SPRINTLINK_SERVER_LISTEN".to_string(), "x".to_string())];
+        let e = Config::from_parts(BASE, &o, &env).unwrap_err().to_string();
+        assert!(e.contains("SPRINTLINK_SERVER__LISTEN"), "{e}");
     }
 
     #[test]

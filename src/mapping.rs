@@ -146,23 +146,13 @@ pub fn id_json(id: &str) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{LeadConfig, Secret};
+    use crate::config::LeadConfig;
     use serde_json::json;
 
     fn source(lead: LeadConfig) -> SourceConfig {
         SourceConfig {
-            name: "erp".into(),
-            scheme: Scheme::StandardWebhooks,
-            secrets: vec![Secret::new("whsec_AAAA")],
-            tolerance_seconds: 300,
-            signature_header: None,
-            encoding: None,
-            prefix: None,
-            event_id: Some("/id".into()),
-            event_type: Some("/type".into()),
-            accept_types: vec!["object.created".into()],
-            object_id: "/data/object_id".into(),
             lead,
+            ..SourceConfig::example("erp", "whsec_AAAA")
         }
     }
 

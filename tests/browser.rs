@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{Value, json};
-use sprintlink::config::{Config, LeadConfig, Scheme, Secret, SourceConfig};
+use sprintlink::config::{Config, Secret, SourceConfig};
 use sprintlink::signature::Verifier;
 use sprintlink::standin::{Canned, StandIn};
 
@@ -329,23 +329,7 @@ impl Service {
         let mut config = Config::for_local(&format!("sqlite://{}", db.display()), &hub.url());
         config.admin.token = Secret::new(TOKEN);
         config.delivery.initial_backoff_ms = 200;
-        config.sources.push(SourceConfig {
-            name: "erp".into(),
-            scheme: Scheme::StandardWebhooks,
-            secrets: vec![Secret::new(SECRET)],
-            tolerance_seconds: 300,
-            signature_header: None,
-            encoding: None,
-            prefix: None,
-            event_id: Some("/id".into()),
-            event_type: Some("/type".into()),
-            accept_types: vec!["object.created".into()],
-            object_id: "/data/object_id".into(),
-            lead: LeadConfig {
-                id: Some("/data/lead_id".into()),
-                ..Default::default()
-            },
-        });
+        config.sources.push(SourceConfig::example("erp", SECRET));
         let verifier = Verifier::from_source(&config.sources[0]);
         let running = sprintlink::start(config).await.unwrap();
         Service {

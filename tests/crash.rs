@@ -2,6 +2,8 @@
 //! delivering, restarts, several replicas on one PostgreSQL database. Every event that got a
 //! 202 must end linked; duplicates sends (at least once) are counted and bounded.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -9,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sprintlink::config::{Scheme, Secret, SourceConfig};
+use sprintlink::config::SourceConfig;
 use sprintlink::signature::Verifier;
 use sprintlink::standin::StandIn;
 
@@ -24,20 +26,7 @@ fn free_port() -> u16 {
 }
 
 fn verifier() -> Verifier {
-    Verifier::from_source(&SourceConfig {
-        name: "erp".into(),
-        scheme: Scheme::StandardWebhooks,
-        secrets: vec![Secret::new(SECRET)],
-        tolerance_seconds: 300,
-        signature_header: None,
-        encoding: None,
-        prefix: None,
-        event_id: Some("/id".into()),
-        event_type: None,
-        accept_types: vec![],
-        object_id: "/data/object_id".into(),
-        lead: Default::default(),
-    })
+    Verifier::from_source(&SourceConfig::example("erp", SECRET))
 }
 
 fn write_config(dir: &Path, port: u16, storage: &str, hub: &str, concurrency: usize) -> PathBuf {
@@ -138,7 +127,7 @@ async fn post_until_error(bases: Vec<String>, from: u64, count: u64, workers: u6
             while n < from + count {
                 let (obj, lead) = (n, n % 7 + 1);
                 let body =
-                    json!({"id": format!("evt-{n}"), "data": {"object_id": obj, "lead_id": lead}})
+                    json!({"id": format!("evt-{n}"), "type": "object.created", "data": {"object_id": obj, "lead_id": lead}})
                         .to_string();
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -247,44 +236,13 @@ async fn kill_9_twenty_times_loses_nothing_acknowledged() {
     assert!(duplicates <= rounds as usize * 8, "{duplicates} duplicates");
 }
 
-async fn pg_database() -> Option<(String, String)> {
-    if std::env::var("SPRINTLINK_SKIP_PG").is_ok_and(|v| v == "1") {
-        return None;
-    }
-    use sqlx::Connection;
-    let admin = "postgres://postgres@127.0.0.1:5432/postgres";
-    let mut conn = sqlx::PgConnection::connect(admin)
-        .await
-        .expect("PostgreSQL at 127.0.0.1:5432 is needed (set SPRINTLINK_SKIP_PG=1 to skip)");
-    let name = format!("sl_crash_{:x}", fastrand::u64(..));
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    Some((
-        name.clone(),
-        format!("postgres://postgres@127.0.0.1:5432/{name}"),
-    ))
-}
-
-async fn drop_pg_database(name: &str) {
-    use sqlx::Connection;
-    if let Ok(mut conn) =
-        sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres").await
-    {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-        )))
-        .execute(&mut conn)
-        .await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_on_postgres_share_work_and_survive_a_kill() {
-    let Some((db, url)) = pg_database().await else {
+    if common::skip_pg() {
         return;
-    };
+    }
+    let db = common::TestDb::create(common::Backend::Postgres).await;
+    let url = db.url.clone();
     let dir = tempfile::tempdir().unwrap();
     let hub = StandIn::start().await.unwrap();
     hub.set_delay(Duration::from_millis(5));
@@ -338,7 +296,7 @@ async fn three_replicas_on_postgres_share_work_and_survive_a_kill() {
         "only the killed replica's in-flight calls may repeat: {duplicates}"
     );
     drop(replicas);
-    drop_pg_database(&db).await;
+    drop(db);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

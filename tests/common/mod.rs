@@ -263,23 +263,7 @@ pub fn captured_logs() -> String {
 
 /// The source most scenarios post to: Standard Webhooks, ids and types in the body.
 pub fn erp_source() -> SourceConfig {
-    SourceConfig {
-        name: "erp".into(),
-        scheme: Scheme::StandardWebhooks,
-        secrets: vec![Secret::new(ERP_SECRET)],
-        tolerance_seconds: 300,
-        signature_header: None,
-        encoding: None,
-        prefix: None,
-        event_id: Some("/id".into()),
-        event_type: Some("/type".into()),
-        accept_types: vec!["object.created".into()],
-        object_id: "/data/object_id".into(),
-        lead: LeadConfig {
-            id: Some("/data/lead_id".into()),
-            ..Default::default()
-        },
-    }
+    SourceConfig::example("erp", ERP_SECRET)
 }
 
 /// A second source, GitHub-signed, with a flatter body: `{"id", "object", "lead"}`.
