@@ -170,11 +170,10 @@ impl SprintHubClient {
             .build_with_max_retries(2);
         let http = ClientBuilder::new(inner)
             .with(reqwest_tracing::TracingMiddleware::<TokenSafeSpans>::new())
-            .with(
-                RetryTransientMiddleware::new_with_policy_and_strategy(policy, ConnectErrorsOnly)
-                    // The attempt's own outcome is logged by the worker; the fast retries are detail.
-                    .with_retry_log_level(tracing::Level::DEBUG),
-            )
+            .with(RetryTransientMiddleware::new_with_policy_and_strategy(
+                policy,
+                ConnectErrorsOnly,
+            ))
             .build();
         Ok(SprintHubClient {
             http,

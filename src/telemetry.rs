@@ -14,7 +14,9 @@ use crate::store::Stats;
 /// `SPRINTLINK_LOG_FORMAT=json`. Safe to call twice (the second call does nothing).
 pub fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The client's fast in-memory retries are detail: the worker logs each attempt's outcome.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,reqwest_retry=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);
