@@ -27,13 +27,15 @@ WORKDIR /build
 
 # 1. Dependency layer: build every dependency against placeholder sources, so
 #    that editing the crate's own code does not rebuild the ~300 dependencies.
+#    Every target Cargo.toml declares needs a placeholder (the [[bench]] too).
 #    This layer is rebuilt only when Cargo.toml or Cargo.lock changes.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src \
+RUN mkdir -p src benches \
  && echo 'fn main() {}' > src/main.rs \
  && : > src/lib.rs \
+ && echo 'fn main() {}' > benches/throughput.rs \
  && cargo build --release --locked \
- && rm -rf src \
+ && rm -rf src benches \
     target/release/sprintlink target/release/sprintlink.d \
     target/release/deps/sprintlink-* target/release/deps/libsprintlink-* \
     target/release/.fingerprint/sprintlink-*
