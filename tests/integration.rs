@@ -1147,3 +1147,43 @@ async fn bulk_replay_by_state_and_source(b: Backend) {
             .expect_error(400, "bad_request");
     }
 }
+
+/// Every log line about an event's delivery names the event and its source (the pair it shares
+/// with other events is named too), and the request path logs the same ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_log_lines_name_the_event_and_source() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    app.hub.script([Canned::new(503, r#"{"msg":"busy"}"#)]);
+    app.post_webhook("erp", &erp_event("evt-logged-77", 424_242, 17))
+        .await
+        .expect(202);
+    app.wait_for_state("evt-logged-77", "delivered").await;
+    let logs = captured_logs();
+    let about: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("object_id=424242"))
+        .collect();
+    let named = |what: &str| {
+        about.iter().any(|l| {
+            l.contains(what) && l.contains("event_id=evt-logged-77") && l.contains("source=erp")
+        })
+    };
+    assert!(
+        named("link attempt failed"),
+        "no failed-attempt line naming the event:\n{}",
+        about.join("\n")
+    );
+    assert!(
+        named("linked"),
+        "no linked line naming the event:\n{}",
+        about.join("\n")
+    );
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("event queued") && l.contains("event_id=evt-logged-77"))
+    );
+    assert!(
+        !logs.contains(API_TOKEN),
+        "the API token reached a log line"
+    );
+}

@@ -197,7 +197,16 @@ impl Worker {
 
     /// One attempt for one link, and its record.
     async fn deliver(&self, job: LinkJob, shutdown: CancellationToken) {
-        let span = tracing::info_span!("deliver", object_id = %job.object_id, lead_id = %job.lead_id, link = job.link_id);
+        let (source, event_id) = job.events.first().cloned().unwrap_or_default();
+        let span = tracing::info_span!(
+            "deliver",
+            event_id = %event_id,
+            source = %source,
+            events = job.events.len(),
+            object_id = %job.object_id,
+            lead_id = %job.lead_id,
+            link = job.link_id
+        );
         let _enter = span.enter();
         drop(_enter);
         // A call not yet started when shutdown comes is handed back, not begun.

@@ -71,6 +71,8 @@ pub struct LinkJob {
     /// Attempts so far that count toward `max_attempts`.
     pub attempts: i64,
     pub first_queued_at: Millis,
+    /// `(source, event_id)` of the events this pair serves, oldest first.
+    pub events: Vec<(String, String)>,
 }
 
 /// An event whose lead key must be resolved, claimed under `lease`.

@@ -362,7 +362,8 @@ macro_rules! sql_store {
                     .bind(limit)
                     .fetch_all(&self.write)
                     .await?;
-                rows.iter()
+                let mut jobs = rows
+                    .iter()
                     .map(|r| {
                         Ok(LinkJob {
                             link_id: r.try_get("id")?,
@@ -371,10 +372,28 @@ macro_rules! sql_store {
                             lead_id: r.try_get("lead_id")?,
                             attempts: r.try_get("attempts")?,
                             first_queued_at: r.try_get("first_queued_at")?,
+                            events: Vec::new(),
                         })
                     })
-                    .collect::<std::result::Result<_, sqlx::Error>>()
-                    .map_err(Into::into)
+                    .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?;
+                if !jobs.is_empty() {
+                    // The events each pair serves, so every log line about a delivery names them.
+                    // The ids are integers from the database, safe to write into the text.
+                    let ids: Vec<String> = jobs.iter().map(|j| j.link_id.to_string()).collect();
+                    let sql = format!(
+                        "SELECT el.link_id, e.source, e.event_id FROM event_links el
+                         JOIN events e ON e.id = el.event_pk WHERE el.link_id IN ({}) ORDER BY el.event_pk",
+                        ids.join(", ")
+                    );
+                    let rows = sqlx::query(AssertSqlSafe(sql)).fetch_all(&self.write).await?;
+                    for r in &rows {
+                        let link_id: i64 = r.try_get("link_id")?;
+                        if let Some(job) = jobs.iter_mut().find(|j| j.link_id == link_id) {
+                            job.events.push((r.try_get("source")?, r.try_get("event_id")?));
+                        }
+                    }
+                }
+                Ok(jobs)
             }
 
             async fn complete_links(&self, done: &[Completion], now: Millis) -> Result<()> {
