@@ -54,6 +54,14 @@ pub enum Command {
     },
 }
 
+/// `println!` that does not panic when stdout is closed early (`sprintlink sign | head -3`).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// Loads the configuration the way every command does; errors are printed one per line.
 pub fn load_config(flag: Option<PathBuf>) -> Result<Config, String> {
     let explicit = flag.is_some() || std::env::var_os("SPRINTLINK_CONFIG").is_some();
@@ -81,7 +89,7 @@ pub async fn serve(flag: Option<PathBuf>) -> i32 {
 pub fn check_config(flag: Option<PathBuf>) -> i32 {
     match load_config(flag) {
         Ok(c) => {
-            println!(
+            say!(
                 "configuration is valid: {} source(s), storage {}",
                 c.sources.len(),
                 crate::config::redact_url(c.storage.url.expose())
@@ -128,7 +136,7 @@ pub fn sign(flag: Option<PathBuf>, source: &str, file: Option<PathBuf>) -> i32 {
     let id = format!("msg_{:016x}", fastrand::u64(..));
     let headers = Verifier::from_source(src).sign(&body, now, &id);
     for (k, v) in &headers {
-        println!("{k}: {v}");
+        say!("{k}: {v}");
     }
     let port = config.server.listen.rsplit(':').next().unwrap_or("8080");
     let mut curl = format!(
@@ -141,7 +149,7 @@ pub fn sign(flag: Option<PathBuf>, source: &str, file: Option<PathBuf>) -> i32 {
         Ok(text) if !text.contains('\'') => curl.push_str(&format!(" --data-binary '{text}'")),
         _ => curl.push_str(" --data-binary @BODY_FILE"),
     }
-    println!("\n{curl}");
+    say!("\n{curl}");
     0
 }
 
@@ -208,7 +216,7 @@ async fn run_demo() -> Result<(), String> {
     let verifier = Verifier::from_source(&config.sources[0]);
     let running = crate::app::start(config).await.map_err(|e| e.to_string())?;
     let base = format!("http://{}", running.addr);
-    println!(
+    say!(
         "sprintlink demo: service on {base}, SprintHub stand-in on {}, database {}\n",
         hub.url(),
         db.display()
@@ -256,7 +264,7 @@ async fn run_demo() -> Result<(), String> {
             .map_err(|e| e.without_url().to_string())?;
         let status = resp.status().as_u16();
         let answer: Value = resp.json().await.unwrap_or(Value::Null);
-        println!("POST {what:<32} -> {status} {answer}");
+        say!("POST {what:<32} -> {status} {answer}");
     }
     // Wait for the worker to link what was queued.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -276,9 +284,9 @@ async fn run_demo() -> Result<(), String> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    println!("\nevents as the admin API shows them:");
+    say!("\nevents as the admin API shows them:");
     for e in events.iter().rev() {
-        println!(
+        say!(
             "  {:<6} {:<10} object {:<5} {}",
             e["event_id"].as_str().unwrap_or(""),
             e["state"].as_str().unwrap_or(""),
@@ -286,12 +294,12 @@ async fn run_demo() -> Result<(), String> {
             e["reason"].as_str().unwrap_or("")
         );
     }
-    println!("\nwhat the SprintHub stand-in received (POST /customobjects/link):");
+    say!("\nwhat the SprintHub stand-in received (POST /customobjects/link):");
     for r in hub.requests_to("/customobjects/link") {
-        println!("  {} -> HTTP {}", r.body, r.status);
+        say!("  {} -> HTTP {}", r.body, r.status);
     }
     let linked = hub.linked_pairs().len();
-    println!(
+    say!(
         "\n{linked} link(s) made; the retried evt_1 was deduplicated, evt_3 is parked for an operator, evt_4 was ignored by type."
     );
     running.stop().await;
