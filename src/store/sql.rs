@@ -163,12 +163,22 @@ const CHUNK_SIZES: [usize; 9] = [256, 128, 64, 32, 16, 8, 4, 2, 1];
 
 /// `items` cut into chunks whose lengths are in `CHUNK_SIZES`.
 fn chunks<T>(items: &[T]) -> Vec<&[T]> {
+    chunks_upto(items, usize::MAX)
+}
+
+/// Most ids a statement looks up through a non-unique index (`event_links.link_id`). Without
+/// statistics (a new database, before autovacuum's first ANALYZE) PostgreSQL guesses 0.5 % of the
+/// table per value, and from about 32 values on it chose to read the whole table instead.
+const LOOKUP_CHUNK: usize = 16;
+
+/// `items` cut into chunks of at most `max` whose lengths are in `CHUNK_SIZES`.
+fn chunks_upto<T>(items: &[T], max: usize) -> Vec<&[T]> {
     let mut out = Vec::new();
     let mut rest = items;
     while !rest.is_empty() {
         let size = CHUNK_SIZES
             .into_iter()
-            .find(|s| *s <= rest.len())
+            .find(|s| *s <= rest.len() && *s <= max)
             .unwrap_or(1);
         let (head, tail) = rest.split_at(size);
         out.push(head);
@@ -297,6 +307,20 @@ static EVENTS_OF_LINKS: MultiRow = MultiRow::new(
     ")",
 );
 
+/// `(source, event_id)` of the events some links serve, oldest first. Each event is looked up by
+/// primary key: as a join, PostgreSQL without statistics hashed the whole events table.
+static EVENT_KEYS_OF_LINKS: MultiRow = MultiRow::new(
+    || {
+        "SELECT el.link_id,
+           (SELECT e.source FROM events e WHERE e.id = el.event_pk) AS source,
+           (SELECT e.event_id FROM events e WHERE e.id = el.event_pk) AS event_id
+         FROM event_links el WHERE el.link_id IN ("
+            .into()
+    },
+    "{}",
+    ") ORDER BY el.event_pk",
+);
+
 /// Computes the state of some events again from their links. Given by primary key rather than
 /// as a subquery over `event_links`: without statistics (before autovacuum's first ANALYZE),
 /// PostgreSQL planned the subquery form as a scan of every event.
@@ -376,17 +400,14 @@ macro_rules! sql_store {
                         })
                     })
                     .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?;
-                if !jobs.is_empty() {
-                    // The events each pair serves, so every log line about a delivery names them.
-                    // The ids are integers from the database, safe to write into the text.
-                    let ids: Vec<String> = jobs.iter().map(|j| j.link_id.to_string()).collect();
-                    let sql = format!(
-                        "SELECT el.link_id, e.source, e.event_id FROM event_links el
-                         JOIN events e ON e.id = el.event_pk WHERE el.link_id IN ({}) ORDER BY el.event_pk",
-                        ids.join(", ")
-                    );
-                    let rows = sqlx::query(AssertSqlSafe(sql)).fetch_all(&self.write).await?;
-                    for r in &rows {
+                // The events each pair serves, so every log line about a delivery names them.
+                let ids: Vec<i64> = jobs.iter().map(|j| j.link_id).collect();
+                for chunk in chunks_upto(&ids, LOOKUP_CHUNK) {
+                    let mut q = sqlx::query(EVENT_KEYS_OF_LINKS.sql(chunk.len(), $numbered));
+                    for id in chunk {
+                        q = q.bind(*id);
+                    }
+                    for r in q.fetch_all(&self.write).await? {
                         let link_id: i64 = r.try_get("link_id")?;
                         if let Some(job) = jobs.iter_mut().find(|j| j.link_id == link_id) {
                             job.events.push((r.try_get("source")?, r.try_get("event_id")?));
@@ -505,7 +526,7 @@ macro_rules! sql_store {
                 }
                 // Their events, recomputed once all the batch's links have their new state.
                 let mut events: Vec<i64> = Vec::new();
-                for chunk in chunks(&changed) {
+                for chunk in chunks_upto(&changed, LOOKUP_CHUNK) {
                     let mut q = sqlx::query_scalar::<_, i64>(EVENTS_OF_LINKS.sql(chunk.len(), $numbered));
                     for link_id in chunk {
                         q = q.bind(*link_id);
@@ -1567,6 +1588,9 @@ mod batch_tests {
             let cs = chunks(&items);
             assert!(cs.iter().all(|c| CHUNK_SIZES.contains(&c.len())));
             assert_eq!(cs.concat(), items);
+            let small = chunks_upto(&items, LOOKUP_CHUNK);
+            assert!(small.iter().all(|c| c.len() <= LOOKUP_CHUNK));
+            assert_eq!(small.concat(), items);
         }
         assert_eq!(INSERT_EVENTS.sql(4, true).matches("($").count(), 4);
         assert!(INSERT_EVENTS.sql(4, true).contains("$40)"));
