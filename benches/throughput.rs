@@ -1647,6 +1647,14 @@ async fn startup_row(
 
 // ---------------------------------------------------------------------------------------------
 
+/// The 1-minute load average, as text.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
 fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
@@ -1816,6 +1824,7 @@ fn main() {
         notes: Mutex::new(Vec::new()),
     });
     let started = Instant::now();
+    let load_before = load_average();
     let when = Command::new("date")
         .arg("-u")
         .arg("+%Y-%m-%d %H:%M:%S UTC")
@@ -1858,6 +1867,11 @@ fn main() {
         out,
         "\ntotal bench time {:.0} s",
         started.elapsed().as_secs_f64()
+    );
+    let _ = writeln!(
+        out,
+        "1-minute load average: {load_before} before, {} after (other work on the machine skews every figure)",
+        load_average()
     );
     print!("{out}");
     let _ = std::io::stdout().flush();
