@@ -109,47 +109,41 @@ impl IntoResponse for AppError {
     }
 }
 
-/// `axum::extract::Query` whose rejection is the JSON error every route answers with (axum's
-/// own answers in plain text).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ApiQuery<T>(pub T);
+/// Wraps an axum extractor so that its rejection is the JSON error every route answers with
+/// (axum's own answers are plain text).
+macro_rules! json_rejecting {
+    ($(#[$doc:meta])* $name:ident, $inner:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, Default)]
+        pub struct $name<T>(pub T);
 
-impl<T, S> axum::extract::FromRequestParts<S> for ApiQuery<T>
-where
-    T: serde::de::DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = AppError;
+        impl<T, S> axum::extract::FromRequestParts<S> for $name<T>
+        where
+            T: serde::de::DeserializeOwned + Send,
+            S: Send + Sync,
+        {
+            type Rejection = AppError;
 
-    async fn from_request_parts(
-        parts: &mut http::request::Parts,
-        state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        axum::extract::Query::<T>::from_request_parts(parts, state)
-            .await
-            .map(|q| ApiQuery(q.0))
-            .map_err(|e| AppError::BadRequest(e.body_text()))
-    }
+            async fn from_request_parts(
+                parts: &mut http::request::Parts,
+                state: &S,
+            ) -> Result<Self, Self::Rejection> {
+                axum::extract::$inner::<T>::from_request_parts(parts, state)
+                    .await
+                    .map(|v| $name(v.0))
+                    .map_err(|e| AppError::BadRequest(e.body_text()))
+            }
+        }
+    };
 }
 
-/// `axum::extract::Path` whose rejection is the JSON error every route answers with.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ApiPath<T>(pub T);
-
-impl<T, S> axum::extract::FromRequestParts<S> for ApiPath<T>
-where
-    T: serde::de::DeserializeOwned + Send,
-    S: Send + Sync,
-{
-    type Rejection = AppError;
-
-    async fn from_request_parts(
-        parts: &mut http::request::Parts,
-        state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        axum::extract::Path::<T>::from_request_parts(parts, state)
-            .await
-            .map(|p| ApiPath(p.0))
-            .map_err(|e| AppError::BadRequest(e.body_text()))
-    }
-}
+json_rejecting!(
+    /// `axum::extract::Query` answering a malformed query with the JSON `bad_request` error.
+    ApiQuery,
+    Query
+);
+json_rejecting!(
+    /// `axum::extract::Path` answering a malformed path with the JSON `bad_request` error.
+    ApiPath,
+    Path
+);
