@@ -371,7 +371,8 @@ macro_rules! sql_store {
         #[async_trait]
         impl Store for $name {
             async fn ingest(&self, events: &[NewEvent]) -> Result<Vec<IngestOutcome>> {
-                let mut tx = self.write.begin().await?;
+                let mut w = self.writer().await?;
+                let mut tx = sqlx::Connection::begin(&mut *w).await?;
                 let out = Self::insert_events(&mut tx, events).await?;
                 tx.commit().await?;
                 Ok(out)
@@ -379,12 +380,13 @@ macro_rules! sql_store {
 
             async fn claim_links(&self, now: Millis, lease_until: Millis, limit: i64) -> Result<Vec<LinkJob>> {
                 let lease = lease_token();
+                let mut w = self.writer().await?;
                 let rows = sqlx::query($claim_links)
                     .bind(lease_until)
                     .bind(lease)
                     .bind(now)
                     .bind(limit)
-                    .fetch_all(&self.write)
+                    .fetch_all(&mut *w)
                     .await?;
                 let mut jobs = rows
                     .iter()
@@ -407,7 +409,7 @@ macro_rules! sql_store {
                     for id in chunk {
                         q = q.bind(*id);
                     }
-                    for r in q.fetch_all(&self.write).await? {
+                    for r in q.fetch_all(&mut *w).await? {
                         let link_id: i64 = r.try_get("link_id")?;
                         if let Some(job) = jobs.iter_mut().find(|j| j.link_id == link_id) {
                             job.events.push((r.try_get("source")?, r.try_get("event_id")?));
@@ -418,7 +420,8 @@ macro_rules! sql_store {
             }
 
             async fn complete_links(&self, done: &[Completion], now: Millis) -> Result<()> {
-                let mut tx = self.write.begin().await?;
+                let mut w = self.writer().await?;
+                let mut tx = sqlx::Connection::begin(&mut *w).await?;
                 // With each link once in the batch, the attempts, the linked pairs and the events
                 // to recompute take one statement per chunk. A link completed twice in one batch
                 // (its lease ran out while its call went on) keeps the one-by-one order.
@@ -548,12 +551,13 @@ macro_rules! sql_store {
 
             async fn claim_resolves(&self, now: Millis, lease_until: Millis, limit: i64) -> Result<Vec<ResolveJob>> {
                 let lease = lease_token();
+                let mut w = self.writer().await?;
                 let rows = sqlx::query($claim_resolves)
                     .bind(lease_until)
                     .bind(lease)
                     .bind(now)
                     .bind(limit)
-                    .fetch_all(&self.write)
+                    .fetch_all(&mut *w)
                     .await?;
                 rows.iter()
                     .map(|r| {
@@ -572,7 +576,8 @@ macro_rules! sql_store {
             }
 
             async fn complete_resolve(&self, job: &ResolveJob, update: ResolveUpdate, now: Millis) -> Result<()> {
-                let mut tx = self.write.begin().await?;
+                let mut w = self.writer().await?;
+                let mut tx = sqlx::Connection::begin(&mut *w).await?;
                 // Only the lease holder may decide; a stale worker's answer is dropped.
                 let object_id: Option<Option<String>> = sqlx::query_scalar(
                     "SELECT object_id FROM events WHERE id = $1 AND resolve_lease = $2 AND resolve_due IS NOT NULL",
@@ -755,7 +760,8 @@ macro_rules! sql_store {
             }
 
             async fn replay(&self, pk: i64, object_id: Option<&str>, plan: Plan, now: Millis) -> Result<()> {
-                let mut tx = self.write.begin().await?;
+                let mut w = self.writer().await?;
+                let mut tx = sqlx::Connection::begin(&mut *w).await?;
                 // Links this event no longer asks for, and that are not linked, are let go; a
                 // pair no other event wants is removed with its history so it is never sent.
                 let detached: Vec<i64> = sqlx::query_scalar(
@@ -852,9 +858,10 @@ macro_rules! sql_store {
 
             /// A write, not a `SELECT 1`: a database that answers but cannot commit is not ready.
             async fn ping(&self) -> Result<()> {
+                let mut w = self.writer().await?;
                 sqlx::query("INSERT INTO heartbeat (id, at) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET at = excluded.at")
                     .bind(now_ms())
-                    .execute(&self.write)
+                    .execute(&mut *w)
                     .await?;
                 Ok(())
             }
@@ -868,7 +875,8 @@ macro_rules! sql_store {
             }
 
             async fn mapping_put(&self, source: &str, key: &str, lead_ids: &[String]) -> Result<()> {
-                let mut tx = self.write.begin().await?;
+                let mut w = self.writer().await?;
+                let mut tx = sqlx::Connection::begin(&mut *w).await?;
                 sqlx::query("DELETE FROM mappings WHERE source = $1 AND key = $2")
                     .bind(source)
                     .bind(key)
@@ -887,17 +895,19 @@ macro_rules! sql_store {
             }
 
             async fn mapping_delete(&self, source: &str, key: &str) -> Result<bool> {
+                let mut w = self.writer().await?;
                 Ok(sqlx::query("DELETE FROM mappings WHERE source = $1 AND key = $2")
                     .bind(source)
                     .bind(key)
-                    .execute(&self.write)
+                    .execute(&mut *w)
                     .await?
                     .rows_affected()
                     > 0)
             }
 
             async fn mapping_import(&self, source: &str, rows: &[(String, String)]) -> Result<usize> {
-                let mut tx = self.write.begin().await?;
+                let mut w = self.writer().await?;
+                let mut tx = sqlx::Connection::begin(&mut *w).await?;
                 for (key, lead) in rows {
                     sqlx::query("INSERT INTO mappings (source, key, lead_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
                         .bind(source)
@@ -911,7 +921,7 @@ macro_rules! sql_store {
             }
 
             async fn close(&self) {
-                self.write.close().await;
+                self.close_writer().await;
                 self.read.close().await;
             }
         }
@@ -921,7 +931,7 @@ macro_rules! sql_store {
             /// than several statements per event, with the same outcome as inserting the events
             /// one after the other (`attach_links` with `replay = false`).
             async fn insert_events(
-                tx: &mut sqlx::Transaction<'static, $db>,
+                tx: &mut sqlx::Transaction<'_, $db>,
                 events: &[NewEvent],
             ) -> Result<Vec<IngestOutcome>> {
                 use std::collections::{HashMap, HashSet};
@@ -1069,7 +1079,7 @@ macro_rules! sql_store {
             /// Creates or finds each pair and attaches it to the event; then the event is
             /// `delivered` at once if every pair was already linked.
             async fn attach_links(
-                tx: &mut sqlx::Transaction<'static, $db>,
+                tx: &mut sqlx::Transaction<'_, $db>,
                 pk: i64,
                 object_id: &str,
                 leads: &[String],
@@ -1138,12 +1148,25 @@ where
 /// power cut. All writes go through one connection (SQLite has one writer anyway), which makes
 /// each claim statement atomic without `BEGIN IMMEDIATE`; reads use their own pool.
 pub struct SqliteStore {
-    write: sqlx::SqlitePool,
+    /// The one connection that writes. SQLite takes one writer at a time anyway; holding it
+    /// outside a pool saves the pool's checkout and its ping on every return, which were a
+    /// third of the time of a small group commit.
+    write: Arc<tokio::sync::Mutex<Option<sqlx::SqliteConnection>>>,
     read: sqlx::SqlitePool,
+    checkpointer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
+
+/// How long a writer waits for the connection before answering "storage unavailable".
+const WRITER_WAIT: Duration = Duration::from_secs(5);
+/// How often the write-ahead log is copied into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
+/// The log length (in 4 KiB pages, 64 MiB) past which a checkpoint holds the writer for a
+/// moment so that it can finish and the log starts again from its beginning.
+const CHECKPOINT_FORCE_PAGES: i64 = 16_384;
 
 impl SqliteStore {
     pub async fn open(url: &str) -> Result<Self> {
+        use sqlx::ConnectOptions;
         use sqlx::sqlite::{
             SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
         };
@@ -1155,24 +1178,101 @@ impl SqliteStore {
             .pragma("temp_store", "memory");
         // The writer keeps the hot index pages of a large queue in its own cache (16 MiB
         // rather than the default 2 MiB), instead of reading them back from the OS per statement.
-        // Being a local file, it is not pinged before each transaction: that round trip to the
-        // connection's thread was a quarter of the time of a small group commit.
-        let write = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .acquire_timeout(Duration::from_secs(5))
-            .test_before_acquire(false)
-            .connect_with(opts.clone().pragma("cache_size", "-16384"))
+        // It never checkpoints: a commit that had to copy the log into the database file took
+        // ten times as long as the others, so that copy runs beside it (`checkpoints`).
+        let mut write = opts
+            .clone()
+            .pragma("cache_size", "-16384")
+            .pragma("wal_autocheckpoint", "0")
+            .pragma("journal_size_limit", "67108864")
+            .connect()
             .await?;
         for stmt in SQLITE_SCHEMA.iter().chain(INDEXES) {
-            sqlx::query(*stmt).execute(&write).await?;
+            sqlx::query(*stmt).execute(&mut write).await?;
         }
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(opts.read_only(true))
+            .connect_with(opts.clone().read_only(true))
             .await?;
-        Ok(SqliteStore { write, read })
+        let checkpoint_conn = opts
+            .busy_timeout(Duration::from_millis(100))
+            .connect()
+            .await?;
+        let write = Arc::new(tokio::sync::Mutex::new(Some(write)));
+        let checkpointer = tokio::spawn(checkpoints(checkpoint_conn, Arc::downgrade(&write)));
+        Ok(SqliteStore {
+            write,
+            read,
+            checkpointer: std::sync::Mutex::new(Some(checkpointer)),
+        })
+    }
+
+    async fn writer(&self) -> Result<tokio::sync::MappedMutexGuard<'_, sqlx::SqliteConnection>> {
+        let guard = tokio::time::timeout(WRITER_WAIT, self.write.lock())
+            .await
+            .map_err(|_| {
+                StoreError::Database("timed out waiting for the database writer".into())
+            })?;
+        tokio::sync::MutexGuard::try_map(guard, Option::as_mut)
+            .map_err(|_| StoreError::Database("the store is closed".into()))
+    }
+
+    async fn close_writer(&self) {
+        self.stop_checkpoints();
+        if let Some(conn) = self.write.lock().await.take() {
+            let _ = sqlx::Connection::close(conn).await;
+        }
+    }
+
+    fn stop_checkpoints(&self) {
+        let handle = self.checkpointer.lock().map(|mut h| h.take());
+        if let Ok(Some(h)) = handle {
+            h.abort();
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.stop_checkpoints();
+    }
+}
+
+/// Copies committed pages from the write-ahead log into the database file on a connection of
+/// its own, so no commit waits for it. Under a steady stream of commits such a checkpoint never
+/// quite catches up and the log would grow without end; past `CHECKPOINT_FORCE_PAGES` one pass
+/// holds the writer, which lets it finish (it has only the last few commits left to copy).
+async fn checkpoints(
+    mut conn: sqlx::SqliteConnection,
+    writer: std::sync::Weak<tokio::sync::Mutex<Option<sqlx::SqliteConnection>>>,
+) {
+    async fn passive(conn: &mut sqlx::SqliteConnection) -> Result<i64> {
+        let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(row.try_get::<i64, _>(1)?)
+    }
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(writer) = writer.upgrade() else {
+            return;
+        };
+        match passive(&mut conn).await {
+            Ok(pages) if pages >= CHECKPOINT_FORCE_PAGES => {
+                let held = writer.lock().await;
+                if let Err(e) = passive(&mut conn).await {
+                    tracing::warn!(error = %e, "checkpoint with the writer held failed");
+                }
+                drop(held);
+            }
+            Ok(_) => {}
+            // Busy (another process holds the database) or a failing disk: the writer's own
+            // errors tell the operator; the next pass tries again.
+            Err(e) => tracing::debug!(error = %e, "checkpoint failed"),
+        }
     }
 }
 
@@ -1205,6 +1305,14 @@ impl PostgresStore {
             write: pool.clone(),
             read: pool,
         })
+    }
+
+    async fn writer(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+        Ok(self.write.acquire().await?)
+    }
+
+    async fn close_writer(&self) {
+        self.write.close().await;
     }
 }
 
@@ -1606,5 +1714,77 @@ mod batch_tests {
         );
         assert!(MARK_DELIVERED.sql(4, true).ends_with("IN ($1, $2, $3, $4)"));
         assert!(MARK_DELIVERED.sql(4, false).ends_with("IN (?, ?, ?, ?)"));
+    }
+}
+
+#[cfg(test)]
+mod checkpoint_tests {
+    use super::*;
+
+    fn event(n: usize) -> NewEvent {
+        NewEvent {
+            source: "erp".into(),
+            event_id: format!("evt-{n}"),
+            event_type: None,
+            received_at: 1_000,
+            body: format!(r#"{{"id":"evt-{n}","padding":"{}"}}"#, "x".repeat(500)),
+            object_id: Some(format!("obj-{n}")),
+            plan: Plan::Links(vec![format!("lead-{n}")]),
+        }
+    }
+
+    /// The writer never checkpoints; the background pass must copy the log into the database
+    /// file and let the log start again, or the log would grow for as long as the service runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_log_is_checkpointed_beside_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("c.db");
+        let store = SqliteStore::open(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let empty = size(&db);
+        for b in 0..40 {
+            let events: Vec<NewEvent> = (0..50).map(|i| event(b * 50 + i)).collect();
+            store.ingest(&events).await.unwrap();
+        }
+        let wal = dir.path().join("c.db-wal");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while size(&db) <= empty + 1_000_000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "2000 events never reached the database file ({} bytes, log {} bytes)",
+                size(&db),
+                size(&wal)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Once everything is copied, the next write starts the log from its beginning, so it
+        // does not grow past what it held before.
+        let before = size(&wal);
+        tokio::time::sleep(CHECKPOINT_EVERY * 4).await;
+        store.ingest(&[event(9_999)]).await.unwrap();
+        let mut c = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
+            "sqlite://{}",
+            db.display()
+        ))
+        .await
+        .unwrap();
+        let frames: i64 = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&mut c)
+            .await
+            .unwrap()
+            .get::<i64, _>(1);
+        sqlx::Connection::close(c).await.unwrap();
+        assert!(
+            frames < 50,
+            "the log kept {frames} frames after going quiet"
+        );
+        assert_eq!(
+            size(&wal),
+            before,
+            "the log file grew instead of restarting"
+        );
+        store.close().await;
     }
 }
