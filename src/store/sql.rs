@@ -25,7 +25,7 @@ const SQLITE_SCHEMA: &[&str] = &[
         resolve_lease INTEGER NOT NULL DEFAULT 0,
         resolve_attempts INTEGER NOT NULL DEFAULT 0,
         resolve_first INTEGER NOT NULL DEFAULT 0,
-        UNIQUE (source, event_id))",
+        UNIQUE (event_id, source))",
     "CREATE TABLE IF NOT EXISTS links (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         object_id TEXT NOT NULL,
@@ -74,7 +74,7 @@ const PG_SCHEMA: &[&str] = &[
         resolve_lease BIGINT NOT NULL DEFAULT 0,
         resolve_attempts BIGINT NOT NULL DEFAULT 0,
         resolve_first BIGINT NOT NULL DEFAULT 0,
-        UNIQUE (source, event_id))",
+        UNIQUE (event_id, source))",
     "CREATE TABLE IF NOT EXISTS links (
         id BIGSERIAL PRIMARY KEY,
         object_id TEXT NOT NULL,
@@ -108,11 +108,14 @@ const PG_SCHEMA: &[&str] = &[
 ];
 
 /// Indexes (and the heartbeat row readiness writes) are the same text on both backends.
+///
+/// Events are found by id alone through their unique key, `(event_id, source)`; a database
+/// created before that order keeps its separate `events_event_id` index, which costs each insert
+/// one more page but is otherwise harmless.
 const INDEXES: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS heartbeat (id BIGINT PRIMARY KEY, at BIGINT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS events_state ON events (state, id)",
     "CREATE INDEX IF NOT EXISTS events_source ON events (source, id)",
-    "CREATE INDEX IF NOT EXISTS events_event_id ON events (event_id)",
     "CREATE INDEX IF NOT EXISTS events_resolve ON events (resolve_due) WHERE resolve_due IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS links_due ON links (due_at) WHERE due_at IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS links_state ON links (state)",
