@@ -1153,7 +1153,7 @@ where
 pub struct SqliteStore {
     /// The one connection that writes. SQLite takes one writer at a time anyway; holding it
     /// outside a pool saves the pool's checkout and its ping on every return, which were a
-    /// third of the time of a small group commit.
+    /// quarter of the time of a small group commit.
     write: Arc<tokio::sync::Mutex<Option<sqlx::SqliteConnection>>>,
     read: sqlx::SqlitePool,
     checkpointer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
