@@ -370,7 +370,7 @@ fn lease_token() -> i64 {
 }
 
 macro_rules! sql_store {
-    ($name:ident, $db:ty, $pool:ty, $claim_links:expr, $claim_resolves:expr, $numbered:expr) => {
+    ($name:ident, $db:ty, $claim_links:expr, $claim_resolves:expr, $numbered:expr) => {
         #[async_trait]
         impl Store for $name {
             async fn ingest(&self, events: &[NewEvent]) -> Result<Vec<IngestOutcome>> {
@@ -405,14 +405,16 @@ macro_rules! sql_store {
                         })
                     })
                     .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?;
-                // The events each pair serves, so every log line about a delivery names them.
+                // The claim is committed; the events each pair serves (so every log line about a
+                // delivery names them) are a read, which need not keep ingest waiting for the writer.
+                drop(w);
                 let ids: Vec<i64> = jobs.iter().map(|j| j.link_id).collect();
                 for chunk in chunks_upto(&ids, LOOKUP_CHUNK) {
                     let mut q = sqlx::query(EVENT_KEYS_OF_LINKS.sql(chunk.len(), $numbered));
                     for id in chunk {
                         q = q.bind(*id);
                     }
-                    for r in q.fetch_all(&mut *w).await? {
+                    for r in q.fetch_all(&self.read).await? {
                         let link_id: i64 = r.try_get("link_id")?;
                         if let Some(job) = jobs.iter_mut().find(|j| j.link_id == link_id) {
                             job.events.push((r.try_get("source")?, r.try_get("event_id")?));
@@ -1322,7 +1324,6 @@ impl PostgresStore {
 sql_store!(
     SqliteStore,
     sqlx::Sqlite,
-    sqlx::SqlitePool,
     SQLITE_CLAIM_LINKS,
     SQLITE_CLAIM_RESOLVES,
     false
@@ -1330,7 +1331,6 @@ sql_store!(
 sql_store!(
     PostgresStore,
     sqlx::Postgres,
-    sqlx::PgPool,
     PG_CLAIM_LINKS,
     PG_CLAIM_RESOLVES,
     true
