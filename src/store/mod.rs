@@ -4,6 +4,7 @@
 //! elsewhere and hands out due jobs under a lease.
 
 mod sql;
+mod sqlite_group;
 
 use std::sync::Arc;
 

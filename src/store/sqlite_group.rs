@@ -1,0 +1,136 @@
+//! SQLite's group commit, run as plain synchronous SQLite calls on the writer's own database
+//! handle (through rusqlite), between sqlx's hand-offs.
+//!
+//! Why: sqlx runs each SQLite statement on a thread of its own and hands every statement and
+//! every returned row across a channel. Measured inside a group of 32 events, those hand-offs
+//! cost more than SQLite's work: ~64 µs per event through sqlx, where the same statements
+//! stepped directly take a few µs. So the new events of a group are written here in one
+//! synchronous pass, in arrival order, exactly as inserting them one by one would; only the
+//! `COMMIT` (and its fsync) goes back through sqlx, off the async threads.
+
+use std::borrow::Cow;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{IngestOutcome, NewEvent, Plan, Result, StoreError};
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Database(e.to_string())
+    }
+}
+
+const INSERT_EVENT: &str = "INSERT INTO events
+    (source, event_id, event_type, received_at, object_id, state, reason, body, resolve_due, resolve_first)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?4)
+    ON CONFLICT (source, event_id) DO NOTHING";
+
+/// A pair that does not exist yet; one that does is found by `FIND_PAIR` (no write).
+const INSERT_PAIR: &str =
+    "INSERT INTO links (object_id, lead_id, state, attempts, due_at, first_queued_at, updated_at)
+    VALUES (?1, ?2, 'pending', 0, ?3, ?3, ?3) ON CONFLICT (object_id, lead_id) DO NOTHING";
+
+const FIND_PAIR: &str = "SELECT id, state FROM links WHERE object_id = ?1 AND lead_id = ?2";
+
+const MARK_DELIVERED: &str = "UPDATE events SET state = 'delivered' WHERE id = ?1";
+
+/// `$n` parameters (the text shared with PostgreSQL) as SQLite's `?n`, which bind by number:
+/// SQLite numbers `$n` parameters by first appearance, not by `n`.
+fn numbered(sql: &str) -> String {
+    sql.replace('$', "?")
+}
+
+/// Opens a transaction on `db`, writes `events` and leaves the transaction open for the caller
+/// to commit; on an error it is rolled back and nothing of the group stays.
+pub(super) fn write(db: &Connection, events: &[NewEvent]) -> Result<Vec<IngestOutcome>> {
+    if !db.is_autocommit() {
+        // A group whose commit never ran (its task was cancelled at shutdown): undo it first.
+        db.execute_batch("ROLLBACK")?;
+    }
+    db.execute_batch("BEGIN IMMEDIATE")?;
+    insert(db, events).inspect_err(|_| {
+        let _ = db.execute_batch("ROLLBACK");
+    })
+}
+
+/// Inserts each event unless its source already has its id, and for each new one that asks
+/// for links creates or finds every pair and attaches it; a dead pair named again is revived
+/// with the events waiting on it, and an event whose pairs are all linked is delivered at once.
+fn insert(db: &Connection, events: &[NewEvent]) -> Result<Vec<IngestOutcome>> {
+    let mut insert_event = db.prepare_cached(INSERT_EVENT)?;
+    let mut insert_pair = db.prepare_cached(INSERT_PAIR)?;
+    let mut find_pair = db.prepare_cached(FIND_PAIR)?;
+    let mut attach = db.prepare_cached(&numbered(super::sql::ATTACH))?;
+    let mut delivered = db.prepare_cached(MARK_DELIVERED)?;
+    let mut out = Vec::with_capacity(events.len());
+    for e in events {
+        let (state, reason, resolve_due) = match &e.plan {
+            Plan::Parked(r) => ("parked", Some(r.as_str()), None),
+            Plan::Links(_) => ("queued", None, None),
+            Plan::Resolve => ("queued", None, Some(e.received_at)),
+        };
+        let inserted = insert_event.execute(params![
+            e.source,
+            e.event_id,
+            e.event_type,
+            e.received_at,
+            e.object_id,
+            state,
+            reason,
+            e.body,
+            resolve_due,
+        ])?;
+        if inserted == 0 {
+            out.push(IngestOutcome::Duplicate);
+            continue;
+        }
+        let pk = db.last_insert_rowid();
+        let leads = match &e.plan {
+            Plan::Parked(_) => {
+                out.push(IngestOutcome::Parked);
+                continue;
+            }
+            Plan::Resolve => {
+                out.push(IngestOutcome::Queued);
+                continue;
+            }
+            Plan::Links(leads) => leads,
+        };
+        let object_id = e.object_id.as_deref().unwrap_or_default();
+        let mut all_linked = true;
+        for lead in leads {
+            let (link_id, state): (i64, Cow<str>) =
+                if insert_pair.execute(params![object_id, lead, e.received_at])? == 1 {
+                    (db.last_insert_rowid(), Cow::Borrowed("pending"))
+                } else {
+                    find_pair
+                        .query_row(params![object_id, lead], |r| {
+                            Ok((r.get(0)?, Cow::Owned(r.get(1)?)))
+                        })
+                        .optional()?
+                        .ok_or_else(|| {
+                            StoreError::Database(format!(
+                                "pair ({object_id}, {lead}) neither inserted nor found"
+                            ))
+                        })?
+                };
+            attach.execute(params![pk, link_id])?;
+            if state == "linked" {
+                continue;
+            }
+            all_linked = false;
+            if state == "dead" {
+                // The pair comes back to life, and so do the other events waiting on it.
+                db.prepare_cached(&numbered(super::sql::REVIVE_LINK))?
+                    .execute(params![link_id, e.received_at])?;
+                db.prepare_cached(&numbered(&super::sql::recompute_for_link_sql()))?
+                    .execute(params![link_id])?;
+            }
+        }
+        if all_linked {
+            delivered.execute(params![pk])?;
+        }
+        out.push(IngestOutcome::Queued);
+    }
+    Ok(out)
+}
