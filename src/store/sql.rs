@@ -1192,10 +1192,15 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(opts)
-            .await?;
+            .connect_lazy_with(opts);
+        // The first readiness check and the worker's two claims each want a connection as soon
+        // as the service serves. Opened on demand, one after the other, each TLS handshake
+        // (~100 ms even on loopback, mostly delayed-ACK stalls) added to the start-up; opened
+        // together here they cost one.
+        let (first, second, third) = tokio::join!(pool.acquire(), pool.acquire(), pool.acquire());
+        let (mut conn, _second, _third) = (first?, second?, third?);
         // Replicas starting together: the advisory lock lets one create the schema at a time.
-        let mut tx = pool.begin().await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         sqlx::query("SELECT pg_advisory_xact_lock(727465)")
             .execute(&mut *tx)
             .await?;
