@@ -1099,14 +1099,16 @@ impl SqliteStore {
         }
     }
 
-    /// A group commit: the events are written by direct SQLite calls while sqlx's thread is
-    /// parked (`sqlite_group`), then committed through sqlx so that the fsync does not block an
-    /// async thread.
+    /// A group commit: sqlx opens the transaction (waiting for the write lock on its own thread
+    /// should another process hold it), the events are written by direct SQLite calls while
+    /// sqlx's thread is parked (`sqlite_group`), and sqlx commits, so that the fsync does not
+    /// block an async thread either. A group dropped half-way is rolled back by sqlx.
     async fn ingest_group(&self, events: &[NewEvent]) -> Result<Vec<IngestOutcome>> {
         let mut w = self.whole_writer().await?;
         let SqliteWriter { direct, conn } = &mut *w;
-        let written = {
-            let mut handle = conn.lock_handle().await?;
+        let mut tx = sqlx::Connection::begin_with(conn, "BEGIN IMMEDIATE").await?;
+        let out = {
+            let mut handle = tx.lock_handle().await?;
             let db = match direct {
                 Some(db) => db,
                 // SAFETY: the handle stays open as long as `conn` (the writer drops `direct`
@@ -1116,14 +1118,9 @@ impl SqliteStore {
                     rusqlite::Connection::from_handle(handle.as_raw_handle().as_ptr())?
                 }),
             };
-            super::sqlite_group::write(db, events)
+            super::sqlite_group::insert(db, events)?
         };
-        let out = written?;
-        if let Err(e) = sqlx::raw_sql("COMMIT").execute(&mut *conn).await {
-            // SQLite may have rolled back already; if not, nothing of the group stays.
-            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-            return Err(e.into());
-        }
+        tx.commit().await?;
         Ok(out)
     }
 

@@ -5,8 +5,8 @@
 //! every returned row across a channel. Measured inside a group of 32 events, those hand-offs
 //! cost more than SQLite's work: ~64 µs per event through sqlx, where the same statements
 //! stepped directly take a few µs. So the new events of a group are written here in one
-//! synchronous pass, in arrival order, exactly as inserting them one by one would; only the
-//! `COMMIT` (and its fsync) goes back through sqlx, off the async threads.
+//! synchronous pass, in arrival order, exactly as inserting them one by one would; `BEGIN` and
+//! `COMMIT` (with its fsync) stay with sqlx, off the async threads.
 
 use std::borrow::Cow;
 
@@ -40,23 +40,11 @@ fn numbered(sql: &str) -> String {
     sql.replace('$', "?")
 }
 
-/// Opens a transaction on `db`, writes `events` and leaves the transaction open for the caller
-/// to commit; on an error it is rolled back and nothing of the group stays.
-pub(super) fn write(db: &Connection, events: &[NewEvent]) -> Result<Vec<IngestOutcome>> {
-    if !db.is_autocommit() {
-        // A group whose commit never ran (its task was cancelled at shutdown): undo it first.
-        db.execute_batch("ROLLBACK")?;
-    }
-    db.execute_batch("BEGIN IMMEDIATE")?;
-    insert(db, events).inspect_err(|_| {
-        let _ = db.execute_batch("ROLLBACK");
-    })
-}
-
 /// Inserts each event unless its source already has its id, and for each new one that asks
 /// for links creates or finds every pair and attaches it; a dead pair named again is revived
 /// with the events waiting on it, and an event whose pairs are all linked is delivered at once.
-fn insert(db: &Connection, events: &[NewEvent]) -> Result<Vec<IngestOutcome>> {
+/// Runs inside the caller's transaction, which is rolled back if this fails.
+pub(super) fn insert(db: &Connection, events: &[NewEvent]) -> Result<Vec<IngestOutcome>> {
     let mut insert_event = db.prepare_cached(INSERT_EVENT)?;
     let mut insert_pair = db.prepare_cached(INSERT_PAIR)?;
     let mut find_pair = db.prepare_cached(FIND_PAIR)?;
