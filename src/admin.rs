@@ -180,11 +180,9 @@ pub fn filter_from(q: &ListQuery) -> Result<EventFilter, AppError> {
     responses(
         (status = 200, description = "A page of events; follow `next_cursor` for older ones", body = crate::openapi::EventList),
         (status = 400, description = "`bad_request`: a bad state, limit or cursor", body = crate::openapi::ErrorBody),
-        (status = 401, description = "`unauthorized`: admin token missing or wrong", body = crate::openapi::ErrorBody,
-            headers(("WWW-Authenticate" = String))),
+        crate::openapi::Unauthorized,
         (status = 404, description = "`not_found`: the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
-        (status = 503, description = "`unavailable`: storage is down; retry", body = crate::openapi::ErrorBody,
-            headers(("Retry-After" = String))),
+        crate::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []))
 )]
@@ -237,12 +235,10 @@ pub async fn find_one(
     responses(
         (status = 200, description = "The event", body = crate::openapi::EventDetail),
         (status = 400, description = "`bad_request`: a malformed path or query", body = crate::openapi::ErrorBody),
-        (status = 401, description = "`unauthorized`: admin token missing or wrong", body = crate::openapi::ErrorBody,
-            headers(("WWW-Authenticate" = String))),
+        crate::openapi::Unauthorized,
         (status = 404, description = "`not_found`: no such event, or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
         (status = 409, description = "`conflict`: several sources have an event with this id; add `?source=`", body = crate::openapi::ErrorBody),
-        (status = 503, description = "`unavailable`: storage is down; retry", body = crate::openapi::ErrorBody,
-            headers(("Retry-After" = String))),
+        crate::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []))
 )]
@@ -297,12 +293,10 @@ pub async fn replay(state: &AppState, e: &EventSummary) -> Result<(), AppError> 
     responses(
         (status = 202, description = "Replayed; the event's state after the replay", body = crate::openapi::Replayed),
         (status = 400, description = "`bad_request`: a malformed path or query", body = crate::openapi::ErrorBody),
-        (status = 401, description = "`unauthorized`: admin token missing or wrong", body = crate::openapi::ErrorBody,
-            headers(("WWW-Authenticate" = String))),
+        crate::openapi::Unauthorized,
         (status = 404, description = "`not_found`: no such event, or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
         (status = 409, description = "`conflict`: several sources have an event with this id; add `?source=`", body = crate::openapi::ErrorBody),
-        (status = 503, description = "`unavailable`: storage is down; retry", body = crate::openapi::ErrorBody,
-            headers(("Retry-After" = String))),
+        crate::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []))
 )]
@@ -340,11 +334,9 @@ struct ReplayMany {
     responses(
         (status = 202, description = "How many events were replayed", body = crate::openapi::ReplayedMany),
         (status = 400, description = "`bad_request`: not `{\"state\", \"source\"}`, or a state other than dead, parked, queued", body = crate::openapi::ErrorBody),
-        (status = 401, description = "`unauthorized`: admin token missing or wrong", body = crate::openapi::ErrorBody,
-            headers(("WWW-Authenticate" = String))),
+        crate::openapi::Unauthorized,
         (status = 404, description = "`not_found`: the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
-        (status = 503, description = "`unavailable`: storage is down; retry", body = crate::openapi::ErrorBody,
-            headers(("Retry-After" = String))),
+        crate::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []))
 )]
@@ -414,11 +406,9 @@ fn mapping_key(source: &crate::config::SourceConfig, key: &str) -> String {
     responses(
         (status = 200, description = "The mapping", body = crate::openapi::Mapping),
         (status = 400, description = "`bad_request`: a malformed path or query", body = crate::openapi::ErrorBody),
-        (status = 401, description = "`unauthorized`: admin token missing or wrong", body = crate::openapi::ErrorBody,
-            headers(("WWW-Authenticate" = String))),
+        crate::openapi::Unauthorized,
         (status = 404, description = "`unknown_source`, `not_found` (no mapping for the key), or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
-        (status = 503, description = "`unavailable`: storage is down; retry", body = crate::openapi::ErrorBody,
-            headers(("Retry-After" = String))),
+        crate::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []))
 )]
@@ -455,11 +445,9 @@ struct MappingBody {
     responses(
         (status = 200, description = "The mapping as stored", body = crate::openapi::Mapping),
         (status = 400, description = "`bad_request`: not `{\"lead_ids\": [...]}` with at least one id", body = crate::openapi::ErrorBody),
-        (status = 401, description = "`unauthorized`: admin token missing or wrong", body = crate::openapi::ErrorBody,
-            headers(("WWW-Authenticate" = String))),
+        crate::openapi::Unauthorized,
         (status = 404, description = "`unknown_source`, or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
-        (status = 503, description = "`unavailable`: storage is down; retry", body = crate::openapi::ErrorBody,
-            headers(("Retry-After" = String))),
+        crate::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []))
 )]
@@ -490,11 +478,9 @@ async fn put_mapping(
     responses(
         (status = 204, description = "Removed"),
         (status = 400, description = "`bad_request`: a malformed path or query", body = crate::openapi::ErrorBody),
-        (status = 401, description = "`unauthorized`: admin token missing or wrong", body = crate::openapi::ErrorBody,
-            headers(("WWW-Authenticate" = String))),
+        crate::openapi::Unauthorized,
         (status = 404, description = "`unknown_source`, `not_found` (no mapping for the key), or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
-        (status = 503, description = "`unavailable`: storage is down; retry", body = crate::openapi::ErrorBody,
-            headers(("Retry-After" = String))),
+        crate::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []))
 )]
@@ -561,11 +547,9 @@ pub fn parse_csv(text: &str) -> Result<Vec<(String, String)>, String> {
     responses(
         (status = 200, description = "How many rows were imported", body = crate::openapi::Imported),
         (status = 400, description = "`bad_request`: not text/csv, not UTF-8, or a malformed line (named)", body = crate::openapi::ErrorBody),
-        (status = 401, description = "`unauthorized`: admin token missing or wrong", body = crate::openapi::ErrorBody,
-            headers(("WWW-Authenticate" = String))),
+        crate::openapi::Unauthorized,
         (status = 404, description = "`unknown_source`, or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
-        (status = 503, description = "`unavailable`: storage is down; retry", body = crate::openapi::ErrorBody,
-            headers(("Retry-After" = String))),
+        crate::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []))
 )]

@@ -123,6 +123,27 @@ pub async fn openapi_json(Extension(spec): Extension<Spec>) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], spec.0).into_response()
 }
 
+// ------------------------------------------------------------------ shared answers
+
+/// The 401 of every route behind the admin token (`AppError::Unauthorized` sends the challenge).
+#[derive(utoipa::IntoResponses)]
+#[response(
+    status = 401,
+    description = "`unauthorized`: a missing or wrong admin token (the dashboard sends a missing one to its login page instead)",
+    headers(("WWW-Authenticate" = String))
+)]
+pub struct Unauthorized(pub ErrorBody);
+
+/// The 503 of every admin and dashboard route that reads or writes storage (every 503 carries
+/// `Retry-After`).
+#[derive(utoipa::IntoResponses)]
+#[response(
+    status = 503,
+    description = "`unavailable`: storage is down; retry",
+    headers(("Retry-After" = String))
+)]
+pub struct StorageUnavailable(pub ErrorBody);
+
 // ------------------------------------------------------------------ documented bodies
 
 /// The body of every error answer.

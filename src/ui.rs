@@ -569,9 +569,9 @@ fn events_table(events: &[EventSummary], now: Millis) -> String {
     responses(
         (status = 200, description = "The overview page", content_type = "text/html", body = String),
         (status = 303, description = "Not signed in: to `/ui/login`", headers(("Location" = String))),
-        (status = 401, description = "`unauthorized`: a wrong bearer token", body = crate::openapi::ErrorBody),
+        crate::openapi::Unauthorized,
         (status = 404, description = "`not_found`: the dashboard is off (no `admin.token`)", body = crate::openapi::ErrorBody),
-        (status = 503, description = "`unavailable`: storage is down", body = crate::openapi::ErrorBody),
+        crate::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []), ("ui_session" = []))
 )]
@@ -649,9 +649,9 @@ fn source_names(state: &AppState) -> Vec<&str> {
         (status = 200, description = "A page of events", content_type = "text/html", body = String),
         (status = 303, description = "Not signed in: to `/ui/login`", headers(("Location" = String))),
         (status = 400, description = "`bad_request`: a bad state, limit or cursor", body = crate::openapi::ErrorBody),
-        (status = 401, description = "`unauthorized`: a wrong bearer token", body = crate::openapi::ErrorBody),
+        crate::openapi::Unauthorized,
         (status = 404, description = "`not_found`: the dashboard is off (no `admin.token`)", body = crate::openapi::ErrorBody),
-        (status = 503, description = "`unavailable`: storage is down", body = crate::openapi::ErrorBody),
+        crate::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []), ("ui_session" = []))
 )]
@@ -761,10 +761,10 @@ struct EventPageQuery {
         (status = 200, description = "The event page", content_type = "text/html", body = String),
         (status = 303, description = "Not signed in: to `/ui/login`", headers(("Location" = String))),
         (status = 400, description = "`bad_request`: a malformed query", body = crate::openapi::ErrorBody),
-        (status = 401, description = "`unauthorized`: a wrong bearer token", body = crate::openapi::ErrorBody),
+        crate::openapi::Unauthorized,
         (status = 404, description = "`not_found`: no such event, or the dashboard is off", body = crate::openapi::ErrorBody),
         (status = 409, description = "`conflict`: several sources have an event with this id; add `?source=`", body = crate::openapi::ErrorBody),
-        (status = 503, description = "`unavailable`: storage is down", body = crate::openapi::ErrorBody),
+        crate::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []), ("ui_session" = []))
 )]
@@ -924,11 +924,11 @@ fn attempt_item(a: &Attempt, now: Millis) -> String {
     responses(
         (status = 303, description = "Replayed: to the event page (or, not signed in, to `/ui/login`)", headers(("Location" = String))),
         (status = 400, description = "`bad_request`: a malformed path or query", body = crate::openapi::ErrorBody),
-        (status = 401, description = "`unauthorized`: a wrong bearer token", body = crate::openapi::ErrorBody),
+        crate::openapi::Unauthorized,
         (status = 403, description = "`csrf`: the form's CSRF token is missing or wrong", body = crate::openapi::ErrorBody),
         (status = 404, description = "`not_found`: no such event, or the dashboard is off", body = crate::openapi::ErrorBody),
         (status = 409, description = "`conflict`: several sources have an event with this id; add `?source=`", body = crate::openapi::ErrorBody),
-        (status = 503, description = "`unavailable`: storage is down", body = crate::openapi::ErrorBody),
+        crate::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []), ("ui_session" = []))
 )]
@@ -1001,7 +1001,7 @@ fn login_html(next: &str, error: Option<&str>) -> String {
     responses(
         (status = 200, description = "The login page", content_type = "text/html", body = String),
         (status = 303, description = "Already signed in: to `next` or `/ui`", headers(("Location" = String))),
-        (status = 401, description = "`unauthorized`: a wrong bearer token", body = crate::openapi::ErrorBody),
+        crate::openapi::Unauthorized,
         (status = 404, description = "`not_found`: the dashboard is off (no `admin.token`)", body = crate::openapi::ErrorBody),
     ),
     security(())
@@ -1073,7 +1073,7 @@ async fn login_submit(
     responses(
         (status = 303, description = "Signed out (or not signed in): to `/ui/login`",
             headers(("Location" = String), ("Set-Cookie" = String, description = "Clears the session cookie"))),
-        (status = 401, description = "`unauthorized`: a wrong bearer token", body = crate::openapi::ErrorBody),
+        crate::openapi::Unauthorized,
         (status = 403, description = "`csrf`: the form's CSRF token is missing or wrong", body = crate::openapi::ErrorBody),
         (status = 404, description = "`not_found`: the dashboard is off (no `admin.token`)", body = crate::openapi::ErrorBody),
     ),
