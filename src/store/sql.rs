@@ -370,7 +370,7 @@ fn lease_token() -> i64 {
 }
 
 macro_rules! sql_store {
-    ($name:ident, $db:ty, $claim_links:expr, $claim_resolves:expr, $numbered:expr) => {
+    ($name:ident, $db:ty, $claim_links:expr, $claim_resolves:expr, $numbered:expr, $read_snapshot:expr) => {
         #[async_trait]
         impl Store for $name {
             async fn ingest(&self, events: &[NewEvent]) -> Result<Vec<IngestOutcome>> {
@@ -703,11 +703,14 @@ macro_rules! sql_store {
             }
 
             async fn event_detail(&self, pk: i64) -> Result<Option<EventDetail>> {
+                // One snapshot for the event, its links and their attempts, so that a delivery
+                // committing meanwhile cannot show a link's new state beside its old attempts.
+                let mut tx = self.read.begin_with($read_snapshot).await?;
                 let row = sqlx::query(AssertSqlSafe(format!(
                     "SELECT {SUMMARY_COLUMNS}, body FROM events WHERE id = $1"
                 )))
                 .bind(pk)
-                .fetch_optional(&self.read)
+                .fetch_optional(&mut *tx)
                 .await?;
                 let Some(row) = row else { return Ok(None) };
                 let body: String = row.try_get("body")?;
@@ -717,7 +720,7 @@ macro_rules! sql_store {
                      JOIN event_links el ON el.link_id = l.id WHERE el.event_pk = $1 ORDER BY l.id",
                 )
                 .bind(pk)
-                .fetch_all(&self.read)
+                .fetch_all(&mut *tx)
                 .await?;
                 let mut links = Vec::with_capacity(link_rows.len());
                 for r in &link_rows {
@@ -727,7 +730,7 @@ macro_rules! sql_store {
                          WHERE link_id = $1 ORDER BY id DESC LIMIT 100",
                     )
                     .bind(link_id)
-                    .fetch_all(&self.read)
+                    .fetch_all(&mut *tx)
                     .await?
                     .iter()
                     .rev()
@@ -750,6 +753,7 @@ macro_rules! sql_store {
                         attempts,
                     });
                 }
+                tx.commit().await?;
                 Ok(Some(EventDetail { summary, body, links }))
             }
 
@@ -1393,14 +1397,17 @@ sql_store!(
     sqlx::Sqlite,
     SQLITE_CLAIM_LINKS,
     SQLITE_CLAIM_RESOLVES,
-    false
+    false,
+    // Deferred: the snapshot is taken by the first read and held to the end.
+    "BEGIN"
 );
 sql_store!(
     PostgresStore,
     sqlx::Postgres,
     PG_CLAIM_LINKS,
     PG_CLAIM_RESOLVES,
-    true
+    true,
+    "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 );
 
 #[cfg(test)]
