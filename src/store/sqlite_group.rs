@@ -3,22 +3,16 @@
 //!
 //! Why: sqlx runs each SQLite statement on a thread of its own and hands every statement and
 //! every returned row across a channel. Measured inside a group of 32 events, those hand-offs
-//! cost more than SQLite's work: ~64 µs per event through sqlx, where the same statements
-//! stepped directly take a few µs. So the new events of a group are written here in one
-//! synchronous pass, in arrival order, exactly as inserting them one by one would; `BEGIN` and
-//! `COMMIT` (with its fsync) stay with sqlx, off the async threads.
+//! cost more than SQLite's work (~64 µs per event in all). So the new events of a group are
+//! written here in one synchronous pass, in arrival order, exactly as inserting them one by one
+//! would; `BEGIN` and `COMMIT` (with its fsync) stay with sqlx, off the async threads. Measured
+//! on one machine under the same load: 11,687 webhooks/s before, 15,148 to 18,986/s after.
 
 use std::borrow::Cow;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{IngestOutcome, NewEvent, Plan, Result, StoreError};
-
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        StoreError::Database(e.to_string())
-    }
-}
 
 const INSERT_EVENT: &str = "INSERT INTO events
     (source, event_id, event_type, received_at, object_id, state, reason, body, resolve_due, resolve_first)
