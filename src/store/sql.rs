@@ -927,7 +927,9 @@ macro_rules! sql_store {
             }
 
             async fn close(&self) {
-                self.close_writer().await;
+                if let Err(e) = self.close_writer().await {
+                    tracing::warn!(error = %e, "closing the database writer failed");
+                }
                 self.read.close().await;
             }
         }
@@ -1092,16 +1094,17 @@ impl SqliteStore {
             .map_err(|_| StoreError::Database("the store is closed".into()))
     }
 
-    async fn close_writer(&self) {
+    async fn close_writer(&self) -> Result<()> {
         self.stop_checkpoints();
         if let Some(SqliteWriter { direct, mut conn }) = self.write.lock().await.take() {
-            // Its prepared statements are finalized while the handle is still open and ours.
-            if let Ok(handle) = conn.lock_handle().await {
-                drop(direct);
-                drop(handle);
-            }
-            let _ = sqlx::Connection::close(conn).await;
+            // Its prepared statements must be finalized before the handle closes (sqlx's thread
+            // panics on a close that fails), and while that thread is held off the handle.
+            let handle = conn.lock_handle().await;
+            drop(direct);
+            drop(handle);
+            sqlx::Connection::close(conn).await?;
         }
+        Ok(())
     }
 
     /// A group commit: sqlx opens the transaction (waiting for the write lock on its own thread
@@ -1220,8 +1223,9 @@ impl PostgresStore {
         Ok(self.write.acquire().await?)
     }
 
-    async fn close_writer(&self) {
+    async fn close_writer(&self) -> Result<()> {
         self.write.close().await;
+        Ok(())
     }
 
     /// A group commit: the new events of the group in one transaction.
@@ -1831,6 +1835,17 @@ mod checkpoint_tests {
             object_id: Some(format!("obj-{n}")),
             plan: Plan::Links(vec![format!("lead-{n}")]),
         }
+    }
+
+    #[tokio::test]
+    async fn the_writer_closes_cleanly_after_a_group_commit() {
+        // The group commit's statements live on sqlx's handle; closed in the wrong order, sqlx's
+        // thread panics and the close reports the worker as crashed.
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("c.db").display());
+        let store = SqliteStore::open(&url).await.unwrap();
+        store.ingest(&[event(1), event(2)]).await.unwrap();
+        store.close_writer().await.unwrap();
     }
 
     /// The writer never checkpoints; the background pass must copy the log into the database
