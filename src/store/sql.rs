@@ -158,10 +158,10 @@ pub(super) const REVIVE_LINK: &str =
 pub(super) const ATTACH: &str =
     "INSERT INTO event_links (event_pk, link_id) VALUES ($1, $2) ON CONFLICT DO NOTHING";
 
-/// A group commit cuts its events (and their pairs) into chunks of these sizes, largest first,
-/// and writes each chunk with one multi-row statement: a batch of n events takes as many
-/// statements per table as n has binary digits set, and there are few enough distinct statement
-/// texts to stay prepared in the connection's statement cache.
+/// PostgreSQL's group commit (and both backends' completions) cut their rows into chunks of these
+/// sizes, largest first, and write each chunk with one multi-row statement: a batch of n rows
+/// takes as many statements per table as n has binary digits set, and there are few enough
+/// distinct statement texts to stay prepared in the connection's statement cache.
 const CHUNK_SIZES: [usize; 9] = [256, 128, 64, 32, 16, 8, 4, 2, 1];
 
 /// `items` cut into chunks whose lengths are in `CHUNK_SIZES`.
@@ -243,6 +243,7 @@ impl MultiRow {
 }
 
 /// Inserts events, skipping any this source already has; answers the key of each new one.
+/// (PostgreSQL's group commit; SQLite's is `sqlite_group`.)
 static INSERT_EVENTS: MultiRow = MultiRow::new(
     || {
         "INSERT INTO events
