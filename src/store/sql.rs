@@ -1229,23 +1229,13 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// A group commit: the new events of the group in one transaction.
+    /// A group commit: the new events of the group in one transaction, a few multi-row
+    /// statements per chunk of events rather than several statements per event, with the same
+    /// outcome as inserting the events one after the other (`attach_links` with `replay = false`).
     async fn ingest_group(&self, events: &[NewEvent]) -> Result<Vec<IngestOutcome>> {
+        use std::collections::{HashMap, HashSet};
         let mut w = self.writer().await?;
         let mut tx = sqlx::Connection::begin(&mut *w).await?;
-        let out = Self::insert_events(&mut tx, events).await?;
-        tx.commit().await?;
-        Ok(out)
-    }
-
-    /// The body of a group commit: a few multi-row statements per chunk of events rather
-    /// than several statements per event, with the same outcome as inserting the events
-    /// one after the other (`attach_links` with `replay = false`).
-    async fn insert_events(
-        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-        events: &[NewEvent],
-    ) -> Result<Vec<IngestOutcome>> {
-        use std::collections::{HashMap, HashSet};
         // An id repeated within the batch is a duplicate of its first occurrence.
         let mut out = vec![IngestOutcome::Duplicate; events.len()];
         let mut seen = HashSet::with_capacity(events.len());
@@ -1278,7 +1268,7 @@ impl PostgresStore {
                     .bind(resolve_due)
                     .bind(e.received_at);
             }
-            for r in q.fetch_all(&mut **tx).await? {
+            for r in q.fetch_all(&mut *tx).await? {
                 pk_of
                     .entry(r.try_get("source")?)
                     .or_default()
@@ -1329,7 +1319,7 @@ impl PostgresStore {
                 let (obj, lead, at) = pairs[i];
                 q = q.bind(obj).bind(lead).bind(at).bind(at).bind(at);
             }
-            for r in q.fetch_all(&mut **tx).await? {
+            for r in q.fetch_all(&mut *tx).await? {
                 let (obj, lead): (String, String) =
                     (r.try_get("object_id")?, r.try_get("lead_id")?);
                 let i = *pair_ix.get(&(obj.as_str(), lead.as_str())).ok_or_else(|| {
@@ -1363,7 +1353,7 @@ impl PostgresStore {
             for (pk, link_id) in chunk {
                 q = q.bind(*pk).bind(*link_id);
             }
-            q.execute(&mut **tx).await?;
+            q.execute(&mut *tx).await?;
         }
         // A dead pair named again comes back to life, and so do the events waiting on it.
         let dead: Vec<(i64, Millis)> = pairs
@@ -1376,14 +1366,14 @@ impl PostgresStore {
             sqlx::query(REVIVE_LINK)
                 .bind(*link_id)
                 .bind(*at)
-                .execute(&mut **tx)
+                .execute(&mut *tx)
                 .await?;
         }
         let recompute = recompute_for_link_sql();
         for (link_id, _) in &dead {
             sqlx::query(AssertSqlSafe(recompute.clone()))
                 .bind(*link_id)
-                .execute(&mut **tx)
+                .execute(&mut *tx)
                 .await?;
         }
         for chunk in chunks(&delivered) {
@@ -1391,8 +1381,9 @@ impl PostgresStore {
             for pk in chunk {
                 q = q.bind(*pk);
             }
-            q.execute(&mut **tx).await?;
+            q.execute(&mut *tx).await?;
         }
+        tx.commit().await?;
         Ok(out)
     }
 }
