@@ -38,6 +38,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the process starts draining.
     pub shutdown: CancellationToken,
+    /// The latest storage check of `/readyz` and when it ran: probes share one write a second.
+    pub readiness: tokio::sync::Mutex<Option<(std::time::Instant, String)>>,
 }
 
 /// Why the service could not start.
@@ -107,7 +109,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let wake = Arc::new(Notify::new());
     let shutdown = CancellationToken::new();
     let ingest_store = store.clone();
-    let ingest = Batcher::spawn(512, move |events: Vec<NewEvent>| {
+    let ingest = Batcher::spawn(512, move |events: Arc<[NewEvent]>| {
         let s = ingest_store.clone();
         async move { s.ingest(&events).await }
     });
@@ -124,6 +126,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         wake: wake.clone(),
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
+        readiness: tokio::sync::Mutex::new(None),
     });
     let listener = tokio::net::TcpListener::bind(&config.server.listen)
         .await
@@ -218,11 +221,7 @@ async fn healthz() -> impl IntoResponse {
     )
 )]
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    let storage = match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
-        Ok(Ok(())) => "ok".to_string(),
-        Ok(Err(e)) => format!("failing: {e}"),
-        Err(_) => "failing: no answer within 2 s".to_string(),
-    };
+    let storage = storage_check(&state).await;
     let draining = state.shutdown.is_cancelled();
     let ready = storage == "ok" && !draining;
     let body = json!({
@@ -239,6 +238,34 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     };
     (status, axum::Json(body)).into_response()
 }
+
+/// The readiness write is a durable write on the one SQLite writer that anyone may trigger, so
+/// its result is reused for `READY_CACHE`; callers arriving meanwhile wait for the one running.
+async fn storage_check(state: &AppState) -> String {
+    let mut cached = state.readiness.lock().await;
+    if let Some((at, result)) = cached.as_ref()
+        && at.elapsed() < READY_CACHE
+    {
+        return result.clone();
+    }
+    let result = match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(())) => match state.ingest.failing(INGEST_FAILURE_WINDOW) {
+            Some(e) => format!("failing: webhooks cannot be committed: {e}"),
+            None => "ok".to_string(),
+        },
+        Ok(Err(e)) => format!("failing: {e}"),
+        Err(_) => "failing: no answer within 2 s".to_string(),
+    };
+    *cached = Some((std::time::Instant::now(), result.clone()));
+    result
+}
+
+const READY_CACHE: Duration = Duration::from_secs(1);
+
+/// A failed group commit keeps `/readyz` at 503 for this long unless a later one succeeds; after
+/// it, the readiness write alone decides, so a replica taken out of service comes back by itself
+/// once its storage can commit again.
+const INGEST_FAILURE_WINDOW: Duration = Duration::from_secs(10);
 
 /// Prometheus metrics.
 #[utoipa::path(

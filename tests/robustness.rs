@@ -166,6 +166,221 @@ impl StorageFault {
 
 both_backends!(outage_then_recovery, storage_fault_then_recovery);
 
+/// A full disk under SQLite: once the file system has no room, webhooks get 503 and readiness
+/// turns 503; once room is back, readiness turns 200 by itself (no webhook needed) and ingest
+/// works again without a restart. Needs root for the tmpfs mount (CI runs as root); skipped
+/// otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_ingest_recovers_after_the_disk_was_full() {
+    let Some(disk) = SmallDisk::mount("sqlite_ingest_recovers_after_the_disk_was_full") else {
+        return;
+    };
+    let url = format!("sqlite://{}/full.db", disk.dir.path().display());
+    let app = TestApp::builder(Backend::Sqlite)
+        .config(move |c| {
+            c.storage.url = sprintlink::config::Secret::new(url);
+            c.server.max_body_bytes = 1 << 20;
+        })
+        .spawn()
+        .await;
+    // Parked events (no lead) so nothing is delivered and every byte stays on disk.
+    let padding = "x".repeat(200_000);
+    let post = async |id: String| {
+        let body =
+            json!({"id": id, "type": "object.created", "data": {"object_id": 1, "pad": padding}});
+        app.post_webhook("erp", &body).await
+    };
+    assert_eq!(post("first".into()).await.status.as_u16(), 202);
+    // Leave little room, then fill the rest with events until the disk refuses.
+    let filler = disk.dir.path().join("filler");
+    disk.fill_leaving(&filler, 600_000);
+    let mut refused = 0;
+    let mut accepted = Vec::new();
+    for i in 0..200 {
+        let r = post(format!("fill-{i}")).await;
+        match r.status.as_u16() {
+            202 => accepted.push(format!("fill-{i}")),
+            503 => {
+                refused += 1;
+                if refused >= 3 {
+                    break;
+                }
+            }
+            other => panic!("unexpected {other} while the disk fills: {:?}", r.body),
+        }
+    }
+    assert!(refused >= 3, "the disk never filled up");
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(
+        ready.status(),
+        503,
+        "readiness says ready while ingest fails"
+    );
+    // Room again: readiness recovers by itself, and ingest works without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    let recovered = poll(Duration::from_secs(30), async || {
+        app.client
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    if !recovered {
+        let r = app.client.get(app.url("/readyz")).send().await.unwrap();
+        panic!(
+            "readiness did not recover by itself: {}",
+            r.text().await.unwrap()
+        );
+    }
+    for i in 0..5 {
+        let r = post(format!("after-{i}")).await;
+        assert_eq!(
+            r.status.as_u16(),
+            202,
+            "ingest after the disk has room: {:?}",
+            r.body
+        );
+    }
+    // Everything acknowledged is there.
+    for id in accepted.iter().chain(["first".to_string()].iter()) {
+        assert_eq!(app.event_state(id).await.as_deref(), Some("parked"), "{id}");
+    }
+}
+
+/// PostgreSQL text cannot hold NUL. Events with NUL in their id, posted among 200 ordinary
+/// ones that share their group commits, are refused alone; the ordinary ones are all
+/// acknowledged and delivered; a NUL in a descriptive field (the type) is stored replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_nul_in_one_event_never_fails_another() {
+    if skip_pg() {
+        println!("SKIPPED postgres_nul_in_one_event_never_fails_another: SPRINTLINK_SKIP_PG=1");
+        return;
+    }
+    let app = TestApp::builder(Backend::Postgres)
+        .config(|c| c.sprinthub.rate_limit_per_second = 0.0)
+        .spawn()
+        .await;
+    // Signed up front, posted all at once so that they share group commits.
+    let mut tasks = Vec::new();
+    for i in 0..210 {
+        let id = match i % 21 {
+            0 => format!("nul\u{0}-{i}"),
+            1 => format!("typed-{i}"),
+            _ => format!("plain-{i}"),
+        };
+        let mut body = erp_event(&id, 9000 + i, 1);
+        if i % 21 == 1 {
+            body["type"] = json!("object.created");
+            body["data"]["note"] = json!("a \u{0} inside");
+        }
+        let raw = body.to_string();
+        // A header cannot carry NUL: the delivery id differs, the event id is the body's.
+        let headers = app.sign("erp", raw.as_bytes(), unix_ms() / 1000, &format!("msg-{i}"));
+        let client = app.client.clone();
+        let url = app.url("/webhooks/erp");
+        tasks.push(tokio::spawn(async move {
+            let mut req = client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(raw);
+            for (k, v) in &headers {
+                req = req.header(k, v);
+            }
+            (
+                id,
+                Resp::from(req.send().await.expect("webhook request")).await,
+            )
+        }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    let (refused, ordinary): (Vec<_>, Vec<_>) =
+        answers.iter().partition(|(id, _)| id.starts_with("nul"));
+    for (id, r) in &ordinary {
+        assert_eq!(
+            r.status.as_u16(),
+            202,
+            "{id} failed because of another event: {:?}",
+            r.body
+        );
+    }
+    assert_eq!(refused.len(), 10);
+    for (id, r) in &refused {
+        r.expect_error(400, "invalid_event_id");
+        assert!(!id.is_empty());
+    }
+    wait_until(
+        "every ordinary event is delivered",
+        Duration::from_secs(30),
+        async || app.events(Some("delivered")).await.len() == 200,
+    )
+    .await;
+    let typed = app.event("typed-1").await;
+    assert!(
+        typed["body"].as_str().is_some_and(|b| b.contains("inside")),
+        "{typed}"
+    );
+}
+
+/// A tmpfs of a few MiB mounted on a temporary directory, unmounted on drop.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(test: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            println!("SKIPPED {test}: cannot mount a tmpfs (needs root)");
+            return None;
+        }
+        Some(SmallDisk { dir })
+    }
+
+    /// Writes `path` until the file system has about `leave` bytes free.
+    fn fill_leaving(&self, path: &std::path::Path, leave: u64) {
+        use std::io::Write;
+        let out = std::process::Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(self.dir.path())
+            .output()
+            .unwrap();
+        let avail: u64 = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap();
+        let mut f = std::fs::File::create(path).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        let mut left = avail.saturating_sub(leave);
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            if f.write_all(&chunk[..n]).is_err() {
+                break;
+            }
+            left -= n as u64;
+        }
+        let _ = f.sync_all();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Hostile input (SQLite is enough: the request path is the same code for both backends)
 

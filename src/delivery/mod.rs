@@ -51,7 +51,7 @@ impl Worker {
     ) -> Arc<Self> {
         let limiter = Arc::new(RateLimiter::new(cfg.sprinthub.rate_limit_per_second));
         let s = store.clone();
-        let completer = Batcher::spawn(256, move |items: Vec<Completion>| {
+        let completer = Batcher::spawn(256, move |items: Arc<[Completion]>| {
             let s = s.clone();
             async move {
                 let n = items.len();

@@ -16,23 +16,107 @@ pub use sql::{PostgresStore, SqliteStore};
 /// Milliseconds since the Unix epoch: the one time unit stored, the same on both backends.
 pub type Millis = i64;
 
+/// Why a storage call failed, classified once where the driver's error is seen, so callers can
+/// tell a busy or closed store (retry later) from data the database refuses (retry without it).
+/// Each keeps the driver's error as its source.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    #[error("{0}")]
-    Database(String),
+    /// No connection or writer within the wait, or the database was locked too long.
+    #[error("storage timed out: {0}")]
+    Timeout(Cause),
+    /// The store is closed (the process is stopping) or its writer has stopped.
+    #[error("the store is closed")]
+    Closed,
+    /// A constraint refused the row.
+    #[error("storage conflict: {0}")]
+    Conflict(Cause),
+    /// The values cannot be stored as they are (PostgreSQL text holding NUL, an invalid encoding):
+    /// the same statement with other values would succeed.
+    #[error("storage refused the data: {0}")]
+    Rejected(Cause),
+    /// Anything else: an I/O error, a full disk, a broken connection or database.
+    #[error("storage failed: {0}")]
+    Broken(Cause),
+    /// A request the store cannot make sense of (a bad URL), found before any I/O.
     #[error("{0}")]
     Invalid(String),
 }
 
+/// The driver's error behind a `StoreError`, shared so the error can be handed to every member
+/// of a failed group commit.
+#[derive(Debug, Clone)]
+pub struct Cause(Arc<dyn std::error::Error + Send + Sync>);
+
+impl Cause {
+    pub fn msg(text: impl Into<String>) -> Self {
+        Cause(Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(
+            text.into(),
+        )))
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+impl StoreError {
+    /// The data of this one request was refused; the others of its group may be written alone.
+    pub fn is_data_error(&self) -> bool {
+        matches!(self, StoreError::Rejected(_))
+    }
+
+    pub fn broken(text: impl Into<String>) -> Self {
+        StoreError::Broken(Cause::msg(text))
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        StoreError::Database(e.to_string())
+        use sqlx::error::ErrorKind;
+        let class: fn(Cause) -> StoreError = match &e {
+            sqlx::Error::PoolTimedOut => return StoreError::Timeout(Cause(Arc::new(e))),
+            sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => return StoreError::Closed,
+            sqlx::Error::Database(d) => match d.kind() {
+                ErrorKind::UniqueViolation
+                | ErrorKind::ForeignKeyViolation
+                | ErrorKind::CheckViolation
+                | ErrorKind::NotNullViolation => StoreError::Conflict,
+                // PostgreSQL's class 22 (data exception): 22021 a NUL or invalid byte in text,
+                // 22P05 an untranslatable character, 22001 a value too long.
+                _ if d.code().is_some_and(|c| c.starts_with("22")) => StoreError::Rejected,
+                // SQLite: SQLITE_BUSY (5) and SQLITE_LOCKED (6), with extended codes.
+                _ if d
+                    .code()
+                    .and_then(|c| c.parse::<i32>().ok())
+                    .is_some_and(|c| matches!(c & 0xff, 5 | 6)) =>
+                {
+                    StoreError::Timeout
+                }
+                _ => StoreError::Broken,
+            },
+            _ => StoreError::Broken,
+        };
+        class(Cause(Arc::new(e)))
     }
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError::Database(e.to_string())
+        use rusqlite::ErrorCode;
+        let class: fn(Cause) -> StoreError = match e.sqlite_error_code() {
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Timeout,
+            Some(ErrorCode::ConstraintViolation) => StoreError::Conflict,
+            _ => StoreError::Broken,
+        };
+        class(Cause(Arc::new(e)))
     }
 }
 
@@ -59,6 +143,35 @@ pub struct NewEvent {
     pub body: String,
     pub object_id: Option<String>,
     pub plan: Plan,
+}
+
+impl NewEvent {
+    /// Whether a text that describes the event (not an id) holds a NUL character.
+    fn has_nul(&self) -> bool {
+        let reason = match &self.plan {
+            Plan::Parked(r) => r.as_str(),
+            _ => "",
+        };
+        [self.event_type.as_deref().unwrap_or(""), &self.body, reason]
+            .iter()
+            .any(|t| t.contains('\0'))
+    }
+
+    /// The same event with NUL in its descriptive texts replaced by U+FFFD.
+    fn without_nul(&self) -> NewEvent {
+        let mut e = self.clone();
+        e.event_type = e.event_type.map(|t| without_nul(&t));
+        e.body = without_nul(&e.body);
+        if let Plan::Parked(r) = &e.plan {
+            e.plan = Plan::Parked(without_nul(r));
+        }
+        e
+    }
+}
+
+/// Text as PostgreSQL can store it: NUL replaced by U+FFFD.
+pub fn without_nul(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

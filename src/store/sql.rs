@@ -1012,6 +1012,9 @@ pub struct SqliteStore {
     /// outside a pool saves the pool's checkout and its ping on every return, which were a
     /// quarter of the time of a small group commit.
     write: Arc<tokio::sync::Mutex<Option<SqliteWriter>>>,
+    /// How the writer is opened, kept so that a writer left unusable by a failed write (a full
+    /// disk fails a COMMIT after SQLite has already rolled back) can be replaced by a fresh one.
+    write_opts: sqlx::sqlite::SqliteConnectOptions,
     read: sqlx::SqlitePool,
     checkpointer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -1023,6 +1026,30 @@ struct SqliteWriter {
     /// `conn` closes the handle.
     direct: Option<rusqlite::Connection>,
     conn: sqlx::SqliteConnection,
+}
+
+impl SqliteWriter {
+    /// Outside any transaction, as sqlx counts them. A transaction that failed is rolled back
+    /// by sqlx's worker thread after its `Transaction` is dropped, so a writer that looks busy
+    /// is asked once more after a round trip to that thread (which runs commands in order).
+    async fn usable(&mut self) -> bool {
+        use sqlx::Connection;
+        if !self.conn.is_in_transaction() {
+            return true;
+        }
+        self.conn.ping().await.is_ok() && !self.conn.is_in_transaction()
+    }
+
+    /// Its prepared statements must be finalized before the handle closes (sqlx's thread
+    /// panics on a close that fails), and while that thread is held off the handle.
+    async fn close(self) -> Result<()> {
+        let SqliteWriter { direct, mut conn } = self;
+        let handle = conn.lock_handle().await;
+        drop(direct);
+        drop(handle);
+        sqlx::Connection::close(conn).await?;
+        Ok(())
+    }
 }
 
 /// How long a writer waits for the connection before answering "storage unavailable".
@@ -1049,13 +1076,12 @@ impl SqliteStore {
         // rather than the default 2 MiB), instead of reading them back from the OS per statement.
         // It never checkpoints: a commit that had to copy the log into the database file took
         // ten times as long as the others, so that copy runs beside it (`checkpoints`).
-        let mut write = opts
+        let write_opts = opts
             .clone()
             .pragma("cache_size", "-16384")
             .pragma("wal_autocheckpoint", "0")
-            .pragma("journal_size_limit", "67108864")
-            .connect()
-            .await?;
+            .pragma("journal_size_limit", "67108864");
+        let mut write = write_opts.connect().await?;
         for stmt in SQLITE_SCHEMA.iter().chain(INDEXES) {
             sqlx::query(*stmt).execute(&mut write).await?;
         }
@@ -1075,6 +1101,7 @@ impl SqliteStore {
         let checkpointer = tokio::spawn(checkpoints(checkpoint_conn, Arc::downgrade(&write)));
         Ok(SqliteStore {
             write,
+            write_opts,
             read,
             checkpointer: std::sync::Mutex::new(Some(checkpointer)),
         })
@@ -1085,25 +1112,35 @@ impl SqliteStore {
         Ok(tokio::sync::MappedMutexGuard::map(guard, |w| &mut w.conn))
     }
 
+    /// The writer, checked first: a failed write can leave it inside a transaction that sqlx
+    /// still counts (a COMMIT refused for a full disk, whose ROLLBACK then finds nothing to roll
+    /// back), and every later `BEGIN` would fail until a restart. Such a writer is replaced.
     async fn whole_writer(&self) -> Result<tokio::sync::MappedMutexGuard<'_, SqliteWriter>> {
-        let guard = tokio::time::timeout(WRITER_WAIT, self.write.lock())
+        let mut guard = tokio::time::timeout(WRITER_WAIT, self.write.lock())
             .await
-            .map_err(|_| {
-                StoreError::Database("timed out waiting for the database writer".into())
-            })?;
-        tokio::sync::MutexGuard::try_map(guard, Option::as_mut)
-            .map_err(|_| StoreError::Database("the store is closed".into()))
+            .map_err(|_| StoreError::Timeout(Cause::msg("no database writer within 5 s")))?;
+        if let Some(w) = guard.as_mut()
+            && !w.usable().await
+        {
+            tracing::warn!(
+                "the database writer was left inside a failed transaction; reopening it"
+            );
+            let broken = guard.take();
+            if let Some(broken) = broken
+                && let Err(e) = broken.close().await
+            {
+                tracing::warn!(error = %e, "closing the broken database writer failed");
+            }
+            let conn = sqlx::ConnectOptions::connect(&self.write_opts).await?;
+            *guard = Some(SqliteWriter { direct: None, conn });
+        }
+        tokio::sync::MutexGuard::try_map(guard, Option::as_mut).map_err(|_| StoreError::Closed)
     }
 
     async fn close_writer(&self) -> Result<()> {
         self.stop_checkpoints();
-        if let Some(SqliteWriter { direct, mut conn }) = self.write.lock().await.take() {
-            // Its prepared statements must be finalized before the handle closes (sqlx's thread
-            // panics on a close that fails), and while that thread is held off the handle.
-            let handle = conn.lock_handle().await;
-            drop(direct);
-            drop(handle);
-            sqlx::Connection::close(conn).await?;
+        if let Some(w) = self.write.lock().await.take() {
+            w.close().await?;
         }
         Ok(())
     }
@@ -1234,6 +1271,15 @@ impl PostgresStore {
     /// outcome as inserting the events one after the other (`attach_links` with `replay = false`).
     async fn ingest_group(&self, events: &[NewEvent]) -> Result<Vec<IngestOutcome>> {
         use std::collections::{HashMap, HashSet};
+        // PostgreSQL text cannot hold NUL. Ids with one are refused at the HTTP edge; what
+        // describes an event (its type, body, reason) is stored with NUL replaced instead.
+        let cleaned: Vec<NewEvent>;
+        let events = if events.iter().any(|e| e.has_nul()) {
+            cleaned = events.iter().map(NewEvent::without_nul).collect();
+            &cleaned[..]
+        } else {
+            events
+        };
         let mut w = self.writer().await?;
         let mut tx = sqlx::Connection::begin(&mut *w).await?;
         // An id repeated within the batch is a duplicate of its first occurrence.
@@ -1323,15 +1369,13 @@ impl PostgresStore {
                 let (obj, lead): (String, String) =
                     (r.try_get("object_id")?, r.try_get("lead_id")?);
                 let i = *pair_ix.get(&(obj.as_str(), lead.as_str())).ok_or_else(|| {
-                    StoreError::Database(format!("unexpected pair ({obj}, {lead}) returned"))
+                    StoreError::broken(format!("unexpected pair ({obj}, {lead}) returned"))
                 })?;
                 link[i] = (r.try_get("id")?, r.try_get("state")?);
             }
         }
         if link.iter().any(|(id, _)| *id == 0) {
-            return Err(StoreError::Database(
-                "a pair was not returned by its upsert".into(),
-            ));
+            return Err(StoreError::broken("a pair was not returned by its upsert"));
         }
         let mut attach: Vec<(i64, i64)> = Vec::new();
         let mut attached = HashSet::new();

@@ -97,7 +97,7 @@ pub(super) fn insert(db: &Connection, events: &[NewEvent]) -> Result<Vec<IngestO
                         })
                         .optional()?
                         .ok_or_else(|| {
-                            StoreError::Database(format!(
+                            StoreError::broken(format!(
                                 "pair ({object_id}, {lead}) neither inserted nor found"
                             ))
                         })?
