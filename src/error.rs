@@ -73,8 +73,14 @@ impl AppError {
 }
 
 impl From<crate::store::StoreError> for AppError {
+    /// Data the database refuses will be refused again: that is the caller's 400, not a 503
+    /// to retry.
     fn from(e: crate::store::StoreError) -> Self {
-        AppError::Storage(e.to_string())
+        if e.is_data_error() {
+            AppError::BadRequest(e.to_string())
+        } else {
+            AppError::Storage(e.to_string())
+        }
     }
 }
 

@@ -19,6 +19,7 @@ both_backends!(
     one_search_serves_many_events_for_one_customer,
     negative_cache_expires,
     create_missing_creates_one_lead_for_concurrent_events,
+    a_replay_keeps_a_pair_whose_call_is_in_flight,
 );
 
 /// `crm` resolves `/data/customer/email` through the mapping table; `hub` and `wa` search
@@ -479,4 +480,40 @@ async fn create_missing_creates_one_lead_for_concurrent_events(b: Backend) {
         m.contains("sprintlink_lead_lookups_total{outcome=\"created\"} 1"),
         "{m}"
     );
+}
+
+/// A replay that lets a pair go while its call is in flight must keep the pair until the call
+/// ends: the call links it at SprintHub, and a linked pair is never sent again, even when a
+/// later replay names it once more.
+async fn a_replay_keeps_a_pair_whose_call_is_in_flight(b: Backend) {
+    let app = spawn(b, |_| {}).await;
+    app.put_mapping("crm", "ann@example.com", json!([17])).await;
+    app.hub.set_delay(Duration::from_millis(1500));
+    app.post_webhook("crm", &email_event("fl_1", 601, "ann@example.com"))
+        .await
+        .expect(202);
+    wait_until("the call for (601, 17) is in flight", TIMEOUT, async || {
+        app.hub.max_concurrency() >= 1
+    })
+    .await;
+    assert!(
+        app.link_calls().is_empty(),
+        "the call ended before the replay"
+    );
+    // The operator maps the key elsewhere and replays while that call goes on.
+    app.put_mapping("crm", "ann@example.com", json!([18])).await;
+    app.replay("fl_1").await;
+    app.wait_for_state("fl_1", "delivered").await;
+    app.hub.set_delay(Duration::ZERO);
+    // Mapped back and replayed: (601, 17) was linked by the first call and is not sent again.
+    app.put_mapping("crm", "ann@example.com", json!([17])).await;
+    app.replay("fl_1").await;
+    app.wait_for_state("fl_1", "delivered").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent_17 = app
+        .link_calls()
+        .iter()
+        .filter(|c| c.body["targetId"] == json!(17))
+        .count();
+    assert_eq!(sent_17, 1, "(601, 17) was sent again after it was linked");
 }

@@ -521,6 +521,11 @@ macro_rules! sql_store {
                     if changed_state {
                         changed.push(c.link_id);
                     }
+                    // A replay let this pair go while its call was in flight: now that the call
+                    // is over, it goes unless it was linked (a linked pair is kept, never resent).
+                    if !matches!(c.update, LinkUpdate::Linked) {
+                        Self::drop_orphan(&mut tx, c.link_id, None).await?;
+                    }
                 }
                 for chunk in chunks(&linked) {
                     let mut q = sqlx::query_scalar::<_, i64>(MARK_LINKED.sql(chunk.len(), $numbered)).bind(now);
@@ -792,14 +797,9 @@ macro_rules! sql_store {
                     if pair.is_some_and(|(o, l)| Some(o.as_str()) == object_id && wanted.contains(&l)) {
                         continue;
                     }
-                    let orphan = sqlx::query("DELETE FROM links WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM event_links WHERE link_id = $1)")
-                        .bind(link_id)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected() > 0;
-                    if orphan {
-                        sqlx::query("DELETE FROM attempts WHERE link_id = $1").bind(link_id).execute(&mut *tx).await?;
-                    }
+                    // A pair whose call is in flight stays until that call's outcome is recorded
+                    // (`complete_links` removes it then, unless it was linked).
+                    Self::drop_orphan(&mut tx, link_id, Some(now)).await?;
                 }
                 match plan {
                     Plan::Parked(reason) => {
@@ -936,6 +936,32 @@ macro_rules! sql_store {
         }
 
         impl $name {
+            /// Removes a pair that is not linked and that no event names any more, with its
+            /// attempts, unless (given `now`) a call for it is in flight.
+            async fn drop_orphan(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                link_id: i64,
+                now: Option<Millis>,
+            ) -> Result<()> {
+                let gone = sqlx::query(
+                    "DELETE FROM links WHERE id = $1 AND state <> 'linked' AND locked_until <= $2
+                       AND NOT EXISTS (SELECT 1 FROM event_links WHERE link_id = $1)",
+                )
+                .bind(link_id)
+                .bind(now.unwrap_or(i64::MAX))
+                .execute(&mut **tx)
+                .await?
+                .rows_affected()
+                    > 0;
+                if gone {
+                    sqlx::query("DELETE FROM attempts WHERE link_id = $1")
+                        .bind(link_id)
+                        .execute(&mut **tx)
+                        .await?;
+                }
+                Ok(())
+            }
+
             /// Creates or finds each pair and attaches it to the event; then the event is
             /// `delivered` at once if every pair was already linked.
             async fn attach_links(
