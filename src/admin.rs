@@ -18,7 +18,9 @@ use utoipa_axum::routes;
 use crate::app::AppState;
 use crate::error::{ApiPath as Path, ApiQuery as Query, AppError};
 use crate::ingest::plan_for;
-use crate::store::{Attempt, EventDetail, EventFilter, EventSummary, Millis, Plan, now_ms};
+use crate::store::{
+    Attempt, EventDetail, EventFilter, EventSummary, LinkPage, Millis, Plan, now_ms,
+};
 
 const STATES: &[&str] = &["queued", "delivered", "parked", "dead"];
 
@@ -108,6 +110,9 @@ pub fn detail_json(d: &EventDetail) -> Value {
     let body =
         serde_json::from_str::<Value>(&d.body).unwrap_or_else(|_| Value::String(d.body.clone()));
     v["body"] = body;
+    v["next_links_cursor"] = d
+        .more_links_after
+        .map_or(Value::Null, |after| Value::String(after.to_string()));
     v["links"] = d
         .links
         .iter()
@@ -209,6 +214,34 @@ pub struct SourceQuery {
     pub source: Option<String>,
 }
 
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventQuery {
+    /// The event's source, when two sources have an event with this id.
+    pub source: Option<String>,
+    /// Links per page, 1 to 500 (default 100).
+    #[param(minimum = 1, maximum = 500)]
+    pub links_limit: Option<i64>,
+    /// The `next_links_cursor` of the previous page.
+    pub links_cursor: Option<String>,
+}
+
+impl EventQuery {
+    fn page(&self) -> Result<LinkPage, AppError> {
+        let limit = self.links_limit.unwrap_or(100);
+        if !(1..=500).contains(&limit) {
+            return Err(AppError::BadRequest("links_limit must be 1 to 500".into()));
+        }
+        let after = match self.links_cursor.as_deref().filter(|c| !c.is_empty()) {
+            None => None,
+            Some(c) => Some(c.parse::<i64>().map_err(|_| {
+                AppError::BadRequest(format!("links_cursor {c:?} is not a cursor this API gave"))
+            })?),
+        };
+        Ok(LinkPage { after, limit })
+    }
+}
+
 /// Finds the one event with this id; `source` disambiguates ids that two sources share.
 pub async fn find_one(
     state: &AppState,
@@ -231,9 +264,9 @@ pub async fn find_one(
     get,
     path = "/admin/events/{event_id}",
     tag = "admin",
-    params(("event_id" = String, Path, description = "The event id (unique per source)"), SourceQuery),
+    params(("event_id" = String, Path, description = "The event id (unique per source)"), EventQuery),
     responses(
-        (status = 200, description = "The event", body = crate::openapi::EventDetail),
+        (status = 200, description = "The event, with one page of its links (`next_links_cursor` names the next)", body = crate::openapi::EventDetail),
         (status = 400, description = "`bad_request`: a malformed path or query", body = crate::openapi::ErrorBody),
         crate::openapi::Unauthorized,
         (status = 404, description = "`not_found`: no such event, or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
@@ -245,12 +278,13 @@ pub async fn find_one(
 async fn get_event(
     State(state): State<Arc<AppState>>,
     Path(event_id): Path<String>,
-    Query(q): Query<SourceQuery>,
+    Query(q): Query<EventQuery>,
 ) -> Result<Response, AppError> {
+    let page = q.page()?;
     let e = find_one(&state, &event_id, q.source.as_deref()).await?;
     let detail = state
         .store
-        .event_detail(e.pk)
+        .event_detail(e.pk, page)
         .await?
         .ok_or_else(|| AppError::NotFound(format!("no event with id {event_id:?}")))?;
     Ok(axum::Json(detail_json(&detail)).into_response())

@@ -310,7 +310,11 @@ pub struct EventDetail {
     /// The stored body: its JSON, or the text when it is not JSON.
     #[schema(value_type = Value)]
     pub body: serde_json::Value,
+    /// One page of the event's links (`links_limit`, 100 by default).
     pub links: Vec<LinkDoc>,
+    /// Pass as `links_cursor` for the next page of links; null on the last page.
+    #[schema(required = true)]
+    pub next_links_cursor: Option<String>,
 }
 
 /// `202`: the event after the replay.

@@ -27,7 +27,7 @@ use utoipa_axum::routes;
 use crate::admin::{self, ListQuery, SourceQuery, token_matches};
 use crate::app::AppState;
 use crate::error::AppError;
-use crate::store::{Attempt, EventFilter, EventSummary, LinkDetail, Millis, now_ms};
+use crate::store::{Attempt, EventFilter, EventSummary, LinkDetail, LinkPage, Millis, now_ms};
 
 /// The session cookie's name.
 pub const SESSION_COOKIE: &str = "sprintlink_ui";
@@ -789,7 +789,7 @@ async fn event_page(
         Ok(e) => e,
         Err(e) => return e.into_response(),
     };
-    let detail = match state.store.event_detail(e.pk).await {
+    let detail = match state.store.event_detail(e.pk, LinkPage::default()).await {
         Ok(Some(d)) => d,
         Ok(None) => {
             return AppError::NotFound(format!("no event with id {event_id:?}")).into_response();
@@ -838,6 +838,14 @@ async fn event_page(
     }
     for l in &detail.links {
         c.push_str(&link_card(l, now));
+    }
+    if detail.more_links_after.is_some() {
+        let _ = write!(
+            c,
+            "<div class=\"card muted\" id=\"more-links\">Only the first {} links are shown; \
+             <code>GET /admin/events/{{event_id}}?links_cursor=</code> pages through the rest.</div>",
+            detail.links.len()
+        );
     }
     let body = serde_json::from_str::<serde_json::Value>(&detail.body)
         .ok()

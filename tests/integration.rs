@@ -29,6 +29,7 @@ both_backends!(
     admin_api_requires_its_token,
     admin_list_paginates_and_filters,
     bulk_replay_by_state_and_source,
+    event_document_pages_its_links,
 );
 
 /// A query-string-free link body, as SPEC section 1 spells it.
@@ -1186,4 +1187,48 @@ async fn delivery_log_lines_name_the_event_and_source() {
         !logs.contains(API_TOKEN),
         "the API token reached a log line"
     );
+}
+
+/// An event's links come a page at a time: every link once, in order, then no cursor; a
+/// malformed page request is a 400 in the JSON error format.
+async fn event_document_pages_its_links(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    app.post_webhook("erp", &erp_event("many", 77, json!([1, 2, 3, 4, 5])))
+        .await
+        .expect(202);
+    app.wait_for_state("many", "delivered").await;
+    let whole = app.event("many").await;
+    assert_eq!(whole["links"].as_array().unwrap().len(), 5);
+    assert_eq!(whole["next_links_cursor"], Value::Null);
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &cursor {
+            None => "/admin/events/many?links_limit=2".to_string(),
+            Some(c) => format!("/admin/events/many?links_limit=2&links_cursor={c}"),
+        };
+        let r = app.admin_get(&path).await;
+        let page = r.expect(200).clone();
+        pages += 1;
+        let links = page["links"].as_array().unwrap();
+        assert!(links.len() <= 2, "{page}");
+        seen.extend(links.iter().map(|l| l["lead_id"].clone()));
+        match page["next_links_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+        assert!(pages < 10, "the cursor never ends");
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(
+        seen,
+        vec![json!("1"), json!("2"), json!("3"), json!("4"), json!("5")]
+    );
+    app.admin_get("/admin/events/many?links_limit=0")
+        .await
+        .expect_error(400, "bad_request");
+    app.admin_get("/admin/events/many?links_cursor=zz")
+        .await
+        .expect_error(400, "bad_request");
 }

@@ -294,7 +294,29 @@ pub struct EventDetail {
     #[serde(flatten)]
     pub summary: EventSummary,
     pub body: String,
+    /// One page of the event's links, in the order they were first stored.
     pub links: Vec<LinkDetail>,
+    /// Where the next page of links starts (`LinkPage::after`), when there is one.
+    #[serde(skip)]
+    pub more_links_after: Option<i64>,
+}
+
+/// Which of an event's links an event document holds: an event may name up to 100 leads, and
+/// each link carries its attempts.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkPage {
+    /// Only links stored after this position (the previous page's `more_links_after`).
+    pub after: Option<i64>,
+    pub limit: i64,
+}
+
+impl Default for LinkPage {
+    fn default() -> Self {
+        LinkPage {
+            after: None,
+            limit: 100,
+        }
+    }
 }
 
 /// Numbers for `/metrics` and the dashboard.
@@ -336,7 +358,7 @@ pub trait Store: Send + Sync + 'static {
     async fn list_events(&self, filter: &EventFilter) -> Result<Vec<EventSummary>>;
     /// Events with this id (one per source at most), optionally of one source.
     async fn find_events(&self, event_id: &str, source: Option<&str>) -> Result<Vec<EventSummary>>;
-    async fn event_detail(&self, pk: i64) -> Result<Option<EventDetail>>;
+    async fn event_detail(&self, pk: i64, links: LinkPage) -> Result<Option<EventDetail>>;
     async fn event_body(&self, pk: i64) -> Result<Option<String>>;
     /// Applies a fresh plan to an existing event: every link not yet linked is due now.
     async fn replay(&self, pk: i64, object_id: Option<&str>, plan: Plan, now: Millis)

@@ -708,7 +708,7 @@ macro_rules! sql_store {
                 rows.iter().map(summary).collect()
             }
 
-            async fn event_detail(&self, pk: i64) -> Result<Option<EventDetail>> {
+            async fn event_detail(&self, pk: i64, page: LinkPage) -> Result<Option<EventDetail>> {
                 // One snapshot for the event, its links and their attempts, so that a delivery
                 // committing meanwhile cannot show a link's new state beside its old attempts.
                 let mut tx = self.read.begin_with($read_snapshot).await?;
@@ -721,13 +721,19 @@ macro_rules! sql_store {
                 let Some(row) = row else { return Ok(None) };
                 let body: String = row.try_get("body")?;
                 let summary = summary(&row)?;
-                let link_rows = sqlx::query(
+                // One row more than the page, to know whether another page follows.
+                let mut link_rows = sqlx::query(
                     "SELECT l.id, l.object_id, l.lead_id, l.state, l.due_at FROM links l
-                     JOIN event_links el ON el.link_id = l.id WHERE el.event_pk = $1 ORDER BY l.id",
+                     JOIN event_links el ON el.link_id = l.id
+                     WHERE el.event_pk = $1 AND el.link_id > $2 ORDER BY el.link_id LIMIT $3",
                 )
                 .bind(pk)
+                .bind(page.after.unwrap_or(i64::MIN))
+                .bind(page.limit.saturating_add(1))
                 .fetch_all(&mut *tx)
                 .await?;
+                let more = link_rows.len() as i64 > page.limit;
+                link_rows.truncate(page.limit.max(0) as usize);
                 let mut links = Vec::with_capacity(link_rows.len());
                 for r in &link_rows {
                     let link_id: i64 = r.try_get("id")?;
@@ -760,7 +766,8 @@ macro_rules! sql_store {
                     });
                 }
                 tx.commit().await?;
-                Ok(Some(EventDetail { summary, body, links }))
+                let more_links_after = if more { links.last().map(|l| l.link_id) } else { None };
+                Ok(Some(EventDetail { summary, body, links, more_links_after }))
             }
 
             async fn event_body(&self, pk: i64) -> Result<Option<String>> {
@@ -1564,7 +1571,11 @@ mod batch_tests {
         let mut out = Vec::new();
         for e in events {
             let found = s.find_events(&e.event_id, Some("erp")).await.unwrap();
-            let d = s.event_detail(found[0].pk).await.unwrap().unwrap();
+            let d = s
+                .event_detail(found[0].pk, LinkPage::default())
+                .await
+                .unwrap()
+                .unwrap();
             let mut ls: Vec<String> = d
                 .links
                 .iter()
