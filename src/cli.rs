@@ -45,6 +45,14 @@ pub enum Command {
         #[arg(long)]
         file: Option<PathBuf>,
     },
+    /// Apply the schema migrations the database is missing (`serve` does this too), or with
+    /// `--dry-run` only list them.
+    Migrate {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Exit 0 if BASE/readyz answers 200, else 1.
     Healthcheck {
         #[arg(long)]
@@ -79,6 +87,39 @@ pub async fn serve(flag: Option<PathBuf>) -> i32 {
     };
     match crate::app::run(config).await {
         Ok(()) => 0,
+        Err(e) => {
+            eprintln!("sprintlink: {e}");
+            1
+        }
+    }
+}
+
+pub async fn migrate(flag: Option<PathBuf>, dry_run: bool) -> i32 {
+    let config = match load_config(flag) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    match crate::store::migrate(config.storage.url.expose(), !dry_run).await {
+        Ok(status) => {
+            let verb = if dry_run { "pending" } else { "applied" };
+            for (version, name) in &status.pending {
+                say!("{verb}: {version:04} {name}");
+            }
+            let now_at = if dry_run {
+                status.current
+            } else {
+                status.latest
+            };
+            say!(
+                "schema version {now_at} (this sprintlink knows up to {}); {} migration(s) {verb}",
+                status.latest,
+                status.pending.len()
+            );
+            0
+        }
         Err(e) => {
             eprintln!("sprintlink: {e}");
             1

@@ -27,6 +27,7 @@ fn main() {
                         cli::serve(config).await
                     }
                     Command::Demo => cli::demo().await,
+                    Command::Migrate { config, dry_run } => cli::migrate(config, dry_run).await,
                     Command::Healthcheck { url, config } => cli::healthcheck(url, config).await,
                     _ => unreachable!("handled above"),
                 }

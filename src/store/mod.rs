@@ -3,6 +3,7 @@
 //! dialects agree. Storage knows nothing of HTTP or of the worker: it records decisions made
 //! elsewhere and hands out due jobs under a lease.
 
+pub mod migrate;
 mod sql;
 mod sqlite_group;
 
@@ -40,6 +41,12 @@ pub enum StoreError {
     /// A request the store cannot make sense of (a bad URL), found before any I/O.
     #[error("{0}")]
     Invalid(String),
+    /// The database was migrated by a newer release than this binary.
+    #[error(
+        "the database is at schema version {database}, newer than this sprintlink {} (schema version {binary}): run the release that migrated it, or a newer one",
+        env!("CARGO_PKG_VERSION")
+    )]
+    SchemaTooNew { database: i64, binary: i64 },
 }
 
 /// The driver's error behind a `StoreError`, shared so the error can be handed to every member
@@ -380,6 +387,37 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
         Ok(Arc::new(SqliteStore::open(url).await?))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Arc::new(PostgresStore::open(url).await?))
+    } else {
+        Err(StoreError::Invalid(format!(
+            "storage.url {:?} is neither sqlite: nor postgres://",
+            crate::config::redact_url(url)
+        )))
+    }
+}
+
+/// Lists (`apply = false`) or applies the migrations the database at `url` is missing, without
+/// starting anything else. A SQLite file that does not exist yet is not created by a dry run.
+pub async fn migrate(url: &str, apply: bool) -> Result<migrate::Status> {
+    use std::str::FromStr;
+    if url.starts_with("sqlite:") {
+        let opts = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
+        if !apply && !opts.get_filename().exists() {
+            return migrate::status(migrate::SQLITE, 0);
+        }
+        let opts = opts
+            .create_if_missing(apply)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .busy_timeout(std::time::Duration::from_secs(5));
+        let mut conn = sqlx::ConnectOptions::connect(&opts).await?;
+        let status = sql::migrate_sqlite(&mut conn, apply).await;
+        let _ = sqlx::Connection::close(conn).await;
+        status
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let opts = sqlx::postgres::PgConnectOptions::from_str(url)?;
+        let mut conn = sqlx::ConnectOptions::connect(&opts).await?;
+        let status = sql::migrate_postgres(&mut conn, apply).await;
+        let _ = sqlx::Connection::close(conn).await;
+        status
     } else {
         Err(StoreError::Invalid(format!(
             "storage.url {:?} is neither sqlite: nor postgres://",

@@ -9,120 +9,6 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::*;
 
-const SQLITE_SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS events (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        source TEXT NOT NULL,
-        event_id TEXT NOT NULL,
-        event_type TEXT,
-        received_at INTEGER NOT NULL,
-        object_id TEXT,
-        state TEXT NOT NULL,
-        reason TEXT,
-        body TEXT NOT NULL,
-        resolve_due INTEGER,
-        resolve_locked_until INTEGER NOT NULL DEFAULT 0,
-        resolve_lease INTEGER NOT NULL DEFAULT 0,
-        resolve_attempts INTEGER NOT NULL DEFAULT 0,
-        resolve_first INTEGER NOT NULL DEFAULT 0,
-        UNIQUE (event_id, source))",
-    "CREATE TABLE IF NOT EXISTS links (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        object_id TEXT NOT NULL,
-        lead_id TEXT NOT NULL,
-        state TEXT NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        due_at INTEGER,
-        locked_until INTEGER NOT NULL DEFAULT 0,
-        lease INTEGER NOT NULL DEFAULT 0,
-        first_queued_at INTEGER NOT NULL,
-        updated_at INTEGER NOT NULL,
-        last_error TEXT,
-        UNIQUE (object_id, lead_id))",
-    "CREATE TABLE IF NOT EXISTS event_links (
-        event_pk INTEGER NOT NULL,
-        link_id INTEGER NOT NULL,
-        PRIMARY KEY (event_pk, link_id))",
-    "CREATE TABLE IF NOT EXISTS attempts (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        link_id INTEGER NOT NULL,
-        at INTEGER NOT NULL,
-        status_code INTEGER,
-        error TEXT,
-        response_excerpt TEXT,
-        duration_ms INTEGER NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS mappings (
-        source TEXT NOT NULL,
-        key TEXT NOT NULL,
-        lead_id TEXT NOT NULL,
-        PRIMARY KEY (source, key, lead_id))",
-];
-
-const PG_SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS events (
-        id BIGSERIAL PRIMARY KEY,
-        source TEXT NOT NULL,
-        event_id TEXT NOT NULL,
-        event_type TEXT,
-        received_at BIGINT NOT NULL,
-        object_id TEXT,
-        state TEXT NOT NULL,
-        reason TEXT,
-        body TEXT NOT NULL,
-        resolve_due BIGINT,
-        resolve_locked_until BIGINT NOT NULL DEFAULT 0,
-        resolve_lease BIGINT NOT NULL DEFAULT 0,
-        resolve_attempts BIGINT NOT NULL DEFAULT 0,
-        resolve_first BIGINT NOT NULL DEFAULT 0,
-        UNIQUE (event_id, source))",
-    "CREATE TABLE IF NOT EXISTS links (
-        id BIGSERIAL PRIMARY KEY,
-        object_id TEXT NOT NULL,
-        lead_id TEXT NOT NULL,
-        state TEXT NOT NULL,
-        attempts BIGINT NOT NULL DEFAULT 0,
-        due_at BIGINT,
-        locked_until BIGINT NOT NULL DEFAULT 0,
-        lease BIGINT NOT NULL DEFAULT 0,
-        first_queued_at BIGINT NOT NULL,
-        updated_at BIGINT NOT NULL,
-        last_error TEXT,
-        UNIQUE (object_id, lead_id))",
-    "CREATE TABLE IF NOT EXISTS event_links (
-        event_pk BIGINT NOT NULL,
-        link_id BIGINT NOT NULL,
-        PRIMARY KEY (event_pk, link_id))",
-    "CREATE TABLE IF NOT EXISTS attempts (
-        id BIGSERIAL PRIMARY KEY,
-        link_id BIGINT NOT NULL,
-        at BIGINT NOT NULL,
-        status_code BIGINT,
-        error TEXT,
-        response_excerpt TEXT,
-        duration_ms BIGINT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS mappings (
-        source TEXT NOT NULL,
-        key TEXT NOT NULL,
-        lead_id TEXT NOT NULL,
-        PRIMARY KEY (source, key, lead_id))",
-];
-
-/// Indexes (and the heartbeat row readiness writes) are the same text on both backends.
-///
-/// Events are found by id alone through their unique key, `(event_id, source)`; a database
-/// created before that order keeps its separate `events_event_id` index, which costs each insert
-/// one more page but is otherwise harmless.
-const INDEXES: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS heartbeat (id BIGINT PRIMARY KEY, at BIGINT NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS events_state ON events (state, id)",
-    "CREATE INDEX IF NOT EXISTS events_source ON events (source, id)",
-    "CREATE INDEX IF NOT EXISTS events_resolve ON events (resolve_due) WHERE resolve_due IS NOT NULL",
-    "CREATE INDEX IF NOT EXISTS links_due ON links (due_at) WHERE due_at IS NOT NULL",
-    "CREATE INDEX IF NOT EXISTS links_state ON links (state)",
-    "CREATE INDEX IF NOT EXISTS event_links_link ON event_links (link_id)",
-    "CREATE INDEX IF NOT EXISTS attempts_link ON attempts (link_id, id)",
-];
-
 const SQLITE_CLAIM_LINKS: &str = "UPDATE links SET locked_until = $1, lease = $2
     WHERE id IN (SELECT id FROM links WHERE due_at IS NOT NULL AND due_at <= $3 AND locked_until <= $3
                  ORDER BY due_at LIMIT $4)
@@ -1115,9 +1001,7 @@ impl SqliteStore {
             .pragma("wal_autocheckpoint", "0")
             .pragma("journal_size_limit", "67108864");
         let mut write = write_opts.connect().await?;
-        for stmt in SQLITE_SCHEMA.iter().chain(INDEXES) {
-            sqlx::query(*stmt).execute(&mut write).await?;
-        }
+        migrate_sqlite(&mut write, true).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(5))
@@ -1254,6 +1138,71 @@ async fn checkpoints(
     }
 }
 
+/// Brings a SQLite database to this binary's schema version (or, without `apply`, only says
+/// what is pending), in one `BEGIN IMMEDIATE` transaction, so a second process waits.
+pub(super) async fn migrate_sqlite(
+    conn: &mut sqlx::SqliteConnection,
+    apply: bool,
+) -> Result<migrate::Status> {
+    let mut tx = sqlx::Connection::begin_with(conn, "BEGIN IMMEDIATE").await?;
+    sqlx::query(migrate::VERSION_TABLE)
+        .execute(&mut *tx)
+        .await?;
+    let current: i64 = sqlx::query_scalar(migrate::CURRENT_VERSION)
+        .fetch_one(&mut *tx)
+        .await?;
+    let status = migrate::status(migrate::SQLITE, current)?;
+    if !apply {
+        tx.rollback().await?;
+        return Ok(status);
+    }
+    for m in migrate::plan(migrate::SQLITE, current)? {
+        sqlx::raw_sql(m.sql()).execute(&mut *tx).await?;
+        sqlx::query(migrate::RECORD_VERSION)
+            .bind(m.version)
+            .bind(m.name)
+            .bind(migrate::applied_at())
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(status)
+}
+
+/// The same for PostgreSQL, under an advisory lock: of replicas starting together on an older
+/// database one migrates, the others wait for it and then find nothing pending.
+pub(super) async fn migrate_postgres(
+    conn: &mut sqlx::PgConnection,
+    apply: bool,
+) -> Result<migrate::Status> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(727465)")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(migrate::VERSION_TABLE)
+        .execute(&mut *tx)
+        .await?;
+    let current: i64 = sqlx::query_scalar(migrate::CURRENT_VERSION)
+        .fetch_one(&mut *tx)
+        .await?;
+    let status = migrate::status(migrate::POSTGRES, current)?;
+    if !apply {
+        tx.rollback().await?;
+        return Ok(status);
+    }
+    for m in migrate::plan(migrate::POSTGRES, current)? {
+        sqlx::raw_sql(m.sql()).execute(&mut *tx).await?;
+        sqlx::query(migrate::RECORD_VERSION)
+            .bind(m.version)
+            .bind(m.name)
+            .bind(migrate::applied_at())
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(status)
+}
+
 /// PostgreSQL for several replicas: claims use `FOR UPDATE SKIP LOCKED`, and the unique
 /// constraints (not in-process locks) keep events and pairs single.
 pub struct PostgresStore {
@@ -1275,15 +1224,7 @@ impl PostgresStore {
         // together here they cost one.
         let (first, second, third) = tokio::join!(pool.acquire(), pool.acquire(), pool.acquire());
         let (mut conn, _second, _third) = (first?, second?, third?);
-        // Replicas starting together: the advisory lock lets one create the schema at a time.
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(727465)")
-            .execute(&mut *tx)
-            .await?;
-        for stmt in PG_SCHEMA.iter().chain(INDEXES) {
-            sqlx::query(*stmt).execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
+        migrate_postgres(&mut conn, true).await?;
         Ok(PostgresStore {
             write: pool.clone(),
             read: pool,
