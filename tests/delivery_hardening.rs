@@ -99,6 +99,11 @@ async fn redirect_is_not_followed_for_links(backend: Backend) {
         "the redirect was followed: {calls:?}"
     );
     assert_eq!(calls.len(), 1, "{calls:?}");
+    let m = app.metrics().await;
+    assert!(
+        m.contains("sprintlink_delivery_attempts_total{outcome=\"redirect\"} 1"),
+        "{m}"
+    );
 }
 
 fn client_for(url: &str) -> SprintHubClient {
