@@ -45,7 +45,7 @@ pub fn plan_for(source: &SourceConfig, body: &Value) -> (Option<String>, Plan) {
         ("webhook-timestamp" = Option<String>, Header, description = "standard-webhooks: Unix seconds (also `svix-timestamp`)"),
         ("webhook-signature" = Option<String>, Header, description = "standard-webhooks: `v1,<base64>` entries (also `svix-signature`)"),
         ("X-Hub-Signature-256" = Option<String>, Header, description = "github: `sha256=<hex>`"),
-        ("X-GitHub-Delivery" = Option<String>, Header, description = "github: the delivery id"),
+        ("X-GitHub-Delivery" = Option<String>, Header, description = "github: the delivery id; unsigned, so not the event id (the body's SHA-256 is, without an `event_id` pointer)"),
         ("Stripe-Signature" = Option<String>, Header, description = "stripe: `t=<unix>,v1=<hex>`"),
     ),
     request_body(content = Object, content_type = "application/json", description = "The event, as the sending system posts it"),

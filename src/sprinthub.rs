@@ -12,6 +12,17 @@ use serde_json::{Value, json};
 
 use crate::config::{LeadField, Secret, SprintHubConfig};
 use crate::mapping::{digits, id_json};
+use crate::store::EXCERPT_BYTES;
+
+/// The most of a link answer that is read: the status decides a link, the body is only kept as
+/// an excerpt, so the rest of a larger answer is left unread (the connection is closed).
+pub const LINK_ANSWER_LIMIT: usize = 64 * 1024;
+/// The most of a lead search or lead creation answer that is read: these are parsed. A larger
+/// search answer is a transient failure (it cannot be parsed); a larger creation answer has no
+/// readable id.
+pub const LOOKUP_ANSWER_LIMIT: usize = 1024 * 1024;
+/// The most of a redirect's `Location` that is quoted in an error.
+const LOCATION_CHARS: usize = 256;
 
 /// How one call ended, classified the way delivery decides what to do next.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +44,13 @@ pub enum Failure {
         status: u16,
         excerpt: Option<String>,
     },
+    /// A 3xx: `base_url` points somewhere that redirects (http instead of https, an old host).
+    /// Never followed; retried slowly, as an operator must fix the configuration.
+    Misdirected {
+        status: u16,
+        location: Option<String>,
+        excerpt: Option<String>,
+    },
     /// Any other 4xx: this request will never succeed.
     Permanent {
         status: u16,
@@ -45,7 +63,9 @@ impl Failure {
         match self {
             Failure::Transient { status, .. } => *status,
             Failure::Throttled { .. } => Some(401),
-            Failure::Auth { status, .. } | Failure::Permanent { status, .. } => Some(*status),
+            Failure::Auth { status, .. }
+            | Failure::Misdirected { status, .. }
+            | Failure::Permanent { status, .. } => Some(*status),
         }
     }
     pub fn excerpt(&self) -> Option<&str> {
@@ -53,12 +73,18 @@ impl Failure {
             Failure::Transient { excerpt, .. }
             | Failure::Throttled { excerpt, .. }
             | Failure::Auth { excerpt, .. }
+            | Failure::Misdirected { excerpt, .. }
             | Failure::Permanent { excerpt, .. } => excerpt.as_deref(),
         }
     }
     /// A one-line description for the attempt record and logs.
     pub fn describe(&self) -> String {
         match self {
+            Failure::Transient {
+                status: Some(s),
+                error,
+                ..
+            } if (200..300).contains(s) => format!("transient: HTTP {s}, {error}"),
             Failure::Transient {
                 status: Some(s), ..
             } => format!("transient: HTTP {s}"),
@@ -67,6 +93,14 @@ impl Failure {
             Failure::Auth { status, .. } => {
                 format!("auth: HTTP {status}, check sprinthub.api_token and sprinthub.instance")
             }
+            Failure::Misdirected {
+                status, location, ..
+            } => match location {
+                Some(to) => format!(
+                    "redirect: HTTP {status} to {to}, not followed; check sprinthub.base_url"
+                ),
+                None => format!("redirect: HTTP {status}, not followed; check sprinthub.base_url"),
+            },
             Failure::Permanent { status, .. } => format!("rejected: HTTP {status}"),
         }
     }
@@ -76,6 +110,7 @@ impl Failure {
             Failure::Transient { .. } => "transient",
             Failure::Throttled { .. } => "throttled",
             Failure::Auth { .. } => "auth_error",
+            Failure::Misdirected { .. } => "redirect",
             Failure::Permanent { .. } => "rejected",
         }
     }
@@ -86,7 +121,8 @@ impl Failure {
 pub struct Success {
     pub status: u16,
     pub excerpt: Option<String>,
-    pub body: Value,
+    /// The parsed answer; `None` when it is not JSON or was larger than the call's bound.
+    pub body: Option<Value>,
 }
 
 /// A lead found by search.
@@ -163,6 +199,9 @@ impl SprintHubClient {
             .connect_timeout(Duration::from_millis(cfg.timeout_ms.min(5_000)))
             .pool_max_idle_per_host(cfg.concurrency.max(1) * 2)
             .user_agent(concat!("sprintlink/", env!("CARGO_PKG_VERSION")))
+            // A redirect means base_url is wrong; following it could take a page that answers
+            // 200 for a link that was never made. 3xx is classified instead (Misdirected).
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {}", e.without_url()))?;
         let policy = ExponentialBackoff::builder()
@@ -186,33 +225,53 @@ impl SprintHubClient {
     /// `POST /customobjects/link`, the core call.
     pub async fn link(&self, object_id: &str, lead_id: &str) -> Result<Success, Failure> {
         let body = json!({"objectId": id_json(object_id), "linkType": "lead", "targetId": id_json(lead_id), "amount": 1});
-        self.post("/customobjects/link", &body).await
+        self.post("/customobjects/link", &body, LINK_ANSWER_LIMIT)
+            .await
     }
 
     /// `POST /leadsadvanced`, keeping only leads whose `field` equals `value` exactly.
     pub async fn search_leads(&self, field: LeadField, value: &str) -> Result<Vec<Lead>, Failure> {
         let body = json!({"query": "{leads{id,email,whatsapp,mobile}}", "search": value, "page": 0, "limit": 15});
-        let ok = self.post("/leadsadvanced", &body).await?;
-        Ok(exact_matches(&ok.body, field, value))
+        let ok = self
+            .post("/leadsadvanced", &body, LOOKUP_ANSWER_LIMIT)
+            .await?;
+        // An answer that cannot be read is not "no lead": that could park the event or create a
+        // duplicate lead. It is retried like an outage.
+        let Some(answer) = ok.body else {
+            return Err(Failure::Transient {
+                status: Some(ok.status),
+                retry_after: None,
+                error: format!(
+                    "the lead search answer is not JSON or is larger than {} KiB",
+                    LOOKUP_ANSWER_LIMIT / 1024
+                ),
+                excerpt: ok.excerpt,
+            });
+        };
+        Ok(exact_matches(&answer, field, value))
     }
 
     /// `POST /leads`; the new lead's id is read from `id` or `data.id`.
     pub async fn create_lead(&self, fields: &Value) -> Result<String, Failure> {
-        let ok = self.post("/leads", fields).await?;
-        ok.body
-            .get("id")
-            .or_else(|| ok.body.pointer("/data/id"))
+        let ok = self.post("/leads", fields, LOOKUP_ANSWER_LIMIT).await?;
+        let body = ok.body.unwrap_or(Value::Null);
+        body.get("id")
+            .or_else(|| body.pointer("/data/id"))
             .and_then(crate::mapping::id_text)
             .ok_or_else(|| Failure::Permanent {
                 status: ok.status,
-                excerpt: Some(format!(
-                    "lead created but no id in the answer: {}",
-                    ok.excerpt.unwrap_or_default()
+                excerpt: Some(store_safe(
+                    &format!(
+                        "lead created but no id in the answer: {}",
+                        ok.excerpt.unwrap_or_default()
+                    ),
+                    EXCERPT_BYTES,
                 )),
             })
     }
 
-    async fn post(&self, path: &str, body: &Value) -> Result<Success, Failure> {
+    /// One call. At most `limit` bytes of the answer are read; the rest is left unread.
+    async fn post(&self, path: &str, body: &Value, limit: usize) -> Result<Success, Failure> {
         let url = format!("{}{}", self.base_url, path);
         let sent = self
             .http
@@ -235,30 +294,50 @@ impl SprintHubClient {
                 });
             }
         };
+        let mut resp = resp;
         let status = resp.status();
         let retry_after = resp
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        let bytes = match resp.bytes().await {
-            Ok(b) => b,
-            Err(e) => {
-                return Err(Failure::Transient {
-                    status: Some(status.as_u16()),
-                    retry_after,
-                    error: self.scrub(&describe_error(reqwest_middleware::Error::Reqwest(e))),
-                    excerpt: None,
-                });
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                let shown: String = self.scrub(v).chars().take(LOCATION_CHARS).collect();
+                store_safe(&shown, LOCATION_CHARS * 4)
+            });
+        let (bytes, complete) = match read_bounded(&mut resp, limit).await {
+            Ok(read) => read,
+            // The status line came: it decides. What was read is kept; the rest is lost.
+            Err((partial, e)) => {
+                let error = self.scrub(&describe_error(reqwest_middleware::Error::Reqwest(e)));
+                tracing::debug!(status = status.as_u16(), error = %error, "reading a SprintHub answer failed");
+                (partial, false)
             }
         };
-        let excerpt = (!bytes.is_empty()).then(|| self.scrub(&excerpt(&bytes)));
+        drop(resp);
+        let excerpt =
+            (!bytes.is_empty()).then(|| store_safe(&self.scrub(&excerpt(&bytes)), EXCERPT_BYTES));
         if status.is_success() {
-            let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let body = if complete {
+                serde_json::from_slice(&bytes).ok()
+            } else {
+                None
+            };
             return Ok(Success {
                 status: status.as_u16(),
                 excerpt,
                 body,
+            });
+        }
+        if status.is_redirection() {
+            return Err(Failure::Misdirected {
+                status: status.as_u16(),
+                location,
+                excerpt,
             });
         }
         Err(classify(status, retry_after, &bytes, excerpt))
@@ -299,6 +378,44 @@ fn mask_query_token(text: &str) -> String {
     out
 }
 
+/// Reads at most `limit` bytes of the answer; says whether that was the whole answer. On a read
+/// error, what was read so far comes back with the error.
+async fn read_bounded(
+    resp: &mut reqwest::Response,
+    limit: usize,
+) -> Result<(Vec<u8>, bool), (Vec<u8>, reqwest::Error)> {
+    let mut buf = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = limit - buf.len();
+                if chunk.len() > room {
+                    buf.extend_from_slice(&chunk[..room]);
+                    return Ok((buf, false));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok((buf, true)),
+            Err(e) => return Err((buf, e)),
+        }
+    }
+}
+
+/// Text that PostgreSQL's `text` can hold and that fits `max` bytes: U+0000 becomes U+FFFD
+/// (invalid UTF-8 cannot occur in a `&str`; `excerpt` has already replaced it), cut at a
+/// character boundary.
+pub fn store_safe(text: &str, max: usize) -> String {
+    let mut out = text.replace('\0', "\u{FFFD}");
+    if out.len() > max {
+        let mut end = max;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+    }
+    out
+}
+
 /// Sorts an unsuccessful answer into its failure class.
 pub fn classify(
     status: StatusCode,
@@ -314,6 +431,11 @@ pub fn classify(
         },
         401 | 403 => Failure::Auth {
             status: code,
+            excerpt,
+        },
+        300..=399 => Failure::Misdirected {
+            status: code,
+            location: None,
             excerpt,
         },
         408 | 425 | 429 | 500..=599 => Failure::Transient {
@@ -336,10 +458,19 @@ fn says_too_many_requests(body: &[u8]) -> bool {
         .is_some_and(|m| m.contains("too many requests"))
 }
 
-/// The first 2 KiB of an answer, cut at a character boundary.
+/// The first 2 KiB of an answer as text safe for storage: invalid UTF-8 and U+0000 replaced by
+/// U+FFFD (PostgreSQL's `text` rejects both), at most `EXCERPT_BYTES`, cut at a character
+/// boundary.
 pub fn excerpt(bytes: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(crate::store::EXCERPT_BYTES)]);
-    text.trim_end_matches('\u{FFFD}').to_string()
+    let cut = &bytes[..bytes.len().min(EXCERPT_BYTES)];
+    let text = String::from_utf8_lossy(cut);
+    // A character split by the cut decodes as U+FFFD at the end: drop it.
+    let text = if cut.len() < bytes.len() {
+        text.trim_end_matches('\u{FFFD}')
+    } else {
+        &text
+    };
+    store_safe(text, EXCERPT_BYTES)
 }
 
 /// `Retry-After` as seconds or an HTTP date.
@@ -534,6 +665,30 @@ mod tests {
         assert!(matches!(err, Failure::Transient { status: None, .. }));
         assert!(!shown.contains("NEVER-SHOWN"), "{shown}");
         assert!(!shown.contains("apitoken"), "{shown}");
+    }
+
+    #[test]
+    fn redirects_are_their_own_class() {
+        for code in [301, 302, 303, 307, 308] {
+            let f = classify(StatusCode::from_u16(code).unwrap(), None, b"", None);
+            assert!(matches!(f, Failure::Misdirected { .. }), "{code}");
+            assert_eq!(f.class(), "redirect");
+            assert!(f.describe().contains("sprinthub.base_url"));
+        }
+    }
+
+    #[test]
+    fn excerpts_are_safe_for_postgresql_text() {
+        let e = excerpt(b"{\"a\":\"x\x00y\"}\xff\xfe tail");
+        assert!(!e.contains('\0'), "{e:?}");
+        assert_eq!(e, "{\"a\":\"x\u{FFFD}y\"}\u{FFFD}\u{FFFD} tail");
+        // NUL becomes a 3-byte character: the excerpt still fits and ends on a char boundary.
+        let nuls = vec![0u8; 5000];
+        let e = excerpt(&nuls);
+        assert!(e.len() <= EXCERPT_BYTES && !e.contains('\0'));
+        assert!(e.chars().all(|c| c == '\u{FFFD}'));
+        assert_eq!(store_safe("abc\0", 4), "abc");
+        assert_eq!(store_safe("é", 1), "");
     }
 
     #[test]

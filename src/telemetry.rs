@@ -158,7 +158,7 @@ impl Metrics {
         self.webhooks.get(&[source, outcome])
     }
 
-    /// `outcome`: success, transient, throttled, auth_error, rejected.
+    /// `outcome`: success, transient, throttled, auth_error, redirect, rejected.
     pub fn attempt(&self, outcome: &str, took: Duration) {
         self.attempts.inc(&[outcome]);
         self.delivery.observe(took);

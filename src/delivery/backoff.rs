@@ -58,7 +58,7 @@ pub fn after_failure(
                 .max(THROTTLE_PAUSE),
             false,
         ),
-        Failure::Auth { .. } => (
+        Failure::Auth { .. } | Failure::Misdirected { .. } => (
             backoff(n, initial, max, rand01)
                 .max(THROTTLE_PAUSE)
                 .min(max.max(THROTTLE_PAUSE)),

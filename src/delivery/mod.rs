@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::Batcher;
 use crate::config::Config;
-use crate::sprinthub::SprintHubClient;
+use crate::sprinthub::{Failure, SprintHubClient};
 use crate::store::{Attempt, Completion, LinkJob, LinkUpdate, Store, now_ms};
 use crate::telemetry::Metrics;
 use backoff::{Next, after_failure};
@@ -27,6 +27,10 @@ use resolve::Resolver;
 const IDLE_POLL: Duration = Duration::from_millis(500);
 /// How long a busy worker waits to gather free slots before claiming.
 const CLAIM_GATHER: Duration = Duration::from_millis(5);
+/// The furthest ahead a claimed job's rate-limit slot may lie (a quarter of the lease at most):
+/// the worker claims only as many jobs as it can start within this time, so no job sits in
+/// the rate limiter until its lease runs out.
+const CLAIM_HORIZON: Duration = Duration::from_secs(1);
 
 pub struct Worker {
     store: Arc<dyn Store>,
@@ -84,6 +88,7 @@ impl Worker {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken, drain: Duration) {
         let permits = Arc::new(Semaphore::new(self.cfg.sprinthub.concurrency));
         let lease_ms = (self.cfg.delivery.lease_seconds * 1000) as i64;
+        let horizon = CLAIM_HORIZON.min(Duration::from_millis(lease_ms as u64 / 4));
         let mut tasks = JoinSet::new();
         loop {
             while tasks.try_join_next().is_some() {}
@@ -105,12 +110,30 @@ impl Worker {
             while let Ok(p) = permits.clone().try_acquire_owned() {
                 held.push(p);
             }
+            // Rate tokens before claims: wait until a slot is near, then claim no more jobs than
+            // there are slots within the horizon. A claimed job starts its call within that
+            // horizon, far inside its lease, so it is never claimed (and sent) a second time.
+            let ready = self.limiter.ready_at(horizon);
+            if ready > tokio::time::Instant::now() {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(ready) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+            let slots = self.limiter.reserve(held.len(), horizon);
+            if slots.is_empty() {
+                // A lead lookup took the slot meanwhile.
+                continue;
+            }
+            held.truncate(slots.len());
+            let mut slots = slots.into_iter();
             let now = now_ms();
             let limit = held.len() as i64;
             let jobs = match self.store.claim_links(now, now + lease_ms, limit).await {
                 Ok(jobs) => jobs,
                 Err(e) => {
                     tracing::warn!(error = %e, "claiming links failed; retrying in 1 s");
+                    self.limiter.release(slots.as_slice());
                     drop(held);
                     tokio::select! { _ = tokio::time::sleep(Duration::from_secs(1)) => {}, _ = shutdown.cancelled() => break }
                     continue;
@@ -119,6 +142,7 @@ impl Worker {
             let mut started = 0;
             for job in jobs {
                 let permit = held.pop().expect("claimed no more than the permits held");
+                let slot = slots.next().expect("one slot per permit");
                 self.in_flight
                     .lock()
                     .expect("in-flight lock")
@@ -126,7 +150,7 @@ impl Worker {
                 let me = self.clone();
                 let stop = shutdown.clone();
                 tasks.spawn(async move {
-                    me.deliver(job, stop).await;
+                    me.deliver(job, slot, stop).await;
                     drop(permit);
                 });
                 started += 1;
@@ -137,9 +161,10 @@ impl Worker {
                     Ok(jobs) => {
                         for job in jobs {
                             let permit = held.pop().expect("claimed no more than the permits held");
+                            let slot = slots.next().expect("one slot per permit");
                             let me = self.clone();
                             tasks.spawn(async move {
-                                me.resolver.run(job).await;
+                                me.resolver.run(job, slot).await;
                                 drop(permit);
                             });
                             started += 1;
@@ -148,6 +173,8 @@ impl Worker {
                     Err(e) => tracing::warn!(error = %e, "claiming lead resolutions failed"),
                 }
             }
+            // Slots not used by a claimed job are handed back.
+            self.limiter.release(slots.as_slice());
             drop(held);
             if started == 0 {
                 let wait = match self.store.next_due().await {
@@ -195,8 +222,8 @@ impl Worker {
         }
     }
 
-    /// One attempt for one link, and its record.
-    async fn deliver(&self, job: LinkJob, shutdown: CancellationToken) {
+    /// One attempt for one link, at its rate-limit `slot`, and its record.
+    async fn deliver(&self, job: LinkJob, slot: tokio::time::Instant, shutdown: CancellationToken) {
         let (source, event_id) = job.events.first().cloned().unwrap_or_default();
         let span = tracing::info_span!(
             "deliver",
@@ -211,7 +238,7 @@ impl Worker {
         drop(_enter);
         // A call not yet started when shutdown comes is handed back, not begun.
         let go = tokio::select! {
-            _ = self.limiter.acquire() => true,
+            _ = tokio::time::sleep_until(slot) => true,
             _ = shutdown.cancelled() => false,
         };
         let completion = if !go {
@@ -262,8 +289,10 @@ impl Worker {
                     );
                     let update = match next {
                         Next::Retry { delay, counted } => {
-                            if failure.class() == "auth_error" {
+                            if matches!(failure, Failure::Auth { .. }) {
                                 tracing::error!(parent: &span, error = %failure.describe(), "SprintHub refused our credentials");
+                            } else if matches!(failure, Failure::Misdirected { .. }) {
+                                tracing::error!(parent: &span, error = %failure.describe(), "SprintHub answered with a redirect; sprinthub.base_url is wrong");
                             } else {
                                 tracing::warn!(parent: &span, error = %failure.describe(), retry_in_ms = delay.as_millis() as u64, "link attempt failed");
                             }

@@ -1,5 +1,9 @@
 //! The outbound token bucket: at most `rate` calls per second with a burst of one, shared by
 //! every call this replica makes to SprintHub.
+//!
+//! The worker takes its slots *before* it claims jobs ([`RateLimiter::reserve`]), and claims no
+//! more jobs than it holds slots for within a short horizon: a claimed job never waits out its
+//! lease in this queue (which would let the job be claimed and sent a second time).
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -34,6 +38,50 @@ impl RateLimiter {
         };
         tokio::time::sleep_until(at).await;
     }
+
+    /// Reserves up to `max` slots, in order, that start no later than `horizon` from now; none
+    /// when the next free slot is later than that. Each caller waits until its slot.
+    pub fn reserve(&self, max: usize, horizon: Duration) -> Vec<Instant> {
+        let now = Instant::now();
+        let Some(interval) = self.interval else {
+            return vec![now; max];
+        };
+        let mut next = self.next.lock().expect("rate limiter lock");
+        let mut at = (*next).max(now);
+        let mut slots = Vec::new();
+        while slots.len() < max && at <= now + horizon {
+            slots.push(at);
+            at += interval;
+        }
+        if !slots.is_empty() {
+            *next = at;
+        }
+        slots
+    }
+
+    /// Hands back the tail of a reservation that went unused, if nothing was reserved after it
+    /// (otherwise those slots simply pass unused).
+    pub fn release(&self, unused: &[Instant]) {
+        let (Some(interval), Some(first), Some(last)) =
+            (self.interval, unused.first(), unused.last())
+        else {
+            return;
+        };
+        let mut next = self.next.lock().expect("rate limiter lock");
+        if *next == *last + interval {
+            *next = *first;
+        }
+    }
+
+    /// The earliest moment at which [`reserve`](Self::reserve) with this `horizon` finds a slot.
+    pub fn ready_at(&self, horizon: Duration) -> Instant {
+        let now = Instant::now();
+        if self.interval.is_none() {
+            return now;
+        }
+        let next = *self.next.lock().expect("rate limiter lock");
+        next.checked_sub(horizon).unwrap_or(now).max(now)
+    }
 }
 
 #[cfg(test)]
@@ -58,5 +106,36 @@ mod tests {
             rl.acquire().await;
         }
         assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reservations_stay_within_the_horizon_and_unused_ones_come_back() {
+        let rl = RateLimiter::new(2.0);
+        let start = Instant::now();
+        let h = Duration::from_secs(1);
+        let slots = rl.reserve(8, h);
+        // 0, 0.5 s and 1 s: no reserved slot is further away than the horizon.
+        assert_eq!(
+            slots,
+            vec![
+                start,
+                start + Duration::from_millis(500),
+                start + Duration::from_secs(1)
+            ]
+        );
+        assert!(rl.reserve(8, h).is_empty(), "the bucket is booked up");
+        assert_eq!(rl.ready_at(h), start + Duration::from_millis(500));
+        // The last two went unused: they are free again.
+        rl.release(&slots[1..]);
+        assert_eq!(rl.ready_at(h), start);
+        assert_eq!(rl.reserve(1, h), vec![start + Duration::from_millis(500)]);
+        // A release that is not the tail any more changes nothing.
+        let a = rl.reserve(1, h);
+        assert_eq!(a, vec![start + Duration::from_secs(1)]);
+        let b = rl.reserve(1, Duration::from_secs(10));
+        assert_eq!(b, vec![start + Duration::from_millis(1500)]);
+        rl.release(&a);
+        assert_eq!(rl.reserve(1, h), Vec::<Instant>::new());
+        assert_eq!(RateLimiter::new(0.0).reserve(3, h).len(), 3);
     }
 }

@@ -94,10 +94,19 @@ impl Resolver {
         }
     }
 
-    /// Resolves one claimed event and records the result.
-    pub async fn run(&self, job: ResolveJob) {
+    /// Resolves one claimed event and records the result. `slot` is the rate-limit slot the
+    /// worker took before claiming it: the first SprintHub call waits for it, not for a new one.
+    pub async fn run(&self, job: ResolveJob, slot: tokio::time::Instant) {
         let span = tracing::info_span!("resolve", event_id = %job.event_id, source = %job.source);
-        let update = self.resolve(&job).await;
+        let mut pace = Pace {
+            slot: Some(slot),
+            limiter: &self.limiter,
+        };
+        let update = self.resolve(&job, &mut pace).await;
+        // An unused slot is handed back (when it is still the last one reserved).
+        if let Some(slot) = pace.slot {
+            self.limiter.release(&[slot]);
+        }
         match &update {
             ResolveUpdate::Links(ids) => {
                 tracing::info!(parent: &span, leads = ?ids, "lead key resolved")
@@ -115,7 +124,7 @@ impl Resolver {
         }
     }
 
-    async fn resolve(&self, job: &ResolveJob) -> ResolveUpdate {
+    async fn resolve(&self, job: &ResolveJob, pace: &mut Pace<'_>) -> ResolveUpdate {
         let Some(source) = self.cfg.source(&job.source) else {
             return ResolveUpdate::Parked(format!(
                 "source {:?} is no longer configured",
@@ -137,7 +146,7 @@ impl Resolver {
         let lead = &source.lead;
         let result = match (lead.lookup, lead.field) {
             (Some(LookupKind::Sprinthub), Some(field)) => {
-                self.via_sprinthub(source, field, &key, &body).await
+                self.via_sprinthub(source, field, &key, &body, pace).await
             }
             _ => self.via_table(source, &key).await,
         };
@@ -160,6 +169,15 @@ impl Resolver {
             },
             Err(Lookup::Hub(failure)) => {
                 self.metrics.lookup("error");
+                match &failure {
+                    Failure::Auth { .. } => {
+                        tracing::error!(event_id = %job.event_id, error = %failure.describe(), "SprintHub refused our credentials")
+                    }
+                    Failure::Misdirected { .. } => {
+                        tracing::error!(event_id = %job.event_id, error = %failure.describe(), "SprintHub answered with a redirect; sprinthub.base_url is wrong")
+                    }
+                    _ => {}
+                }
                 match after_failure(
                     &failure,
                     job.attempts,
@@ -196,6 +214,7 @@ impl Resolver {
         field: LeadField,
         key: &str,
         body: &Value,
+        pace: &mut Pace<'_>,
     ) -> Result<Vec<String>, Lookup> {
         let create = source.lead.create_missing;
         let cached = || {
@@ -224,11 +243,11 @@ impl Resolver {
             if let Some(ids) = cached() {
                 return Ok(ids);
             }
-            let found = self.search(field, key).await?;
+            let found = self.search(field, key, pace).await?;
             if !found.is_empty() || !create {
                 return Ok(found);
             }
-            self.create(source, field, key, body).await
+            self.create(source, field, key, body, pace).await
         }
         .await;
         let mut locks = self.key_locks.lock().expect("lookup lock");
@@ -246,6 +265,7 @@ impl Resolver {
         field: LeadField,
         key: &str,
         body: &Value,
+        pace: &mut Pace<'_>,
     ) -> Result<Vec<String>, Lookup> {
         let mut fields = Map::new();
         for (name, pointer) in &source.lead.create_fields {
@@ -256,7 +276,7 @@ impl Resolver {
         fields
             .entry(field.as_str().to_string())
             .or_insert_with(|| Value::String(key.to_string()));
-        self.limiter.acquire().await;
+        pace.wait().await;
         let id = self
             .hub
             .create_lead(&Value::Object(fields))
@@ -268,8 +288,13 @@ impl Resolver {
         Ok(ids)
     }
 
-    async fn search(&self, field: LeadField, key: &str) -> Result<Vec<String>, Lookup> {
-        self.limiter.acquire().await;
+    async fn search(
+        &self,
+        field: LeadField,
+        key: &str,
+        pace: &mut Pace<'_>,
+    ) -> Result<Vec<String>, Lookup> {
+        pace.wait().await;
         let leads = self
             .hub
             .search_leads(field, key)
@@ -286,4 +311,20 @@ impl Resolver {
 enum Lookup {
     Storage(String),
     Hub(Failure),
+}
+
+/// The rate limit for one resolution: its first call uses the slot reserved before the claim,
+/// a second one (creating the lead after a search) waits for a new slot.
+struct Pace<'a> {
+    slot: Option<tokio::time::Instant>,
+    limiter: &'a RateLimiter,
+}
+
+impl Pace<'_> {
+    async fn wait(&mut self) {
+        match self.slot.take() {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => self.limiter.acquire().await,
+        }
+    }
 }

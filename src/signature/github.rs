@@ -1,5 +1,8 @@
 //! GitHub: `X-Hub-Signature-256: sha256=<hex HMAC of the body>`, keyed by the secret's bytes.
-//! There is no timestamp; `X-GitHub-Delivery` names the delivery for deduplication.
+//! There is no timestamp, and `X-GitHub-Delivery` is not covered by the signature: anyone who
+//! captured one request could replay its body under new delivery ids, each a new event. So the
+//! delivery id is not handed on as the event id; without an `event_id` pointer into the (signed)
+//! body, the event id is the SHA-256 of the body, and a replayed body is a duplicate.
 
 use super::{HeaderLookup, SignatureError, Verified, any_matches, mac};
 
@@ -17,9 +20,8 @@ pub fn verify(
         .ok_or(SignatureError::Invalid)?;
     let candidate = hex::decode(hex_part).map_err(|_| SignatureError::Invalid)?;
     if any_matches(keys, &[body], &[candidate]) {
-        Ok(Verified {
-            delivery_id: headers.header("x-github-delivery").map(str::to_string),
-        })
+        // The delivery id header is unsigned: it must not decide what is a new event.
+        Ok(Verified { delivery_id: None })
     } else {
         Err(SignatureError::Invalid)
     }
@@ -51,7 +53,8 @@ mod tests {
     #[test]
     fn documented_example_verifies_and_our_signer_agrees() {
         let v = run(SIG, b"Hello, World!", &[SECRET.to_vec()]).unwrap();
-        assert_eq!(v.delivery_id.as_deref(), Some("d-1"));
+        // X-GitHub-Delivery is unsigned, so it is not offered as the event id.
+        assert_eq!(v.delivery_id, None);
         assert_eq!(sign(SECRET, "d-1", b"Hello, World!")[1].1, SIG);
     }
 

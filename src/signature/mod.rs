@@ -57,7 +57,9 @@ impl SignatureError {
 /// What a verified request tells us beyond "it is authentic".
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Verified {
-    /// The scheme's own delivery id (webhook-id, X-GitHub-Delivery), the default event id.
+    /// The scheme's own delivery id when the signature covers it (Standard Webhooks'
+    /// `webhook-id`), the default event id. Unsigned ids (`X-GitHub-Delivery`) are not given:
+    /// a replay could change them at will.
     pub delivery_id: Option<String>,
 }
 

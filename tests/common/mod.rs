@@ -773,3 +773,160 @@ pub fn query_param<'a>(r: &'a Received, name: &str) -> Option<&'a str> {
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.as_str())
 }
+
+// ---------------------------------------------------------------------------------------------
+// A raw SprintHub fake, for answers the stand-in cannot give: redirects to a page that answers
+// 200, and answers far larger than anything SprintHub sends, streamed without end.
+
+/// What the raw fake answers to one request.
+#[derive(Debug, Clone)]
+pub enum RawAnswer {
+    /// `status` with these headers and this body (Content-Length is added).
+    Full {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    /// `status` with a declared Content-Length of `total` bytes, streamed in 64 KiB chunks
+    /// until the client stops reading (or `total` bytes were sent).
+    Stream { status: u16, total: u64 },
+}
+
+/// One request the raw fake received.
+#[derive(Debug, Clone)]
+pub struct RawCall {
+    pub method: String,
+    /// The path without the query.
+    pub path: String,
+    pub body: Vec<u8>,
+}
+
+/// A one-connection-per-request HTTP/1.1 server on 127.0.0.1 whose answers a closure decides.
+#[derive(Clone)]
+pub struct RawHub {
+    pub url: String,
+    calls: Arc<Mutex<Vec<RawCall>>>,
+    /// Body bytes written to clients, across every answer.
+    pub written: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl RawHub {
+    pub async fn start(answer: impl Fn(&RawCall) -> RawAnswer + Send + Sync + 'static) -> RawHub {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let calls: Arc<Mutex<Vec<RawCall>>> = Arc::default();
+        let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let answer = Arc::new(answer);
+        let (c, w) = (calls.clone(), written.clone());
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let (calls, written, answer) = (c.clone(), w.clone(), answer.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                    let mut words = head.split_whitespace();
+                    let method = words.next().unwrap_or("").to_string();
+                    let target = words.next().unwrap_or("").to_string();
+                    let length = head
+                        .lines()
+                        .filter_map(|l| l.split_once(':'))
+                        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+                        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + length {
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let call = RawCall {
+                        method,
+                        path: target.split('?').next().unwrap_or("").to_string(),
+                        body: buf[head_end..head_end + length].to_vec(),
+                    };
+                    let reply = answer(&call);
+                    calls.lock().unwrap().push(call);
+                    match reply {
+                        RawAnswer::Full {
+                            status,
+                            headers,
+                            body,
+                        } => {
+                            let mut out = format!("HTTP/1.1 {status} X\r\n");
+                            for (k, v) in headers {
+                                out.push_str(&format!("{k}: {v}\r\n"));
+                            }
+                            out.push_str(&format!(
+                                "content-length: {}\r\nconnection: close\r\n\r\n",
+                                body.len()
+                            ));
+                            let mut bytes = out.into_bytes();
+                            bytes.extend_from_slice(&body);
+                            let _ = sock.write_all(&bytes).await;
+                        }
+                        RawAnswer::Stream { status, total } => {
+                            let head = format!(
+                                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {total}\r\nconnection: close\r\n\r\n"
+                            );
+                            if sock.write_all(head.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            let piece = vec![b'x'; 64 * 1024];
+                            let mut sent = 0u64;
+                            while sent < total {
+                                let n = (total - sent).min(piece.len() as u64) as usize;
+                                if sock.write_all(&piece[..n]).await.is_err() {
+                                    return;
+                                }
+                                sent += n as u64;
+                                written.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+                            }
+                        }
+                    }
+                    let _ = sock.shutdown().await;
+                });
+            }
+        });
+        RawHub {
+            url,
+            calls,
+            written,
+        }
+    }
+
+    pub fn calls(&self) -> Vec<RawCall> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl RawAnswer {
+    pub fn json(status: u16, body: &str) -> RawAnswer {
+        RawAnswer::Full {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.as_bytes().to_vec(),
+        }
+    }
+    pub fn redirect(status: u16, location: &str) -> RawAnswer {
+        RawAnswer::Full {
+            status,
+            headers: vec![("location".into(), location.into())],
+            body: Vec::new(),
+        }
+    }
+}
