@@ -800,4 +800,168 @@ key = "/email"
         );
         assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
     }
+
+    fn with_source_secret(secret: &str, scheme: &str) -> String {
+        BASE.replace(
+            r#"scheme = "standard-webhooks"
+secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]"#,
+            &format!("scheme = \"{scheme}\"\nsecrets = [\"{secret}\"]"),
+        )
+    }
+
+    #[test]
+    fn empty_and_placeholder_webhook_secrets_are_rejected() {
+        for (secret, scheme) in [
+            ("", "github"),
+            ("", "stripe"),
+            ("REPLACE_ME", "github"),
+            ("changeme", "stripe"),
+            ("Secret", "github"),
+            ("whsec_REPLACE_ME", "standard-webhooks"),
+        ] {
+            let text = with_source_secret(secret, scheme);
+            let e = Config::from_parts(&text, &[], &env).unwrap_err().to_string();
+            assert!(e.contains("sources.erp.secrets[0]"), "{secret:?}: {e}");
+        }
+        // A webhook secret from an env: reference that resolves to a placeholder is caught too.
+        let text = with_source_secret("env:HOOK", "github");
+        let placeholder = |n: &str| match n {
+            "TOKEN" => Some("t0ken".to_string()),
+            "HOOK" => Some("password".to_string()),
+            _ => None,
+        };
+        let e = Config::from_parts(&text, &[], &placeholder)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sources.erp.secrets[0]"), "{e}");
+        assert!(!e.contains("password\""), "{e}");
+        // A real one passes.
+        let text = with_source_secret("a-long-random-github-secret-1234", "github");
+        Config::from_parts(&text, &[], &env).unwrap();
+    }
+
+    #[test]
+    fn short_or_placeholder_admin_tokens_are_rejected() {
+        for token in ["x", "short-token-15c", "REPLACE_ME", "ChangeMe", "password"] {
+            let text = format!("{BASE}\n[admin]\ntoken = \"{token}\"\n");
+            let e = Config::from_parts(&text, &[], &env).unwrap_err().to_string();
+            assert!(e.contains("admin.token"), "{token:?}: {e}");
+            if token.len() > 1 {
+                assert!(!e.contains(token), "the token is not echoed: {e}");
+            }
+        }
+        let text = format!("{BASE}\n[admin]\ntoken = \"sixteen-chars-ok\"\n");
+        Config::from_parts(&text, &[], &env).unwrap();
+        // No admin token at all keeps the admin API off, as before.
+        Config::from_parts(BASE, &[], &env).unwrap();
+    }
+
+    #[test]
+    fn a_numeric_secret_override_is_taken_as_a_string() {
+        // BASE without an api_token line: the override is the only place it is set.
+        let text = BASE.replace("api_token = \"env:TOKEN\"\n", "");
+        for (name, value) in [
+            ("SPRINTLINK_SPRINTHUB__API_TOKEN", "73198642501937"),
+            ("SPRINTLINK_ADMIN__TOKEN", "1234567890123456789"),
+        ] {
+            let o = vec![(name.to_string(), value.to_string())];
+            let cfg = Config::from_parts(&text, &o, &env)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let got = if name.contains("ADMIN") {
+                cfg.admin.token.expose().to_string()
+            } else {
+                cfg.sprinthub.api_token.expose().to_string()
+            };
+            assert_eq!(got, value);
+        }
+        // A literal non-string secret in the file is refused without showing it.
+        let text = BASE.replace("api_token = \"env:TOKEN\"", "api_token = 73198642501937");
+        let e = Config::from_parts(&text, &[], &env).unwrap_err().to_string();
+        assert!(!e.contains("73198642501937"), "{e}");
+        assert!(e.contains("string"), "{e}");
+    }
+
+    #[test]
+    fn a_wrong_file_target_is_not_echoed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("not-a-url");
+        std::fs::write(&p, "root:Zq-DISTINCT-file-c0ntent:0:0\n").unwrap();
+        let text = format!("{BASE}\n[storage]\nurl = \"file:{}\"\n", p.display());
+        let e = Config::from_parts(&text, &[], &env).unwrap_err().to_string();
+        assert!(e.contains("storage.url"), "{e}");
+        assert!(!e.contains("DISTINCT"), "{e}");
+    }
+
+    #[test]
+    fn redacts_query_passwords() {
+        let r = redact_url("postgres://u@h/db?sslmode=verify-full&password=Pw-SECRET-1&x=1");
+        assert!(!r.contains("Pw-SECRET-1"), "{r}");
+        assert!(r.contains("sslmode=verify-full"), "{r}");
+        let r = redact_url("postgresql://h/db?PASSWORD=abc&sslpassword=def");
+        assert!(!r.contains("abc") && !r.contains("def"), "{r}");
+        let r = redact_url("postgres://u:p%40ss@h/db?password=q");
+        assert!(!r.contains("p%40ss") && !r.contains("=q"), "{r}");
+    }
+
+    #[test]
+    fn huge_durations_are_rejected_not_overflowed() {
+        for (section, key, value) in [
+            ("delivery", "lease_seconds", "9223372036854776"),
+            ("delivery", "lease_seconds", "86401"),
+            ("delivery", "max_backoff_ms", "604800001"),
+            ("delivery", "max_age_hours", "8761"),
+            ("delivery", "max_attempts", "100001"),
+            ("server", "request_timeout_ms", "3600001"),
+            ("server", "shutdown_timeout_ms", "3600001"),
+            ("server", "max_body_bytes", "17179869184"),
+            ("sprinthub", "timeout_ms", "18446744073709551615"),
+            ("sprinthub", "concurrency", "100000"),
+            ("sprinthub", "rate_limit_per_second", "1e-300"),
+            ("lookup", "cache_ttl_seconds", "9223372036854775807"),
+            ("lookup", "negative_cache_ttl_seconds", "9223372036854775807"),
+            ("lookup", "cache_capacity", "1000000000000"),
+        ] {
+            let o = vec![(
+                format!(
+                    "SPRINTLINK_{}__{}",
+                    section.to_uppercase(),
+                    key.to_uppercase()
+                ),
+                value.to_string(),
+            )];
+            let e = Config::from_parts(BASE, &o, &env)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("{section}.{key}")), "{key}={value}: {e}");
+        }
+        let text = BASE.replace("object_id = \"/data/object_id\"", "object_id = \"/data/object_id\"\ntolerance_seconds = 9223372036854775807");
+        let e = Config::from_parts(&text, &[], &env).unwrap_err().to_string();
+        assert!(e.contains("tolerance_seconds"), "{e}");
+        // The largest allowed values load.
+        let o: Vec<(String, String)> = [
+            ("SPRINTLINK_DELIVERY__LEASE_SECONDS", "86400"),
+            ("SPRINTLINK_DELIVERY__MAX_BACKOFF_MS", "604800000"),
+            ("SPRINTLINK_DELIVERY__MAX_AGE_HOURS", "8760"),
+            ("SPRINTLINK_SPRINTHUB__TIMEOUT_MS", "3600000"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        Config::from_parts(BASE, &o, &env).unwrap();
+    }
+
+    #[test]
+    fn a_variable_named_by_an_env_reference_is_not_a_typo() {
+        let text = format!("{BASE}\n[admin]\ntoken = \"env:SPRINTLINK_ADMIN_TOKEN\"\n");
+        let token = "a-long-admin-token-0123456789";
+        let o = vec![("SPRINTLINK_ADMIN_TOKEN".to_string(), token.to_string())];
+        let vars = |n: &str| match n {
+            "TOKEN" => Some("t0ken".to_string()),
+            "SPRINTLINK_ADMIN_TOKEN" => Some(token.to_string()),
+            _ => None,
+        };
+        let cfg = Config::from_parts(&text, &o, &vars).unwrap();
+        assert_eq!(cfg.admin.token.expose(), token);
+    }
 }

@@ -279,6 +279,33 @@ mod tests {
     }
 
     #[test]
+    fn oversized_ids_and_keys_and_too_many_leads_are_refused() {
+        let s = by_id();
+        let long = "x".repeat(257);
+        let e = map(&s, &json!({"data": {"object_id": long, "lead_id": 1}})).unwrap_err();
+        assert!(e.contains("256"), "{e}");
+        assert!(!e.contains(&long), "the value is not echoed: {e}");
+        let e = map(&s, &json!({"data": {"object_id": 1, "lead_id": long}})).unwrap_err();
+        assert!(e.contains("256"), "{e}");
+        let e = map(&s, &json!({"data": {"object_id": 1, "lead_id": [1, long]}})).unwrap_err();
+        assert!(e.contains("256"), "{e}");
+        let many: Vec<u64> = (0..101).collect();
+        let e = map(&s, &json!({"data": {"object_id": 1, "lead_id": many}})).unwrap_err();
+        assert!(e.contains("100"), "{e}");
+        let hundred: Vec<u64> = (0..100).collect();
+        assert!(map(&s, &json!({"data": {"object_id": 1, "lead_id": hundred}})).is_ok());
+        let at_cap = "y".repeat(256);
+        assert!(map(&s, &json!({"data": {"object_id": at_cap, "lead_id": 1}})).is_ok());
+        let keyed = source(LeadConfig {
+            key: Some("/c/email".into()),
+            lookup: Some(LookupKind::Table),
+            ..Default::default()
+        });
+        let e = map(&keyed, &json!({"data": {"object_id": 5}, "c": {"email": long}})).unwrap_err();
+        assert!(e.contains("256"), "{e}");
+    }
+
+    #[test]
     fn ids_go_out_as_numbers_when_they_are_digits() {
         assert_eq!(id_json("123"), json!(123));
         assert_eq!(id_json("-4"), json!(-4));

@@ -260,6 +260,42 @@ mod reference_vectors {
 }
 
 #[cfg(test)]
+mod empty_keys {
+    //! An empty key is no key: `HMAC("", body)` is computable by anyone, so a verifier must
+    //! never accept it, whatever the configuration let through.
+    use super::*;
+
+    #[test]
+    fn a_signature_made_with_an_empty_key_never_verifies() {
+        for scheme in [Scheme::Github, Scheme::Stripe, Scheme::HmacSha256, Scheme::StandardWebhooks] {
+            let mut source = SourceConfig::example("t", "");
+            source.scheme = scheme;
+            if scheme == Scheme::HmacSha256 {
+                source.signature_header = Some("x-sig".into());
+            }
+            let forged_with = Verifier {
+                scheme,
+                keys: vec![Vec::new()],
+                tolerance_seconds: 300,
+                header: "x-sig".into(),
+                encoding: Encoding::Hex,
+                prefix: String::new(),
+            };
+            let body = br#"{"id":"evt_forged"}"#;
+            let signed = forged_with.sign(body, 1_700_000_000, "msg_forged");
+            let h: Vec<(&str, &str)> = signed.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            // Built from a configuration with an empty secret...
+            let v = Verifier::from_source(&source);
+            assert_eq!(v.verify(h.as_slice(), body, 1_700_000_000), Err(SignatureError::Invalid), "{scheme:?}");
+            // ...or handed an empty key directly, together with a real one.
+            let mut direct = forged_with.clone();
+            direct.keys.push(b"a real key".to_vec());
+            assert_eq!(direct.verify(h.as_slice(), body, 1_700_000_000), Err(SignatureError::Invalid), "{scheme:?}");
+        }
+    }
+}
+
+#[cfg(test)]
 mod fuzz {
     //! Property tests: whatever a client sends, verification answers an error or a match,
     //! never panics, and never accepts a signature it did not compute.
