@@ -77,6 +77,9 @@ pub async fn serve(flag: Option<PathBuf>) -> i32 {
             return 1;
         }
     };
+    for w in &config.warnings {
+        tracing::warn!(warning = %w, "configuration warning");
+    }
     match crate::app::run(config).await {
         Ok(()) => 0,
         Err(e) => {
@@ -89,6 +92,9 @@ pub async fn serve(flag: Option<PathBuf>) -> i32 {
 pub fn check_config(flag: Option<PathBuf>) -> i32 {
     match load_config(flag) {
         Ok(c) => {
+            for w in &c.warnings {
+                eprintln!("warning: {w}");
+            }
             say!(
                 "configuration is valid: {} source(s), storage {}",
                 c.sources.len(),

@@ -133,7 +133,11 @@ fn weak_admin_tokens_are_refused() {
         assert_eq!(code, 1, "{token}: {out}");
         assert!(out.contains("admin.token"), "{token}: {out}");
     }
-    let path = config(dir.path(), "[admin]\ntoken = \"Tk-DISTINCT-admin-0123456789\"", "");
+    let path = config(
+        dir.path(),
+        "[admin]\ntoken = \"Tk-DISTINCT-admin-0123456789\"",
+        "",
+    );
     let (code, out) = check_config(&path, &[]);
     assert_eq!(code, 0, "{out}");
     assert!(!out.contains("Tk-DISTINCT"), "{out}");
@@ -168,7 +172,10 @@ fn the_readme_and_compose_admin_token_variable_is_accepted() {
     );
     assert_eq!(code, 0, "{out}");
     assert!(!out.contains("Ad-DISTINCT"), "{out}");
-    assert!(!out.contains("warning"), "a named variable is not a look-alike: {out}");
+    assert!(
+        !out.contains("warning"),
+        "a named variable is not a look-alike: {out}"
+    );
 }
 
 #[test]
@@ -185,7 +192,11 @@ fn a_look_alike_variable_is_a_warning() {
 #[test]
 fn an_overflowing_lease_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let path = config(dir.path(), "[delivery]\nlease_seconds = 9223372036854776", "");
+    let path = config(
+        dir.path(),
+        "[delivery]\nlease_seconds = 9223372036854776",
+        "",
+    );
     let (code, out) = check_config(&path, &[]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("delivery.lease_seconds"), "{out}");

@@ -1220,7 +1220,9 @@ async fn oversized_and_control_char_ids_are_refused(b: Backend) {
 
     // Within the caps and clean: accepted as before (256 bytes exactly is allowed).
     let at_cap = "e".repeat(256);
-    post_signed(&app, &erp_event(&at_cap, 1, 2)).await.expect(202);
+    post_signed(&app, &erp_event(&at_cap, 1, 2))
+        .await
+        .expect(202);
 
     // Too long an object id, lead id, or too many lead ids: stored, parked with a reason, and
     // the oversized value is not kept as the event's object id.
