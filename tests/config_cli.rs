@@ -202,3 +202,102 @@ fn an_overflowing_lease_is_refused() {
     assert!(out.contains("delivery.lease_seconds"), "{out}");
     assert!(!out.contains("panicked"), "{out}");
 }
+
+/// Replaces every `file:DIR/name` reference with a file of `dir`, written with `value(name)`.
+fn with_secret_files(
+    text: &str,
+    secrets_dir: &str,
+    dir: &Path,
+    value: impl Fn(&str) -> String,
+) -> String {
+    let mut out = text.to_string();
+    let prefix = format!("file:{secrets_dir}/");
+    while let Some(start) = out.find(&prefix) {
+        let rest = &out[start + prefix.len()..];
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+            .collect();
+        let file = dir.join(&name);
+        std::fs::write(&file, value(&name)).unwrap();
+        out.replace_range(
+            start..start + prefix.len() + name.len(),
+            &format!("file:{}", file.display()),
+        );
+    }
+    out
+}
+
+fn deploy_secret(name: &str) -> String {
+    match name {
+        n if n.contains("webhook") => WEBHOOK.to_string(),
+        n if n.contains("database") => {
+            "postgres://sprintlink:Db-DISTINCT-pw@postgres:5432/sprintlink".into()
+        }
+        n if n.contains("admin") => "Ad-DISTINCT-0123456789abcdef".into(),
+        _ => "Api-DISTINCT-token".into(),
+    }
+}
+
+#[test]
+fn the_shipped_deployment_configurations_pass_check_config() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (file, secrets_dir, vars) in [
+        (
+            "deploy/compose.sprintlink.toml",
+            "/run/secrets",
+            vec![("SPRINTLINK_SPRINTHUB__INSTANCE", "acme")],
+        ),
+        (
+            "deploy/base/sprintlink.toml",
+            "/etc/sprintlink/secrets",
+            vec![],
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let text = with_secret_files(&text, secrets_dir, dir.path(), deploy_secret);
+        let path = dir.path().join("sprintlink.toml");
+        std::fs::write(&path, text).unwrap();
+        let (code, out) = check_config(&path, &vars);
+        assert_eq!(code, 0, "{file}: {out}");
+        assert!(!out.contains("warning"), "{file}: {out}");
+        assert!(!out.contains("DISTINCT"), "{file}: {out}");
+    }
+}
+
+#[test]
+fn the_readme_example_configuration_passes_check_config() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let start = readme
+        .find("```toml\n[server]")
+        .expect("the README's example configuration")
+        + "```toml\n".len();
+    let end = start + readme[start..].find("```").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = with_secret_files(&readme[start..end], "/run/secrets", dir.path(), |_| {
+        "Shop-DISTINCT-secret-0123456789".into()
+    })
+    .replace(
+        "sqlite://sprintlink.db",
+        &format!("sqlite://{}/x.db", dir.path().display()),
+    );
+    let path = dir.path().join("sprintlink.toml");
+    std::fs::write(&path, text).unwrap();
+    let (code, out) = check_config(
+        &path,
+        &[
+            ("SPRINTHUB_API_TOKEN", "Api-DISTINCT-token"),
+            ("SPRINTLINK_ADMIN_TOKEN", "Ad-DISTINCT-0123456789abcdef"),
+            ("ERP_WEBHOOK_SECRET", WEBHOOK),
+            (
+                "ERP_WEBHOOK_SECRET_NEXT",
+                "whsec_dGhlIG5leHQgc2VjcmV0IGJ5dGVzIDEyMzQ=",
+            ),
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("warning"), "{out}");
+    assert!(!out.contains("DISTINCT"), "{out}");
+}
