@@ -683,6 +683,11 @@ impl Config {
                     .into(),
             );
         }
+        if is_placeholder(url) {
+            errors.push(
+                "storage.url: holds a placeholder from an example; set the real password".into(),
+            );
+        }
         if !(hub.base_url.starts_with("http://") || hub.base_url.starts_with("https://")) {
             errors.push(format!(
                 "sprinthub.base_url: {:?} is not an http(s) URL",
@@ -1213,6 +1218,18 @@ secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]"#,
             .to_string();
         assert!(!e.contains("73198642501937"), "{e}");
         assert!(e.contains("string"), "{e}");
+    }
+
+    #[test]
+    fn a_placeholder_database_password_is_rejected() {
+        let text = format!(
+            "{BASE}\n[storage]\nurl = \"postgres://sprintlink:REPLACE_ME@db/sprintlink\"\n"
+        );
+        let e = Config::from_parts(&text, &[], &env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("storage.url"), "{e}");
+        assert!(!e.contains("REPLACE_ME"), "{e}");
     }
 
     #[test]
