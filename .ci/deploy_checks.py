@@ -7,6 +7,7 @@ Run by .ci/static-checks with the tools' venv; it can be run alone too:
     .ci/.venv/bin/python .ci/deploy_checks.py kube OVERLAY RENDERED.yaml
     .ci/.venv/bin/python .ci/deploy_checks.py compose deploy/compose.yaml
     .ci/.venv/bin/python .ci/deploy_checks.py dockerfile Dockerfile
+    .ci/.venv/bin/python .ci/deploy_checks.py urls FILE...
 
 Each check prints one line per problem and exits 1 if there was any.
 The TOML rules follow SPEC section 3; the Kubernetes rules are the deployment
@@ -24,13 +25,26 @@ from pathlib import Path
 import yaml
 
 SECRETS_DIR = "/etc/sprintlink/secrets"
+COMPOSE_SECRETS_DIR = "/run/secrets"
+MIB = 1024 * 1024
+# server.max_buffered_bytes' default; the memory limit must hold it twice plus a baseline.
+DEFAULT_MAX_BUFFERED = 64 * MIB
+MEMORY_BASELINE = 64 * MIB
+# The only ports a pod may reach (NetworkPolicy egress): DNS, HTTPS, PostgreSQL.
+EGRESS_ALLOWED = {(53, "UDP"), (53, "TCP"), (443, "TCP"), (5432, "TCP")}
+EGRESS_REQUIRED = {(53, "UDP"), (443, "TCP")}
+# Environment variable names that would carry a secret.
+SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|STORAGE__URL|DATABASE_URL|API_KEY", re.I)
 CONFIG_PATH = "/etc/sprintlink/sprintlink.toml"
 UID = 10001
 PRESTOP_SLEEP_DEFAULT = 0
 
 # SPEC section 3: every key, per section.
 KNOWN = {
-    "server": {"listen", "max_body_bytes", "request_timeout_ms", "shutdown_timeout_ms"},
+    "server": {
+        "listen", "max_body_bytes", "request_timeout_ms", "shutdown_timeout_ms",
+        "max_buffered_bytes",
+    },
     "storage": {"url"},
     "sprinthub": {
         "base_url", "instance", "api_token", "timeout_ms", "concurrency",
@@ -41,6 +55,7 @@ KNOWN = {
         "lease_seconds",
     },
     "admin": {"token"},
+    "lookup": {"cache_ttl_seconds", "negative_cache_ttl_seconds", "cache_capacity"},
 }
 SOURCE_KEYS = {
     "name", "scheme", "secrets", "tolerance_seconds", "signature_header", "encoding",
@@ -189,6 +204,18 @@ def sel_matches(selector: dict, labels: dict) -> bool:
     return bool(ml) and all(labels.get(k) == v for k, v in ml.items())
 
 
+def parse_quantity(q: object) -> int | None:
+    """A Kubernetes memory quantity (256Mi, 1Gi, 500M, 1048576) in bytes."""
+    if q is None:
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(q))
+    if not m:
+        return None
+    mult = {None: 1, "Ki": 1024, "Mi": MIB, "Gi": 1024 * MIB, "Ti": 1024 ** 4,
+            "k": 1000, "M": 1000 ** 2, "G": 1000 ** 3, "T": 1000 ** 4}[m.group(2)]
+    return int(float(m.group(1)) * mult)
+
+
 def cmd_kube(overlay: str, rendered: str) -> None:
     where = f"{overlay} ({rendered})"
     docs = [d for d in yaml.safe_load_all(Path(rendered).read_text()) if d]
@@ -288,6 +315,46 @@ def cmd_kube(overlay: str, rendered: str) -> None:
         for r in ("cpu", "memory"):
             if r not in res.get(kind, {}):
                 problem(where, f"resources.{kind}.{r} is not set")
+
+    # Memory: the limit must hold server.max_buffered_bytes twice (request bodies being read
+    # plus what is queued for the group commit) plus the baseline and a memory-backed /tmp.
+    limit = parse_quantity(res.get("limits", {}).get("memory"))
+    buffered = cfg.get("server", {}).get("max_buffered_bytes", DEFAULT_MAX_BUFFERED)
+    tmp_vol = vols.get(mounts.get("/tmp", {}).get("name"), {}).get("emptyDir", {})
+    tmp_mem = parse_quantity(tmp_vol.get("sizeLimit")) if tmp_vol.get("medium") == "Memory" else 0
+    need = 2 * buffered + MEMORY_BASELINE + (tmp_mem or 0)
+    if limit is None or limit < need:
+        problem(where, f"resources.limits.memory must be at least {need // MIB}Mi "
+                       f"(2 x max_buffered_bytes + {MEMORY_BASELINE // MIB}Mi + memory-backed /tmp)")
+
+    # NetworkPolicy: inbound to the service port only; outbound DNS, 443, PostgreSQL.
+    nps = [n for n in by_kind.get("NetworkPolicy", [])
+           if sel_matches(n["spec"].get("podSelector"), pod_labels)]
+    if len(nps) != 1:
+        problem(where, f"expected one NetworkPolicy selecting the pods, found {len(nps)}")
+    else:
+        np = nps[0]["spec"]
+        if set(np.get("policyTypes", [])) != {"Ingress", "Egress"}:
+            problem(where, "NetworkPolicy policyTypes must be [Ingress, Egress]")
+        for rule in np.get("ingress", []):
+            ports = rule.get("ports") or []
+            if not ports or any(p.get("port") not in (8080, "http") or p.get("protocol", "TCP") != "TCP"
+                                for p in ports):
+                problem(where, "NetworkPolicy ingress must allow TCP 8080 (http) only")
+        seen = set()
+        for rule in np.get("egress", []):
+            ports = rule.get("ports") or []
+            if not ports:
+                problem(where, "NetworkPolicy egress rule without ports allows everything")
+            for p in ports:
+                key = (p.get("port"), p.get("protocol", "TCP"))
+                seen.add(key)
+                if key not in EGRESS_ALLOWED:
+                    problem(where, f"NetworkPolicy egress to {key[0]}/{key[1]} is not needed")
+        for key in sorted(EGRESS_REQUIRED - seen):
+            problem(where, f"NetworkPolicy egress must allow {key[0]}/{key[1]}")
+        if overlay == "postgres" and (5432, "TCP") not in seen:
+            problem(where, "NetworkPolicy egress must allow PostgreSQL (5432/TCP)")
 
     # Security context.
     psc, csc = pod.get("securityContext", {}), con.get("securityContext", {})
@@ -403,11 +470,40 @@ def cmd_compose(path: str) -> None:
     ctx = base / (build.get("context", ".") if isinstance(build, dict) else build)
     if not (ctx / (build.get("dockerfile", "Dockerfile") if isinstance(build, dict) else "Dockerfile")).is_file():
         problem(path, f"build context {ctx} has no Dockerfile")
-    if not any(str(p).endswith(":8080") for p in app.get("ports", [])):
+    ports = app.get("ports", [])
+    if not any(str(p.get("target") if isinstance(p, dict) else p).endswith("8080") for p in ports):
         problem(path, "sprintlink should publish container port 8080")
-    env = app.get("environment", {})
-    if not str(env.get("SPRINTLINK_STORAGE__URL", "")).startswith("postgres://"):
-        problem(path, "SPRINTLINK_STORAGE__URL should point at the postgres service")
+    for svc_name, svc in svcs.items():
+        for p in svc.get("ports", []) or []:
+            # ${VAR:-default} may hold colons: take substitutions out before splitting.
+            plain = re.sub(r"\$\{[^}]*\}", "VAR", str(p))
+            host_ip = p.get("host_ip") if isinstance(p, dict) else (
+                plain.rsplit(":", 2)[0] if plain.count(":") >= 2 else None)
+            if host_ip != "127.0.0.1":
+                problem(path, f"{svc_name}: port {p!r} must be published on 127.0.0.1 only")
+    top_secrets = doc.get("secrets", {}) or {}
+    for svc_name, svc in svcs.items():
+        env = svc.get("environment", {}) or {}
+        if isinstance(env, list):
+            env = dict(str(e).partition("=")[::2] for e in env)
+        for key, value in env.items():
+            if SECRET_ENV.search(key) and not (
+                key.endswith("_FILE") and str(value).startswith(f"{COMPOSE_SECRETS_DIR}/")
+            ):
+                # The value itself is never printed: it may be a real secret.
+                problem(path, f"{svc_name}: environment {key} carries a secret; use a Compose "
+                              f"secret under {COMPOSE_SECRETS_DIR} instead")
+        for s_ in svc.get("secrets", []) or []:
+            name = s_.get("source") if isinstance(s_, dict) else s_
+            if name not in top_secrets or "file" not in (top_secrets.get(name) or {}):
+                problem(path, f"{svc_name}: secret {name} is not defined at the top level with file:")
+    app_secrets = {s_.get("source") if isinstance(s_, dict) else s_ for s_ in app.get("secrets", []) or []}
+    pg_env = pg.get("environment", {}) or {}
+    if str(pg_env.get("POSTGRES_PASSWORD_FILE", "")).removeprefix(f"{COMPOSE_SECRETS_DIR}/") not in {
+        s_.get("source") if isinstance(s_, dict) else s_ for s_ in pg.get("secrets", []) or []
+    }:
+        problem(path, "postgres: POSTGRES_PASSWORD_FILE must name one of its Compose secrets")
+    env = app.get("environment", {}) or {}
     cfg = {}
     for v in app.get("volumes", []):
         src, _, rest = str(v).partition(":")
@@ -420,9 +516,16 @@ def cmd_compose(path: str) -> None:
                 cfg = check_toml_text(str(f), f.read_text())
     if not cfg:
         problem(path, f"no configuration file mounted at {CONFIG_PATH}")
-    for _, ref in secret_refs(cfg):
-        if ref.startswith("env:") and ref[4:] not in env:
-            problem(path, f"config reads {ref} but the service does not set {ref[4:]}")
+    for setting, ref in secret_refs(cfg):
+        if ref.startswith("sqlite:"):
+            continue
+        name = ref.removeprefix(f"file:{COMPOSE_SECRETS_DIR}/")
+        if not ref.startswith(f"file:{COMPOSE_SECRETS_DIR}/"):
+            problem(path, f"{setting} is not a file: reference under {COMPOSE_SECRETS_DIR}")
+        elif name not in app_secrets:
+            problem(path, f"{setting} reads {name}, which is not among sprintlink's secrets")
+    if not str(cfg.get("storage", {}).get("url", "")).startswith(f"file:{COMPOSE_SECRETS_DIR}/"):
+        problem(path, "storage.url (it holds the database password) must be a Compose secret file")
     shutdown_ms = cfg.get("server", {}).get("shutdown_timeout_ms", DEFAULT_SHUTDOWN_MS)
     if parse_duration(app.get("stop_grace_period", "10s")) * 1000 <= shutdown_ms:
         problem(path, f"stop_grace_period must exceed shutdown_timeout_ms ({shutdown_ms} ms)")
@@ -469,6 +572,27 @@ def cmd_dockerfile(path: str) -> None:
                 problem(str(ignore), f"should exclude {must}")
 
 
+# --------------------------------------------------------------------------
+# PostgreSQL URLs in examples and documentation
+# --------------------------------------------------------------------------
+
+PG_URL = re.compile(r"postgres(?:ql)?://[^\s'\"`<>]+")
+
+
+def cmd_urls(paths: list[str]) -> None:
+    """Every PostgreSQL URL shown to operators verifies the server (sslmode=verify-full).
+    Exempt: the Compose service `postgres`, reached over the host's private network."""
+    for p in paths:
+        for n, line in enumerate(Path(p).read_text().splitlines(), 1):
+            for url in PG_URL.findall(line):
+                host = re.sub(r"^postgres(?:ql)?://([^@/]*@)?", "", url).split("/")[0].split(":")[0]
+                if host == "postgres":
+                    continue
+                if "sslmode=verify-full" not in url:
+                    problem(f"{p}:{n}", "a PostgreSQL URL without sslmode=verify-full "
+                                        "(require accepts any certificate)")
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print(__doc__, file=sys.stderr)
@@ -482,6 +606,8 @@ def main(argv: list[str]) -> int:
         cmd_compose(args[0])
     elif cmd == "dockerfile" and len(args) == 1:
         cmd_dockerfile(args[0])
+    elif cmd == "urls" and args:
+        cmd_urls(args)
     else:
         print(__doc__, file=sys.stderr)
         return 2

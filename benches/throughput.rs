@@ -39,7 +39,7 @@ fn bin() -> String {
     std::env::var("BENCH_SERVICE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_sprintlink").into())
 }
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-const ADMIN_TOKEN: &str = "bench-admin";
+const ADMIN_TOKEN: &str = "bench-admin-token-0001";
 
 // ---------------------------------------------------------------------------------------------
 // Options

@@ -263,9 +263,10 @@ async fn storage_check(state: &AppState) -> String {
 const READY_CACHE: Duration = Duration::from_secs(1);
 
 /// A failed group commit keeps `/readyz` at 503 for this long unless a later one succeeds; after
-/// it, the readiness write alone decides, so a replica taken out of service comes back by itself
-/// once its storage can commit again.
-const INGEST_FAILURE_WINDOW: Duration = Duration::from_secs(10);
+/// it, the readiness write alone decides (a load balancer that took the replica out of service
+/// sends no webhooks to prove ingest works again). Senders retrying against a full disk fail
+/// their commits again and keep it at 503.
+const INGEST_FAILURE_WINDOW: Duration = Duration::from_secs(3);
 
 /// Prometheus metrics.
 #[utoipa::path(

@@ -85,6 +85,9 @@ pub async fn serve(flag: Option<PathBuf>) -> i32 {
             return 1;
         }
     };
+    for w in &config.warnings {
+        tracing::warn!(warning = %w, "configuration warning");
+    }
     match crate::app::run(config).await {
         Ok(()) => 0,
         Err(e) => {
@@ -130,6 +133,9 @@ pub async fn migrate(flag: Option<PathBuf>, dry_run: bool) -> i32 {
 pub fn check_config(flag: Option<PathBuf>) -> i32 {
     match load_config(flag) {
         Ok(c) => {
+            for w in &c.warnings {
+                eprintln!("warning: {w}");
+            }
             say!(
                 "configuration is valid: {} source(s), storage {}",
                 c.sources.len(),

@@ -38,6 +38,10 @@ pub struct Config {
     pub lookup: LookupConfig,
     #[serde(default)]
     pub sources: Vec<SourceConfig>,
+    /// Problems that do not stop the service (look-alike variables, short webhook keys): one
+    /// line each, printed by `check-config` and logged at start-up.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -265,10 +269,112 @@ pub struct LeadConfig {
 }
 
 /// A secret value. Written in the file literally, as `env:VAR` or as `file:/path`; resolved once
-/// at load. Its `Debug` and `Display` never show the value.
-#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
+/// at load. Its `Debug` and `Display` never show the value, and neither does a type error: a
+/// secret written as a number or a list is refused without echoing it.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        const NOT_A_STRING: &str = "a secret must be a string (the value, env:VAR or file:/path); the value given is not shown";
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Secret;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Secret, E> {
+                Ok(Secret(v))
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Secret, E> {
+                Err(E::custom(NOT_A_STRING))
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Secret, E> {
+                Err(E::custom(NOT_A_STRING))
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Secret, E> {
+                Err(E::custom(NOT_A_STRING))
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Secret, E> {
+                Err(E::custom(NOT_A_STRING))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Secret, A::Error> {
+                Err(serde::de::Error::custom(NOT_A_STRING))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<Secret, A::Error> {
+                Err(serde::de::Error::custom(NOT_A_STRING))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A `file:` secret larger than this is refused (a secret is a line, not a file system dump).
+const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
+/// Values that ship in examples and templates; as a secret they protect nothing. Compared
+/// case-insensitively, after a `whsec_` prefix is taken off.
+const PLACEHOLDERS: &[&str] = &[
+    "replace_me",
+    "replace-me",
+    "replaceme",
+    "changeme",
+    "change_me",
+    "change-me",
+    "changeit",
+    "secret",
+    "password",
+    "passw0rd",
+    "token",
+    "admin",
+    "test",
+    "example",
+    "placeholder",
+    "todo",
+    "fixme",
+    "xxx",
+    "none",
+    "null",
+    "default",
+];
+
+/// Whether a secret value is one of the well-known placeholders (or carries one, such as
+/// `postgres://u:REPLACE_ME@h/db` or `whsec_REPLACE_ME`).
+pub fn is_placeholder(value: &str) -> bool {
+    let v = value.trim().to_ascii_lowercase();
+    let bare = v.strip_prefix("whsec_").unwrap_or(&v);
+    PLACEHOLDERS.contains(&bare)
+        || [
+            "replace_me",
+            "replaceme",
+            "replace-me",
+            "changeme",
+            "change_me",
+        ]
+        .iter()
+        .any(|p| v.contains(p))
+}
+
+/// Upper bounds of the numeric settings (README, "Limits of the settings").
+const HOUR_MS: u64 = 3_600_000;
+const DAY_SECONDS: u64 = 86_400;
+const WEEK_SECONDS: u64 = 7 * DAY_SECONDS;
+const WEEK_MS: u64 = WEEK_SECONDS * 1000;
+const MAX_BODY_BYTES: u64 = 16 * 1024 * 1024;
+const MAX_CONCURRENCY: u64 = 1024;
+const MAX_ATTEMPTS: u64 = 1000;
+const MAX_CACHE_CAPACITY: u64 = 1_000_000;
+const MAX_AGE_HOURS: f64 = 8760.0;
+const MIN_RATE: f64 = 0.01;
+const MAX_RATE: f64 = 10_000.0;
+
+/// The shortest admin token accepted.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
+/// Webhook keys shorter than this are accepted with a warning.
+pub const MIN_WEBHOOK_KEY_BYTES: usize = 16;
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
@@ -292,7 +398,7 @@ impl Secret {
             }
         } else if let Some(path) = self.0.strip_prefix("file:") {
             let path = path.to_string();
-            match std::fs::read_to_string(&path) {
+            match read_secret_file(&path) {
                 Ok(v) => {
                     let v = v.strip_suffix('\n').unwrap_or(&v);
                     let v = v.strip_suffix('\r').unwrap_or(v);
@@ -306,6 +412,23 @@ impl Secret {
         }
         Ok(())
     }
+}
+
+/// Reads at most `MAX_SECRET_FILE_BYTES` of a secret file; its contents never reach an error.
+fn read_secret_file(path: &str) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SECRET_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_SECRET_FILE_BYTES {
+        return Err(format!(
+            "larger than {} KiB, not a secret",
+            MAX_SECRET_FILE_BYTES / 1024
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())
 }
 
 impl fmt::Debug for Secret {
@@ -365,6 +488,7 @@ impl Config {
             ConfigErrors(vec![format!("config file: {}", e.message())])
         })?;
         let mut errors = Vec::new();
+        let mut look_alikes = Vec::new();
         for (name, value) in overrides {
             let Some(path) = name.strip_prefix("SPRINTLINK_") else {
                 continue;
@@ -374,17 +498,18 @@ impl Config {
             }
             let segments: Vec<String> = path.split("__").map(|s| s.to_ascii_lowercase()).collect();
             // Only paths into a known section are configuration; other SPRINTLINK_* variables
-            // belong to tools around the service. A single `_` after a section is a typo.
+            // belong to tools around the service. A single `_` after a section may be a typo:
+            // decided below, once the `env:` references are known.
             if !SECTIONS.contains(&segments[0].as_str()) {
                 if let Some(section) = SECTIONS
                     .iter()
                     .find(|s| segments[0].starts_with(&format!("{s}_")))
                 {
-                    errors.push(format!(
-                        "{name}: levels are separated by two underscores, e.g. SPRINTLINK_{}__{}",
+                    look_alikes.push((name.clone(), format!(
+                        "{name}: not used as configuration; if it was meant as an override, levels are separated by two underscores, e.g. SPRINTLINK_{}__{}",
                         section.to_ascii_uppercase(),
                         segments[0][section.len() + 1..].to_ascii_uppercase()
-                    ));
+                    )));
                 }
                 continue;
             }
@@ -392,14 +517,24 @@ impl Config {
                 errors.push(format!("{name}: {e}"));
             }
         }
+        // A variable the configuration names through `env:` is an input, not a typo.
+        let mut referenced = std::collections::HashSet::new();
+        collect_env_refs(&toml::Value::Table(root.clone()), &mut referenced);
+        let warnings: Vec<String> = look_alikes
+            .into_iter()
+            .filter(|(name, _)| !referenced.contains(name))
+            .map(|(_, warning)| warning)
+            .collect();
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
         let mut cfg: Config = toml::Value::Table(root)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigErrors(vec![format!("config: {}", e.message())]))?;
+        let mut warnings = warnings;
         cfg.resolve_secrets(env, &mut errors);
-        cfg.validate(&mut errors);
+        cfg.validate(&mut errors, &mut warnings);
+        cfg.warnings = warnings;
         if errors.is_empty() {
             Ok(cfg)
         } else {
@@ -426,30 +561,133 @@ impl Config {
         }
     }
 
-    fn validate(&self, errors: &mut Vec<String>) {
+    fn validate(&self, errors: &mut Vec<String>, warnings: &mut Vec<String>) {
         if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
             errors.push(format!(
                 "server.listen: {:?} is not an address like 0.0.0.0:8080",
                 self.server.listen
             ));
         }
-        if self.server.max_body_bytes == 0 {
-            errors.push("server.max_body_bytes: must be greater than 0".into());
-        }
-        if self.server.request_timeout_ms == 0 {
-            errors.push("server.request_timeout_ms: must be greater than 0".into());
+        let mut bounded = |name: &str, value: u64, min: u64, max: u64, unit: &str| {
+            if !(min..=max).contains(&value) {
+                errors.push(format!(
+                    "{name}: {value} is out of range; allowed {min} to {max}{unit}"
+                ));
+            }
+        };
+        let s = &self.server;
+        bounded(
+            "server.max_body_bytes",
+            s.max_body_bytes as u64,
+            1,
+            MAX_BODY_BYTES,
+            " bytes (16 MiB)",
+        );
+        bounded(
+            "server.request_timeout_ms",
+            s.request_timeout_ms,
+            1,
+            HOUR_MS,
+            " ms (1 h)",
+        );
+        bounded(
+            "server.shutdown_timeout_ms",
+            s.shutdown_timeout_ms,
+            0,
+            HOUR_MS,
+            " ms (1 h)",
+        );
+        let hub = &self.sprinthub;
+        bounded(
+            "sprinthub.timeout_ms",
+            hub.timeout_ms,
+            1,
+            HOUR_MS,
+            " ms (1 h)",
+        );
+        bounded(
+            "sprinthub.concurrency",
+            hub.concurrency as u64,
+            1,
+            MAX_CONCURRENCY,
+            "",
+        );
+        let d = &self.delivery;
+        bounded(
+            "delivery.max_attempts",
+            u64::from(d.max_attempts),
+            1,
+            MAX_ATTEMPTS,
+            "",
+        );
+        bounded(
+            "delivery.initial_backoff_ms",
+            d.initial_backoff_ms,
+            1,
+            WEEK_MS,
+            " ms (7 days)",
+        );
+        bounded(
+            "delivery.max_backoff_ms",
+            d.max_backoff_ms,
+            1,
+            WEEK_MS,
+            " ms (7 days)",
+        );
+        bounded(
+            "delivery.lease_seconds",
+            d.lease_seconds,
+            1,
+            DAY_SECONDS,
+            " s (1 day)",
+        );
+        let l = &self.lookup;
+        bounded(
+            "lookup.cache_ttl_seconds",
+            l.cache_ttl_seconds,
+            0,
+            WEEK_SECONDS,
+            " s (7 days)",
+        );
+        bounded(
+            "lookup.negative_cache_ttl_seconds",
+            l.negative_cache_ttl_seconds,
+            0,
+            DAY_SECONDS,
+            " s (1 day)",
+        );
+        bounded(
+            "lookup.cache_capacity",
+            l.cache_capacity as u64,
+            1,
+            MAX_CACHE_CAPACITY,
+            " entries",
+        );
+        for src in &self.sources {
+            bounded(
+                &format!("sources.{}.tolerance_seconds", src.name),
+                src.tolerance_seconds,
+                1,
+                DAY_SECONDS,
+                " s (1 day)",
+            );
         }
         let url = self.storage.url.expose();
         if !(url.starts_with("sqlite:")
             || url.starts_with("postgres://")
             || url.starts_with("postgresql://"))
         {
-            errors.push(format!(
-                "storage.url: must start with sqlite: or postgres:// (got {:?})",
-                redact_url(url)
-            ));
+            // The value is not shown: it may be a password, or a file read by mistake.
+            errors.push(
+                "storage.url: must start with sqlite:, postgres:// or postgresql:// (the value is not shown)"
+                    .into(),
+            );
         }
-        let hub = &self.sprinthub;
+        if is_placeholder(url) {
+            errors.push(
+                "storage.url: holds a placeholder from an example; set the real password".into(),
+            );
+        }
         if !(hub.base_url.starts_with("http://") || hub.base_url.starts_with("https://")) {
             errors.push(format!(
                 "sprinthub.base_url: {:?} is not an http(s) URL",
@@ -463,34 +701,43 @@ impl Config {
         }
         if hub.api_token.is_empty() {
             errors.push("sprinthub.api_token: not set (use env:VAR or file:/path)".into());
-        }
-        if hub.timeout_ms == 0 {
-            errors.push("sprinthub.timeout_ms: must be greater than 0".into());
-        }
-        if hub.concurrency == 0 {
-            errors.push("sprinthub.concurrency: must be at least 1".into());
-        }
-        if !(hub.rate_limit_per_second >= 0.0 && hub.rate_limit_per_second.is_finite()) {
+        } else if is_placeholder(hub.api_token.expose()) {
             errors.push(
-                "sprinthub.rate_limit_per_second: must be 0 (unlimited) or a positive number"
-                    .into(),
+                "sprinthub.api_token: is a placeholder from an example; set the real token".into(),
             );
         }
-        let d = &self.delivery;
-        if d.max_attempts == 0 {
-            errors.push("delivery.max_attempts: must be at least 1".into());
+        let rate = hub.rate_limit_per_second;
+        if !(rate == 0.0 || (MIN_RATE..=MAX_RATE).contains(&rate)) {
+            errors.push(format!(
+                "sprinthub.rate_limit_per_second: must be 0 (unlimited) or between {MIN_RATE} and {MAX_RATE}"
+            ));
         }
-        if d.initial_backoff_ms == 0 || d.max_backoff_ms < d.initial_backoff_ms {
+        if d.max_backoff_ms < d.initial_backoff_ms {
             errors.push("delivery: need 0 < initial_backoff_ms <= max_backoff_ms".into());
         }
-        if d.max_age_hours <= 0.0 || !d.max_age_hours.is_finite() {
-            errors.push("delivery.max_age_hours: must be a positive number".into());
+        if !(d.max_age_hours > 0.0 && d.max_age_hours <= MAX_AGE_HOURS) {
+            errors.push(format!(
+                "delivery.max_age_hours: must be a positive number of at most {MAX_AGE_HOURS} (1 year)"
+            ));
         }
-        if d.lease_seconds * 1000 < hub.timeout_ms + 5_000 {
+        if d.lease_seconds.saturating_mul(1000) < hub.timeout_ms.saturating_add(5_000) {
             errors.push(format!(
                 "delivery.lease_seconds: {} s is too short for sprinthub.timeout_ms = {} ms; keep it at least 5 s longer than the timeout, or a slow attempt is sent twice",
                 d.lease_seconds, hub.timeout_ms
             ));
+        }
+        let admin = self.admin.token.expose();
+        if !admin.is_empty() {
+            if is_placeholder(admin) {
+                errors.push(
+                    "admin.token: is a placeholder from an example; use a long random value (openssl rand -hex 32)"
+                        .into(),
+                );
+            } else if admin.chars().count() < MIN_ADMIN_TOKEN_CHARS {
+                errors.push(format!(
+                    "admin.token: shorter than {MIN_ADMIN_TOKEN_CHARS} characters; use a long random value (openssl rand -hex 32)"
+                ));
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for s in &self.sources {
@@ -508,13 +755,28 @@ impl Config {
                 errors.push(format!("{at}.secrets: at least one secret is needed"));
             }
             for (i, secret) in s.secrets.iter().enumerate() {
-                if s.scheme == Scheme::StandardWebhooks
-                    && crate::signature::standard_webhooks::decode_secret(secret.expose()).is_none()
-                    && !secret.expose().starts_with("env:")
-                    && !secret.expose().starts_with("file:")
-                {
+                let value = secret.expose();
+                let key_len = if s.scheme == Scheme::StandardWebhooks {
+                    crate::signature::standard_webhooks::decode_secret(value).map(|k| k.len())
+                } else {
+                    Some(value.len())
+                };
+                if value.is_empty() {
+                    errors.push(format!(
+                        "{at}.secrets[{i}]: is empty; anyone could sign with an empty key"
+                    ));
+                } else if is_placeholder(value) {
+                    errors.push(format!(
+                        "{at}.secrets[{i}]: is a placeholder from an example; use a long random value"
+                    ));
+                } else if key_len.is_none() {
                     errors.push(format!(
                         "{at}.secrets[{i}]: a standard-webhooks secret must be whsec_ followed by base64"
+                    ));
+                } else if key_len.is_some_and(|n| n < MIN_WEBHOOK_KEY_BYTES) {
+                    warnings.push(format!(
+                        "{at}.secrets[{i}]: the key is {} bytes; {MIN_WEBHOOK_KEY_BYTES} or more random bytes are recommended",
+                        key_len.unwrap_or(0)
                     ));
                 }
             }
@@ -608,6 +870,7 @@ impl Config {
             admin: AdminConfig::default(),
             lookup: LookupConfig::default(),
             sources: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 }
@@ -619,15 +882,67 @@ fn valid_source_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
-/// Hides the password of a database URL so it can be shown in errors and logs.
+/// Hides the password of a database URL so it can be shown in errors and logs: the one in the
+/// user info (`user:***@host`) and query parameters such as `password=` and `sslpassword=`.
 pub fn redact_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://")
-        && let Some((userinfo, host)) = rest.rsplit_once('@')
-    {
-        let user = userinfo.split(':').next().unwrap_or("");
-        return format!("{scheme}://{user}:***@{host}");
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (url, None),
+    };
+    let mut out = match head.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split(':').next().unwrap_or("");
+                format!("{scheme}://{user}:***@{host}")
+            }
+            None => head.to_string(),
+        },
+        None => head.to_string(),
+    };
+    if let Some(q) = query {
+        let params: Vec<String> = q
+            .split('&')
+            .map(|kv| {
+                let key = kv.split_once('=').map_or(kv, |(k, _)| k);
+                let k = key.to_ascii_lowercase();
+                if ["password", "secret", "token"]
+                    .iter()
+                    .any(|s| k.contains(s))
+                {
+                    format!("{key}=***")
+                } else {
+                    kv.to_string()
+                }
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
-    url.to_string()
+    out
+}
+
+/// Whether an override path names a secret: `storage.url`, `sprinthub.api_token`,
+/// `admin.token` or `sources.N.secrets`.
+fn is_secret_path(path: &[String]) -> bool {
+    let p: Vec<&str> = path.iter().map(String::as_str).collect();
+    matches!(
+        p.as_slice(),
+        ["storage", "url"] | ["sprinthub", "api_token"] | ["admin", "token"]
+    ) || matches!(p.as_slice(), ["sources", i, "secrets"] if i.parse::<usize>().is_ok())
+}
+
+/// Every `VAR` of an `env:VAR` string anywhere in the tree.
+fn collect_env_refs(v: &toml::Value, out: &mut std::collections::HashSet<String>) {
+    match v {
+        toml::Value::String(s) => {
+            if let Some(var) = s.strip_prefix("env:") {
+                out.insert(var.to_string());
+            }
+        }
+        toml::Value::Array(items) => items.iter().for_each(|i| collect_env_refs(i, out)),
+        toml::Value::Table(t) => t.values().for_each(|i| collect_env_refs(i, out)),
+        _ => {}
+    }
 }
 
 /// Sets `value` at `path` in the TOML tree. A value that parses as TOML (number, bool, array)
@@ -662,6 +977,18 @@ fn apply_override(root: &mut toml::Table, path: &[String], value: &str) -> Resul
         i += 1;
     }
     let existing_is_string = matches!(table.get(last), Some(toml::Value::String(_)));
+    if is_secret_path(path) {
+        // A secret is text whatever it looks like: a numeric token stays a string, and a value
+        // is never parsed as TOML (whose errors would quote it). `secrets` takes one secret.
+        let v = toml::Value::String(value.to_string());
+        let v = if last == "secrets" {
+            toml::Value::Array(vec![v])
+        } else {
+            v
+        };
+        table.insert(last.clone(), v);
+        return Ok(());
+    }
     let parsed = if existing_is_string {
         toml::Value::String(value.to_string())
     } else {
@@ -735,10 +1062,16 @@ id = "/data/lead_id"
     }
 
     #[test]
-    fn a_single_underscore_after_a_section_is_reported() {
+    fn a_single_underscore_after_a_section_is_a_warning() {
         let o = vec![("SPRINTLINK_SERVER_LISTEN".to_string(), "x".to_string())];
-        let e = Config::from_parts(BASE, &o, &env).unwrap_err().to_string();
-        assert!(e.contains("SPRINTLINK_SERVER__LISTEN"), "{e}");
+        let cfg = Config::from_parts(BASE, &o, &env).unwrap();
+        assert_eq!(cfg.warnings.len(), 1, "{:?}", cfg.warnings);
+        assert!(
+            cfg.warnings[0].contains("SPRINTLINK_SERVER__LISTEN"),
+            "{:?}",
+            cfg.warnings
+        );
+        assert_eq!(cfg.server.listen, "0.0.0.0:8080");
     }
 
     #[test]
@@ -799,5 +1132,201 @@ key = "/email"
             "postgres://u:***@h/db"
         );
         assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    fn with_source_secret(secret: &str, scheme: &str) -> String {
+        BASE.replace(
+            r#"scheme = "standard-webhooks"
+secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]"#,
+            &format!("scheme = \"{scheme}\"\nsecrets = [\"{secret}\"]"),
+        )
+    }
+
+    #[test]
+    fn empty_and_placeholder_webhook_secrets_are_rejected() {
+        for (secret, scheme) in [
+            ("", "github"),
+            ("", "stripe"),
+            ("REPLACE_ME", "github"),
+            ("changeme", "stripe"),
+            ("Secret", "github"),
+            ("whsec_REPLACE_ME", "standard-webhooks"),
+        ] {
+            let text = with_source_secret(secret, scheme);
+            let e = Config::from_parts(&text, &[], &env)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("sources.erp.secrets[0]"), "{secret:?}: {e}");
+        }
+        // A webhook secret from an env: reference that resolves to a placeholder is caught too.
+        let text = with_source_secret("env:HOOK", "github");
+        let placeholder = |n: &str| match n {
+            "TOKEN" => Some("t0ken".to_string()),
+            "HOOK" => Some("password".to_string()),
+            _ => None,
+        };
+        let e = Config::from_parts(&text, &[], &placeholder)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sources.erp.secrets[0]"), "{e}");
+        assert!(!e.contains("password\""), "{e}");
+        // A real one passes.
+        let text = with_source_secret("a-long-random-github-secret-1234", "github");
+        Config::from_parts(&text, &[], &env).unwrap();
+    }
+
+    #[test]
+    fn short_or_placeholder_admin_tokens_are_rejected() {
+        for token in ["x", "short-token-15c", "REPLACE_ME", "ChangeMe", "password"] {
+            let text = format!("{BASE}\n[admin]\ntoken = \"{token}\"\n");
+            let e = Config::from_parts(&text, &[], &env)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("admin.token"), "{token:?}: {e}");
+            if token.len() > 1 {
+                assert!(!e.contains(token), "the token is not echoed: {e}");
+            }
+        }
+        let text = format!("{BASE}\n[admin]\ntoken = \"sixteen-chars-ok\"\n");
+        Config::from_parts(&text, &[], &env).unwrap();
+        // No admin token at all keeps the admin API off, as before.
+        Config::from_parts(BASE, &[], &env).unwrap();
+    }
+
+    #[test]
+    fn a_numeric_secret_override_is_taken_as_a_string() {
+        // BASE without an api_token line: the override is the only place it is set.
+        let text = BASE.replace("api_token = \"env:TOKEN\"\n", "");
+        for (name, value) in [
+            ("SPRINTLINK_SPRINTHUB__API_TOKEN", "73198642501937"),
+            ("SPRINTLINK_ADMIN__TOKEN", "1234567890123456789"),
+        ] {
+            let o = vec![(name.to_string(), value.to_string())];
+            let text = if name.contains("ADMIN") { BASE } else { &text };
+            let cfg = Config::from_parts(text, &o, &env).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let got = if name.contains("ADMIN") {
+                cfg.admin.token.expose().to_string()
+            } else {
+                cfg.sprinthub.api_token.expose().to_string()
+            };
+            assert_eq!(got, value);
+        }
+        // A literal non-string secret in the file is refused without showing it.
+        let text = BASE.replace("api_token = \"env:TOKEN\"", "api_token = 73198642501937");
+        let e = Config::from_parts(&text, &[], &env)
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("73198642501937"), "{e}");
+        assert!(e.contains("string"), "{e}");
+    }
+
+    #[test]
+    fn a_placeholder_database_password_is_rejected() {
+        let text = format!(
+            "{BASE}\n[storage]\nurl = \"postgres://sprintlink:REPLACE_ME@db/sprintlink\"\n"
+        );
+        let e = Config::from_parts(&text, &[], &env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("storage.url"), "{e}");
+        assert!(!e.contains("REPLACE_ME"), "{e}");
+    }
+
+    #[test]
+    fn a_wrong_file_target_is_not_echoed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("not-a-url");
+        std::fs::write(&p, "root:Zq-DISTINCT-file-c0ntent:0:0\n").unwrap();
+        let text = format!("{BASE}\n[storage]\nurl = \"file:{}\"\n", p.display());
+        let e = Config::from_parts(&text, &[], &env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("storage.url"), "{e}");
+        assert!(!e.contains("DISTINCT"), "{e}");
+    }
+
+    #[test]
+    fn redacts_query_passwords() {
+        let r = redact_url("postgres://u@h/db?sslmode=verify-full&password=Pw-SECRET-1&x=1");
+        assert!(!r.contains("Pw-SECRET-1"), "{r}");
+        assert!(r.contains("sslmode=verify-full"), "{r}");
+        let r = redact_url("postgresql://h/db?PASSWORD=abc&sslpassword=def");
+        assert!(!r.contains("abc") && !r.contains("def"), "{r}");
+        let r = redact_url("postgres://u:p%40ss@h/db?password=q");
+        assert!(!r.contains("p%40ss") && !r.contains("=q"), "{r}");
+    }
+
+    #[test]
+    fn huge_durations_are_rejected_not_overflowed() {
+        for (section, key, value) in [
+            ("delivery", "lease_seconds", "9223372036854776"),
+            ("delivery", "lease_seconds", "86401"),
+            ("delivery", "max_backoff_ms", "604800001"),
+            ("delivery", "max_age_hours", "8761"),
+            ("delivery", "max_attempts", "100001"),
+            ("server", "request_timeout_ms", "3600001"),
+            ("server", "shutdown_timeout_ms", "3600001"),
+            ("server", "max_body_bytes", "17179869184"),
+            ("sprinthub", "timeout_ms", "9223372036854775807"),
+            ("sprinthub", "concurrency", "100000"),
+            ("sprinthub", "rate_limit_per_second", "1e-300"),
+            ("lookup", "cache_ttl_seconds", "9223372036854775807"),
+            (
+                "lookup",
+                "negative_cache_ttl_seconds",
+                "9223372036854775807",
+            ),
+            ("lookup", "cache_capacity", "1000000000000"),
+        ] {
+            let o = vec![(
+                format!(
+                    "SPRINTLINK_{}__{}",
+                    section.to_uppercase(),
+                    key.to_uppercase()
+                ),
+                value.to_string(),
+            )];
+            let e = Config::from_parts(BASE, &o, &env)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("{section}.{key}")),
+                "{key}={value}: {e}"
+            );
+        }
+        let text = BASE.replace(
+            "object_id = \"/data/object_id\"",
+            "object_id = \"/data/object_id\"\ntolerance_seconds = 9223372036854775807",
+        );
+        let e = Config::from_parts(&text, &[], &env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tolerance_seconds"), "{e}");
+        // The largest allowed values load.
+        let o: Vec<(String, String)> = [
+            ("SPRINTLINK_DELIVERY__LEASE_SECONDS", "86400"),
+            ("SPRINTLINK_DELIVERY__MAX_BACKOFF_MS", "604800000"),
+            ("SPRINTLINK_DELIVERY__MAX_AGE_HOURS", "8760"),
+            ("SPRINTLINK_SPRINTHUB__TIMEOUT_MS", "3600000"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        Config::from_parts(BASE, &o, &env).unwrap();
+    }
+
+    #[test]
+    fn a_variable_named_by_an_env_reference_is_not_a_typo() {
+        let text = format!("{BASE}\n[admin]\ntoken = \"env:SPRINTLINK_ADMIN_TOKEN\"\n");
+        let token = "a-long-admin-token-0123456789";
+        let o = vec![("SPRINTLINK_ADMIN_TOKEN".to_string(), token.to_string())];
+        let vars = |n: &str| match n {
+            "TOKEN" => Some("t0ken".to_string()),
+            "SPRINTLINK_ADMIN_TOKEN" => Some(token.to_string()),
+            _ => None,
+        };
+        let cfg = Config::from_parts(&text, &o, &vars).unwrap();
+        assert_eq!(cfg.admin.token.expose(), token);
     }
 }

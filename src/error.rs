@@ -36,6 +36,9 @@ pub enum AppError {
     Timeout(u64),
     #[error("this route does not take that method")]
     MethodNotAllowed,
+    /// A 400 with its own code (`invalid_event_id`, `invalid_id`, ...), from input checks.
+    #[error("{1}")]
+    InvalidInput(&'static str, String),
 }
 
 impl AppError {
@@ -54,6 +57,7 @@ impl AppError {
             AppError::Storage(_) => "unavailable",
             AppError::Timeout(_) => "request_timeout",
             AppError::MethodNotAllowed => "method_not_allowed",
+            AppError::InvalidInput(code, _) => code,
         }
     }
 
@@ -68,6 +72,7 @@ impl AppError {
             AppError::Csrf => StatusCode::FORBIDDEN,
             AppError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            AppError::InvalidInput(..) => StatusCode::BAD_REQUEST,
         }
     }
 }

@@ -24,7 +24,11 @@ pub fn plan_for(source: &SourceConfig, body: &Value) -> (Option<String>, Plan) {
             Leads::Key(_) => (Some(m.object_id), Plan::Resolve),
         },
         Err(reason) => {
-            let object_id = body.pointer(&source.object_id).and_then(mapping::id_text);
+            // An object id over the cap is not kept: the reason says why the event is parked.
+            let object_id = body
+                .pointer(&source.object_id)
+                .and_then(mapping::id_text)
+                .filter(|id| id.len() <= mapping::MAX_ID_BYTES);
             (object_id, Plan::Parked(reason))
         }
     }
@@ -52,7 +56,7 @@ pub fn plan_for(source: &SourceConfig, body: &Value) -> (Option<String>, Plan) {
     responses(
         (status = 202, description = "Committed to storage: `queued`, or `parked` with a reason", body = crate::openapi::WebhookAccepted),
         (status = 200, description = "`duplicate` (this source already has the event id) or `ignored` (type not accepted); nothing new stored", body = crate::openapi::WebhookNoop),
-        (status = 400, description = "`invalid_json`, or `bad_request` when the body could not be read", body = crate::openapi::ErrorBody),
+        (status = 400, description = "`invalid_json`; `invalid_event_id` (longer than 256 bytes or a control character), `invalid_event_type` (the same) or `invalid_id` (an object id, lead id or lookup key with a control character); or `bad_request` when the body could not be read. Nothing is stored", body = crate::openapi::ErrorBody),
         (status = 401, description = "`missing_signature`, `invalid_signature` or `timestamp_out_of_tolerance`", body = crate::openapi::ErrorBody),
         (status = 404, description = "`unknown_source`", body = crate::openapi::ErrorBody),
         (status = 413, description = "`payload_too_large`: more than `server.max_body_bytes`", body = crate::openapi::ErrorBody),
@@ -131,6 +135,9 @@ async fn accept(
         ));
     }
     let event_id = mapping::event_id(source, &json, &raw, verified.delivery_id.as_deref());
+    mapping::check_event_id(&event_id)
+        .and_then(|()| mapping::check_storable(source, &json))
+        .map_err(|u| AppError::InvalidInput(u.code, u.message))?;
     let (object_id, plan) = plan_for(source, &json);
     let parked_reason = match &plan {
         Plan::Parked(r) => Some(r.clone()),

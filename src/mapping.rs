@@ -6,6 +6,106 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{LeadField, LookupKind, Scheme, SourceConfig};
 
+/// The longest event id, event type, object id, lead id or lookup key accepted, in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+/// The most (distinct) lead ids one event may name.
+pub const MAX_LEAD_IDS: usize = 100;
+
+/// Why an event cannot be stored at all: answered with a 400 and this code, nothing stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unstorable {
+    /// `invalid_event_id`, `invalid_event_type` or `invalid_id`.
+    pub code: &'static str,
+    pub message: String,
+}
+
+fn unstorable(code: &'static str, message: String) -> Unstorable {
+    Unstorable { code, message }
+}
+
+/// Whether text holds a control character (C0, DEL or C1: U+0000 to U+001F, U+007F to
+/// U+009F). PostgreSQL cannot store U+0000 in text, and none of them belongs in an id.
+pub fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
+/// The event id must be at most `MAX_ID_BYTES` long and free of control characters; it is the
+/// key the sender retries with, so a bad one is refused rather than parked.
+pub fn check_event_id(id: &str) -> Result<(), Unstorable> {
+    if id.len() > MAX_ID_BYTES {
+        return Err(unstorable(
+            "invalid_event_id",
+            format!(
+                "the event id is {} bytes long; at most {MAX_ID_BYTES} are accepted",
+                id.len()
+            ),
+        ));
+    }
+    if has_control(id) {
+        return Err(unstorable(
+            "invalid_event_id",
+            "the event id contains a control character".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses an event whose type, object id, lead ids or lookup key hold control characters
+/// (which storage cannot keep, or an operator could not read), and an event type longer than
+/// `MAX_ID_BYTES`. Values that are merely too long or too many are not refused here: `map`
+/// parks them with a reason.
+pub fn check_storable(source: &SourceConfig, body: &Value) -> Result<(), Unstorable> {
+    if let Some(t) = event_type(source, body) {
+        if t.len() > MAX_ID_BYTES {
+            return Err(unstorable(
+                "invalid_event_type",
+                format!("the event type is longer than {MAX_ID_BYTES} bytes"),
+            ));
+        }
+        if has_control(&t) {
+            return Err(unstorable(
+                "invalid_event_type",
+                "the event type contains a control character".into(),
+            ));
+        }
+    }
+    let bad = |what: &str, p: &str| {
+        unstorable(
+            "invalid_id",
+            format!("the {what} at {p} contains a control character"),
+        )
+    };
+    let p = &source.object_id;
+    if body
+        .pointer(p)
+        .and_then(id_text)
+        .is_some_and(|id| has_control(&id))
+    {
+        return Err(bad("object id", p));
+    }
+    if let Some(p) = &source.lead.id {
+        let dirty = match body.pointer(p) {
+            Some(Value::Array(items)) => {
+                items.iter().filter_map(id_text).any(|id| has_control(&id))
+            }
+            Some(v) => id_text(v).is_some_and(|id| has_control(&id)),
+            None => false,
+        };
+        if dirty {
+            return Err(bad("lead id", p));
+        }
+    }
+    if let Some(p) = &source.lead.key
+        && body
+            .pointer(p)
+            .and_then(scalar_text)
+            .is_some_and(|k| has_control(k.trim()))
+    {
+        return Err(bad("lead key", p));
+    }
+    Ok(())
+}
+
 /// How a source's events find their leads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Leads {
@@ -62,6 +162,12 @@ pub fn map(source: &SourceConfig, body: &Value) -> Result<Mapped, String> {
         .pointer(&source.object_id)
         .and_then(id_text)
         .ok_or_else(|| format!("object id not found at {}", source.object_id))?;
+    if object_id.len() > MAX_ID_BYTES {
+        return Err(format!(
+            "object id at {} is longer than {MAX_ID_BYTES} bytes",
+            source.object_id
+        ));
+    }
     let lead = &source.lead;
     let leads = if let Some(p) = &lead.id {
         let ids = match body.pointer(p) {
@@ -72,11 +178,22 @@ pub fn map(source: &SourceConfig, body: &Value) -> Result<Mapped, String> {
             Some(v) => vec![id_text(v).ok_or_else(|| format!("lead id at {p} is not an id"))?],
             None => return Err(format!("lead id not found at {p}")),
         };
+        if ids.iter().any(|id| id.len() > MAX_ID_BYTES) {
+            return Err(format!(
+                "a lead id at {p} is longer than {MAX_ID_BYTES} bytes"
+            ));
+        }
         let mut ids = ids;
         ids.sort();
         ids.dedup();
         if ids.is_empty() {
             return Err(format!("lead id list at {p} is empty"));
+        }
+        if ids.len() > MAX_LEAD_IDS {
+            return Err(format!(
+                "{} lead ids at {p}; at most {MAX_LEAD_IDS} per event",
+                ids.len()
+            ));
         }
         Leads::Ids(ids)
     } else if let Some(p) = &lead.key {
@@ -87,6 +204,11 @@ pub fn map(source: &SourceConfig, body: &Value) -> Result<Mapped, String> {
         let key = normalize_key(&raw, lead.lookup, lead.field);
         if key.is_empty() {
             return Err(format!("lead key at {p} is empty"));
+        }
+        if key.len() > MAX_ID_BYTES {
+            return Err(format!(
+                "lead key at {p} is longer than {MAX_ID_BYTES} bytes"
+            ));
         }
         Leads::Key(key)
     } else {
@@ -276,6 +398,90 @@ mod tests {
             event_type(&s, &json!({"type": "object.created"})).as_deref(),
             Some("object.created")
         );
+    }
+
+    #[test]
+    fn oversized_ids_and_keys_and_too_many_leads_are_refused() {
+        let s = by_id();
+        let long = "x".repeat(257);
+        let e = map(&s, &json!({"data": {"object_id": long, "lead_id": 1}})).unwrap_err();
+        assert!(e.contains("256"), "{e}");
+        assert!(!e.contains(&long), "the value is not echoed: {e}");
+        let e = map(&s, &json!({"data": {"object_id": 1, "lead_id": long}})).unwrap_err();
+        assert!(e.contains("256"), "{e}");
+        let e = map(&s, &json!({"data": {"object_id": 1, "lead_id": [1, long]}})).unwrap_err();
+        assert!(e.contains("256"), "{e}");
+        let many: Vec<u64> = (0..101).collect();
+        let e = map(&s, &json!({"data": {"object_id": 1, "lead_id": many}})).unwrap_err();
+        assert!(e.contains("100"), "{e}");
+        let hundred: Vec<u64> = (0..100).collect();
+        assert!(map(&s, &json!({"data": {"object_id": 1, "lead_id": hundred}})).is_ok());
+        let at_cap = "y".repeat(256);
+        assert!(map(&s, &json!({"data": {"object_id": at_cap, "lead_id": 1}})).is_ok());
+        let keyed = source(LeadConfig {
+            key: Some("/c/email".into()),
+            lookup: Some(LookupKind::Table),
+            ..Default::default()
+        });
+        let e = map(
+            &keyed,
+            &json!({"data": {"object_id": 5}, "c": {"email": long}}),
+        )
+        .unwrap_err();
+        assert!(e.contains("256"), "{e}");
+    }
+
+    #[test]
+    fn event_ids_over_the_cap_or_with_control_characters_are_unstorable() {
+        assert!(check_event_id(&"e".repeat(256)).is_ok());
+        assert_eq!(
+            check_event_id(&"e".repeat(257)).unwrap_err().code,
+            "invalid_event_id"
+        );
+        for bad in ["a\u{0}b", "a\nb", "\u{7f}", "x\u{85}"] {
+            assert_eq!(
+                check_event_id(bad).unwrap_err().code,
+                "invalid_event_id",
+                "{bad:?}"
+            );
+        }
+        assert!(check_event_id("évt-ü_1 with spaces").is_ok());
+    }
+
+    #[test]
+    fn control_characters_in_ids_keys_and_types_are_unstorable() {
+        let s = by_id();
+        let ok = json!({"type": "object.created", "data": {"object_id": 1, "lead_id": [1, "2"]}});
+        assert!(check_storable(&s, &ok).is_ok());
+        let obj = json!({"data": {"object_id": "o\u{0}", "lead_id": 1}});
+        assert_eq!(check_storable(&s, &obj).unwrap_err().code, "invalid_id");
+        let lead = json!({"data": {"object_id": 1, "lead_id": [1, "l\u{1}"]}});
+        assert_eq!(check_storable(&s, &lead).unwrap_err().code, "invalid_id");
+        let one = json!({"data": {"object_id": 1, "lead_id": "l\u{0}"}});
+        assert_eq!(check_storable(&s, &one).unwrap_err().code, "invalid_id");
+        let ty = json!({"type": "t\u{0}", "data": {"object_id": 1, "lead_id": 1}});
+        assert_eq!(
+            check_storable(&s, &ty).unwrap_err().code,
+            "invalid_event_type"
+        );
+        let long_ty = json!({"type": "t".repeat(257), "data": {"object_id": 1, "lead_id": 1}});
+        assert_eq!(
+            check_storable(&s, &long_ty).unwrap_err().code,
+            "invalid_event_type"
+        );
+        // Too long is not unstorable: map() parks it.
+        let long = json!({"data": {"object_id": "o".repeat(300), "lead_id": 1}});
+        assert!(check_storable(&s, &long).is_ok());
+        let keyed = source(LeadConfig {
+            key: Some("/c/email".into()),
+            lookup: Some(LookupKind::Table),
+            ..Default::default()
+        });
+        let k = json!({"data": {"object_id": 1}, "c": {"email": "a\u{0}@b"}});
+        assert_eq!(check_storable(&keyed, &k).unwrap_err().code, "invalid_id");
+        // Surrounding whitespace is trimmed as before, not refused.
+        let k = json!({"data": {"object_id": 1}, "c": {"email": " a@b\n"}});
+        assert!(check_storable(&keyed, &k).is_ok());
     }
 
     #[test]

@@ -30,6 +30,7 @@ both_backends!(
     admin_list_paginates_and_filters,
     bulk_replay_by_state_and_source,
     event_document_pages_its_links,
+    oversized_and_control_char_ids_are_refused,
 );
 
 /// A query-string-free link body, as SPEC section 1 spells it.
@@ -1231,4 +1232,72 @@ async fn event_document_pages_its_links(b: Backend) {
     app.admin_get("/admin/events/many?links_cursor=zz")
         .await
         .expect_error(400, "bad_request");
+}
+
+/// Posts `json` signed with a fixed, header-safe message id (the body's ids may hold bytes no
+/// header can carry).
+async fn post_signed(app: &TestApp, json: &Value) -> Resp {
+    let raw = json.to_string();
+    let headers = app.sign("erp", raw.as_bytes(), unix_ms() / 1000, "msg_ids");
+    app.post_raw("erp", raw.into_bytes(), &headers).await
+}
+
+async fn oversized_and_control_char_ids_are_refused(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    // Event ids: over 256 bytes, or with a control character, are refused and nothing is kept.
+    post_signed(&app, &erp_event(&"e".repeat(257), 1, 2))
+        .await
+        .expect_error(400, "invalid_event_id");
+    post_signed(&app, &erp_event("evt_\u{0}nul", 1, 2))
+        .await
+        .expect_error(400, "invalid_event_id");
+    post_signed(&app, &erp_event("evt_\nnl", 1, 2))
+        .await
+        .expect_error(400, "invalid_event_id");
+    // Object and lead ids PostgreSQL cannot store (NUL) or that carry control characters.
+    post_signed(&app, &erp_event("evt_obj_nul", "o\u{0}1", 2))
+        .await
+        .expect_error(400, "invalid_id");
+    post_signed(&app, &erp_event("evt_lead_nul", 1, json!([2, "l\u{1b}3"])))
+        .await
+        .expect_error(400, "invalid_id");
+    assert!(app.events(None).await.is_empty(), "nothing was stored");
+
+    // Within the caps and clean: accepted as before (256 bytes exactly is allowed).
+    let at_cap = "e".repeat(256);
+    post_signed(&app, &erp_event(&at_cap, 1, 2))
+        .await
+        .expect(202);
+
+    // Too long an object id, lead id, or too many lead ids: stored, parked with a reason, and
+    // the oversized value is not kept as the event's object id.
+    let long_obj = "o".repeat(257);
+    let body = post_signed(&app, &erp_event("evt_long_obj", long_obj.as_str(), 2))
+        .await
+        .expect(202)
+        .clone();
+    assert_eq!(body["status"], "parked", "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("256"), "{body}");
+    let ev = app.event("evt_long_obj").await;
+    assert!(ev["object_id"].is_null(), "{ev}");
+
+    let body = post_signed(&app, &erp_event("evt_long_lead", 1, "l".repeat(257)))
+        .await
+        .expect(202)
+        .clone();
+    assert_eq!(body["status"], "parked", "{body}");
+
+    let many: Vec<u64> = (1..=101).collect();
+    let body = post_signed(&app, &erp_event("evt_many", 1, json!(many)))
+        .await
+        .expect(202)
+        .clone();
+    assert_eq!(body["status"], "parked", "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("100"), "{body}");
+    let hundred: Vec<u64> = (1..=100).collect();
+    post_signed(&app, &erp_event("evt_hundred", 1, json!(hundred)))
+        .await
+        .expect(202);
+    app.wait_for_state("evt_hundred", "delivered").await;
+    assert!(app.link_calls().len() >= 100);
 }

@@ -73,7 +73,7 @@ pub fn after_failure(
         ));
     }
     let max_age_ms = (cfg.max_age_hours * 3_600_000.0) as i64;
-    if now - first_queued_at >= max_age_ms {
+    if now.saturating_sub(first_queued_at) >= max_age_ms {
         return Next::Dead(format!(
             "still failing after max_age_hours = {}: {}",
             cfg.max_age_hours,

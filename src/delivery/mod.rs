@@ -24,6 +24,16 @@ use ratelimit::RateLimiter;
 use resolve::Resolver;
 
 /// Longest idle sleep between polls when nothing is due (other replicas may add work).
+/// A duration in milliseconds, saturating at `i64::MAX` instead of wrapping.
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The timestamp `d` after `now`, saturating instead of overflowing.
+pub(crate) fn after(now: crate::store::Millis, d: Duration) -> crate::store::Millis {
+    now.saturating_add(millis(d))
+}
+
 const IDLE_POLL: Duration = Duration::from_millis(500);
 /// How long a busy worker waits to gather free slots before claiming.
 const CLAIM_GATHER: Duration = Duration::from_millis(5);
@@ -87,7 +97,7 @@ impl Worker {
     /// and hands back the leases of any still running.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken, drain: Duration) {
         let permits = Arc::new(Semaphore::new(self.cfg.sprinthub.concurrency));
-        let lease_ms = (self.cfg.delivery.lease_seconds * 1000) as i64;
+        let lease_ms = millis(Duration::from_secs(self.cfg.delivery.lease_seconds));
         let horizon = CLAIM_HORIZON.min(Duration::from_millis(lease_ms as u64 / 4));
         let mut tasks = JoinSet::new();
         loop {
@@ -129,7 +139,11 @@ impl Worker {
             let mut slots = slots.into_iter();
             let now = now_ms();
             let limit = held.len() as i64;
-            let jobs = match self.store.claim_links(now, now + lease_ms, limit).await {
+            let jobs = match self
+                .store
+                .claim_links(now, now.saturating_add(lease_ms), limit)
+                .await
+            {
                 Ok(jobs) => jobs,
                 Err(e) => {
                     tracing::warn!(error = %e, "claiming links failed; retrying in 1 s");
@@ -157,7 +171,11 @@ impl Worker {
             }
             if !held.is_empty() {
                 let spare = held.len() as i64;
-                match self.store.claim_resolves(now, now + lease_ms, spare).await {
+                match self
+                    .store
+                    .claim_resolves(now, now.saturating_add(lease_ms), spare)
+                    .await
+                {
                     Ok(jobs) => {
                         for job in jobs {
                             let permit = held.pop().expect("claimed no more than the permits held");
@@ -297,7 +315,7 @@ impl Worker {
                                 tracing::warn!(parent: &span, error = %failure.describe(), retry_in_ms = delay.as_millis() as u64, "link attempt failed");
                             }
                             LinkUpdate::Retry {
-                                due_at: now_ms() + delay.as_millis() as i64,
+                                due_at: after(now_ms(), delay),
                                 counted,
                                 error: failure.describe(),
                             }
@@ -326,5 +344,19 @@ impl Worker {
             .lock()
             .expect("in-flight lock")
             .remove(&job.link_id);
+    }
+}
+
+#[cfg(test)]
+mod arithmetic {
+    use super::*;
+
+    #[test]
+    fn durations_saturate_instead_of_wrapping() {
+        assert_eq!(millis(Duration::from_secs(60)), 60_000);
+        assert_eq!(millis(Duration::from_secs(u64::MAX)), i64::MAX);
+        assert_eq!(after(1_000, Duration::from_millis(5)), 1_005);
+        assert_eq!(after(i64::MAX - 1, Duration::from_secs(1)), i64::MAX);
+        assert_eq!(after(now_ms(), Duration::MAX), i64::MAX);
     }
 }

@@ -53,7 +53,12 @@ impl LookupCache {
                 entries.clear();
             }
         }
-        entries.insert((field, key.to_string()), (ids, Instant::now() + ttl));
+        // A TTL too large for the clock is not cached, rather than a panic (configuration
+        // bounds keep TTLs far below that).
+        let Some(expires) = Instant::now().checked_add(ttl) else {
+            return;
+        };
+        entries.insert((field, key.to_string()), (ids, expires));
     }
 }
 
@@ -163,7 +168,7 @@ impl Resolver {
             }),
             Ok(ids) => ResolveUpdate::Links(ids),
             Err(Lookup::Storage(e)) => ResolveUpdate::Retry {
-                due_at: now_ms() + 1_000,
+                due_at: now_ms().saturating_add(1_000),
                 counted: false,
                 error: format!("mapping table unavailable: {e}"),
             },
@@ -187,7 +192,7 @@ impl Resolver {
                     fastrand::f64(),
                 ) {
                     Next::Retry { delay, counted } => ResolveUpdate::Retry {
-                        due_at: now_ms() + delay.as_millis() as i64,
+                        due_at: super::after(now_ms(), delay),
                         counted,
                         error: format!("lead lookup: {}", failure.describe()),
                     },

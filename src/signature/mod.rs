@@ -94,6 +94,9 @@ impl Verifier {
                 Scheme::StandardWebhooks => standard_webhooks::decode_secret(s.expose()),
                 _ => Some(s.expose().as_bytes().to_vec()),
             })
+            // An empty key is no key (anyone can compute `HMAC("", body)`); config validation
+            // refuses it too, this is the second line.
+            .filter(|k: &Vec<u8>| !k.is_empty())
             .collect();
         Verifier {
             scheme: source.scheme,
@@ -166,7 +169,8 @@ pub(crate) fn mac(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
 /// True when any key's MAC over `parts` equals any candidate, each comparison in constant time.
 pub(crate) fn any_matches(keys: &[Vec<u8>], parts: &[&[u8]], candidates: &[Vec<u8>]) -> bool {
     let mut ok = false;
-    for key in keys {
+    // Empty keys are skipped here as well, whoever built the key list.
+    for key in keys.iter().filter(|k| !k.is_empty()) {
         let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
         for p in parts {
             m.update(p);
@@ -256,6 +260,58 @@ mod reference_vectors {
                 Err(SignatureError::Invalid),
                 "{}",
                 v["produced_by"]
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod empty_keys {
+    //! An empty key is no key: `HMAC("", body)` is computable by anyone, so a verifier must
+    //! never accept it, whatever the configuration let through.
+    use super::*;
+
+    #[test]
+    fn a_signature_made_with_an_empty_key_never_verifies() {
+        for scheme in [
+            Scheme::Github,
+            Scheme::Stripe,
+            Scheme::HmacSha256,
+            Scheme::StandardWebhooks,
+        ] {
+            let mut source = SourceConfig::example("t", "");
+            source.scheme = scheme;
+            if scheme == Scheme::HmacSha256 {
+                source.signature_header = Some("x-sig".into());
+            }
+            let forged_with = Verifier {
+                scheme,
+                keys: vec![Vec::new()],
+                tolerance_seconds: 300,
+                header: "x-sig".into(),
+                encoding: Encoding::Hex,
+                prefix: String::new(),
+            };
+            let body = br#"{"id":"evt_forged"}"#;
+            let signed = forged_with.sign(body, 1_700_000_000, "msg_forged");
+            let h: Vec<(&str, &str)> = signed
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            // Built from a configuration with an empty secret...
+            let v = Verifier::from_source(&source);
+            assert_eq!(
+                v.verify(h.as_slice(), body, 1_700_000_000),
+                Err(SignatureError::Invalid),
+                "{scheme:?}"
+            );
+            // ...or handed an empty key directly, together with a real one.
+            let mut direct = forged_with.clone();
+            direct.keys.push(b"a real key".to_vec());
+            assert_eq!(
+                direct.verify(h.as_slice(), body, 1_700_000_000),
+                Err(SignatureError::Invalid),
+                "{scheme:?}"
             );
         }
     }
