@@ -40,7 +40,7 @@ KNOWN = {
         "max_attempts", "initial_backoff_ms", "max_backoff_ms", "max_age_hours",
         "lease_seconds",
     },
-    "admin": {"token"},
+    "admin": {"token", "secure_cookies", "failed_auth_limit", "failed_auth_window_seconds"},
 }
 SOURCE_KEYS = {
     "name", "scheme", "secrets", "tolerance_seconds", "signature_header", "encoding",

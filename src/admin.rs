@@ -593,9 +593,8 @@ pub fn parse_csv(text: &str) -> Result<Vec<(String, String)>, String> {
         example = json!("key,lead_id\nann@example.com,17\n")),
     responses(
         (status = 200, description = "How many rows were imported", body = crate::openapi::Imported),
-        (status = 400, description = "`bad_request`: not UTF-8, or a malformed line (named)", body = crate::openapi::ErrorBody),
+        (status = 400, description = "`bad_request`: not text/csv, not UTF-8, or a malformed line (named)", body = crate::openapi::ErrorBody),
         crate::openapi::PayloadTooLarge,
-        (status = 415, description = "`unsupported_media_type`: not `text/csv` (or `text/plain`)", body = crate::openapi::ErrorBody),
         crate::openapi::Unauthorized,
         crate::openapi::TooManyRequests,
         (status = 404, description = "`unknown_source`, or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
@@ -615,7 +614,8 @@ async fn import_mappings(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     if !ct.starts_with("text/csv") && !ct.starts_with("text/plain") {
-        return Err(AppError::UnsupportedMediaType(
+        // 400, not 415: the import's documented answer before the JSON routes had one.
+        return Err(AppError::BadRequest(
             "send the file as Content-Type: text/csv".into(),
         ));
     }
