@@ -54,7 +54,7 @@ KNOWN = {
         "max_attempts", "initial_backoff_ms", "max_backoff_ms", "max_age_hours",
         "lease_seconds",
     },
-    "admin": {"token"},
+    "admin": {"token", "secure_cookies", "failed_auth_limit", "failed_auth_window_seconds"},
     "lookup": {"cache_ttl_seconds", "negative_cache_ttl_seconds", "cache_capacity"},
 }
 SOURCE_KEYS = {

@@ -1,10 +1,13 @@
 //! The operator's API: see events, their links and every attempt, replay what failed, and keep
-//! the lead mapping table. Behind one bearer token compared in constant time; absent (404) when
-//! no token is configured.
+//! the lead mapping table. Behind one bearer token compared in constant time, with failed checks
+//! throttled per client address (`crate::auth`); absent (404) when no token is configured. Every
+//! rejection, the extractors' included, is the JSON error: bodies go through `ApiJson`/`ApiBytes`
+//! under `server.max_body_bytes`.
 
 use std::sync::Arc;
+use std::time::Instant;
 
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -16,16 +19,21 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::app::AppState;
-use crate::error::{ApiPath as Path, ApiQuery as Query, AppError};
+use crate::auth::{Peer, Verdict};
+use crate::error::{ApiBytes, ApiJson, ApiPath as Path, ApiQuery as Query, AppError, BodyLimit};
 use crate::ingest::plan_for;
 use crate::store::{
     Attempt, EventDetail, EventFilter, EventSummary, LinkPage, Millis, Plan, now_ms,
 };
 
 const STATES: &[&str] = &["queued", "delivered", "parked", "dead"];
+/// `POST /admin/replay`: events per call by default, and at most.
+const REPLAY_LIMIT_DEFAULT: i64 = 100;
+const REPLAY_LIMIT_MAX: i64 = 500;
 
 /// The admin routes with their OpenAPI descriptions, behind `require_admin`.
 pub fn routes(state: Arc<AppState>) -> OpenApiRouter<Arc<AppState>> {
+    let limit = state.config.server.max_body_bytes;
     OpenApiRouter::new()
         .routes(routes!(list_events))
         .routes(routes!(get_event))
@@ -34,6 +42,8 @@ pub fn routes(state: Arc<AppState>) -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(import_mappings))
         .routes(routes!(get_mapping, put_mapping, delete_mapping))
         .route_layer(middleware::from_fn_with_state(state, require_admin))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::Extension(BodyLimit(limit)))
 }
 
 /// True when `presented` is the admin token; constant time in the token's contents.
@@ -42,19 +52,37 @@ pub fn token_matches(state: &AppState, presented: &str) -> bool {
     !expected.is_empty() && bool::from(expected.ct_eq(presented.as_bytes()))
 }
 
+/// Checks a presented admin token through the per-address throttle: `unauthorized` when wrong
+/// (and counted), `too_many_requests` while the address is blocked.
+pub fn check_token(state: &AppState, peer: Peer, presented: &str) -> Result<(), AppError> {
+    match state
+        .auth
+        .throttle
+        .attempt(peer.0, Instant::now(), || token_matches(state, presented))
+    {
+        Verdict::Allowed => Ok(()),
+        Verdict::Denied => Err(AppError::Unauthorized),
+        Verdict::Throttled(secs) => Err(AppError::TooManyRequests(secs)),
+    }
+}
+
+/// Runs before any extractor of the admin routes, so nothing is read before the token is right.
 async fn require_admin(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if state.config.admin.token.is_empty() {
         return AppError::NotFound("the admin API is off: set admin.token to enable it".into())
             .into_response();
     }
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+    // No Authorization header at all is not a guess: 401, not counted.
+    let Some(auth) = req.headers().get(header::AUTHORIZATION) else {
+        return AppError::Unauthorized.into_response();
+    };
+    let presented = auth
+        .to_str()
+        .ok()
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if !token_matches(&state, presented) {
-        return AppError::Unauthorized.into_response();
+    if let Err(e) = check_token(&state, Peer::of(req.extensions()), presented) {
+        return e.into_response();
     }
     next.run(req).await
 }
@@ -186,6 +214,7 @@ pub fn filter_from(q: &ListQuery) -> Result<EventFilter, AppError> {
         (status = 200, description = "A page of events; follow `next_cursor` for older ones", body = crate::openapi::EventList),
         (status = 400, description = "`bad_request`: a bad state, limit or cursor", body = crate::openapi::ErrorBody),
         crate::openapi::Unauthorized,
+        crate::openapi::TooManyRequests,
         (status = 404, description = "`not_found`: the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
         crate::openapi::StorageUnavailable,
     ),
@@ -269,6 +298,7 @@ pub async fn find_one(
         (status = 200, description = "The event, with one page of its links (`next_links_cursor` names the next)", body = crate::openapi::EventDetail),
         (status = 400, description = "`bad_request`: a malformed path or query", body = crate::openapi::ErrorBody),
         crate::openapi::Unauthorized,
+        crate::openapi::TooManyRequests,
         (status = 404, description = "`not_found`: no such event, or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
         (status = 409, description = "`conflict`: several sources have an event with this id; add `?source=`", body = crate::openapi::ErrorBody),
         crate::openapi::StorageUnavailable,
@@ -328,6 +358,7 @@ pub async fn replay(state: &AppState, e: &EventSummary) -> Result<(), AppError> 
         (status = 202, description = "Replayed; the event's state after the replay", body = crate::openapi::Replayed),
         (status = 400, description = "`bad_request`: a malformed path or query", body = crate::openapi::ErrorBody),
         crate::openapi::Unauthorized,
+        crate::openapi::TooManyRequests,
         (status = 404, description = "`not_found`: no such event, or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
         (status = 409, description = "`conflict`: several sources have an event with this id; add `?source=`", body = crate::openapi::ErrorBody),
         crate::openapi::StorageUnavailable,
@@ -356,60 +387,73 @@ async fn replay_event(
 struct ReplayMany {
     state: Option<String>,
     source: Option<String>,
+    limit: Option<i64>,
+    cursor: Option<String>,
 }
 
-/// Replay every event in a state (default `dead`), optionally of one source.
+/// Replay the events in a state (default `dead`), optionally of one source, a bounded number
+/// per call.
+///
+/// Each call replays at most `limit` events (default 100, at most 500), newest first, and answers
+/// `next_cursor` while more may remain: call again with `"cursor"` set to it until it is null.
+/// Events replayed by one call are not visited again by the next.
 #[utoipa::path(
     post,
     path = "/admin/replay",
     tag = "admin",
     request_body(content = crate::openapi::ReplayManyRequest, content_type = "application/json",
-        example = json!({"state": "dead", "source": "erp"})),
+        example = json!({"state": "dead", "source": "erp", "limit": 100})),
     responses(
-        (status = 202, description = "How many events were replayed", body = crate::openapi::ReplayedMany),
-        (status = 400, description = "`bad_request`: not `{\"state\", \"source\"}`, or a state other than dead, parked, queued", body = crate::openapi::ErrorBody),
+        (status = 202, description = "How many events this call replayed, and where the next call goes on", body = crate::openapi::ReplayedMany),
+        (status = 400, description = "`bad_request`: not `{\"state\", \"source\", \"limit\", \"cursor\"}`, a state other than dead, parked, queued, a limit outside 1 to 500, or a cursor this API did not give", body = crate::openapi::ErrorBody),
         crate::openapi::Unauthorized,
+        crate::openapi::TooManyRequests,
         (status = 404, description = "`not_found`: the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
+        crate::openapi::PayloadTooLarge,
+        crate::openapi::UnsupportedMediaType,
         crate::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []))
 )]
 async fn replay_many(
     State(state): State<Arc<AppState>>,
-    body: axum::body::Bytes,
+    ApiJson(req): ApiJson<ReplayMany>,
 ) -> Result<Response, AppError> {
-    let req: ReplayMany = serde_json::from_slice(&body).map_err(|e| {
-        AppError::BadRequest(format!(
-            "expected {{\"state\": \"dead\", \"source\": \"erp\"}}: {e}"
-        ))
-    })?;
     let wanted = req.state.unwrap_or_else(|| "dead".into());
     if !["dead", "parked", "queued"].contains(&wanted.as_str()) {
         return Err(AppError::BadRequest(
             "state must be dead, parked or queued".into(),
         ));
     }
-    let mut filter = EventFilter {
-        state: Some(wanted),
-        source: req.source,
-        before: None,
-        limit: 500,
-    };
-    let mut replayed = 0u64;
-    loop {
-        let page = state.store.list_events(&filter).await?;
-        for e in &page {
-            replay(&state, e).await?;
-            replayed += 1;
-        }
-        match page.last() {
-            Some(last) if page.len() as i64 == filter.limit => filter.before = Some(last.pk),
-            _ => break,
-        }
+    let limit = req.limit.unwrap_or(REPLAY_LIMIT_DEFAULT);
+    if !(1..=REPLAY_LIMIT_MAX).contains(&limit) {
+        return Err(AppError::BadRequest(format!(
+            "limit must be between 1 and {REPLAY_LIMIT_MAX}"
+        )));
     }
+    let before = match req.cursor.as_deref().filter(|c| !c.is_empty()) {
+        Some(c) => Some(
+            c.parse::<i64>()
+                .map_err(|_| AppError::BadRequest("cursor is not one this API gave".into()))?,
+        ),
+        None => None,
+    };
+    let filter = EventFilter {
+        state: Some(wanted),
+        source: req.source.filter(|s| !s.is_empty()),
+        before,
+        limit,
+    };
+    let page = state.store.list_events(&filter).await?;
+    for e in &page {
+        replay(&state, e).await?;
+    }
+    let next_cursor = (page.len() as i64 == limit)
+        .then(|| page.last().map(|e| e.pk.to_string()))
+        .flatten();
     Ok((
         StatusCode::ACCEPTED,
-        axum::Json(json!({"replayed": replayed})),
+        axum::Json(json!({"replayed": page.len(), "next_cursor": next_cursor})),
     )
         .into_response())
 }
@@ -441,6 +485,7 @@ fn mapping_key(source: &crate::config::SourceConfig, key: &str) -> String {
         (status = 200, description = "The mapping", body = crate::openapi::Mapping),
         (status = 400, description = "`bad_request`: a malformed path or query", body = crate::openapi::ErrorBody),
         crate::openapi::Unauthorized,
+        crate::openapi::TooManyRequests,
         (status = 404, description = "`unknown_source`, `not_found` (no mapping for the key), or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
         crate::openapi::StorageUnavailable,
     ),
@@ -479,7 +524,10 @@ struct MappingBody {
     responses(
         (status = 200, description = "The mapping as stored", body = crate::openapi::Mapping),
         (status = 400, description = "`bad_request`: not `{\"lead_ids\": [...]}` with at least one id", body = crate::openapi::ErrorBody),
+        crate::openapi::PayloadTooLarge,
+        crate::openapi::UnsupportedMediaType,
         crate::openapi::Unauthorized,
+        crate::openapi::TooManyRequests,
         (status = 404, description = "`unknown_source`, or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
         crate::openapi::StorageUnavailable,
     ),
@@ -488,12 +536,10 @@ struct MappingBody {
 async fn put_mapping(
     State(state): State<Arc<AppState>>,
     Path((source, key)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    ApiJson(req): ApiJson<MappingBody>,
 ) -> Result<Response, AppError> {
     let src = known_source(&state, &source)?;
     let key = mapping_key(src, &key);
-    let req: MappingBody = serde_json::from_slice(&body)
-        .map_err(|e| AppError::BadRequest(format!("expected {{\"lead_ids\": [17]}}: {e}")))?;
     let ids: Option<Vec<String>> = req.lead_ids.iter().map(crate::mapping::id_text).collect();
     let ids = ids
         .filter(|i| !i.is_empty())
@@ -513,6 +559,7 @@ async fn put_mapping(
         (status = 204, description = "Removed"),
         (status = 400, description = "`bad_request`: a malformed path or query", body = crate::openapi::ErrorBody),
         crate::openapi::Unauthorized,
+        crate::openapi::TooManyRequests,
         (status = 404, description = "`unknown_source`, `not_found` (no mapping for the key), or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
         crate::openapi::StorageUnavailable,
     ),
@@ -581,7 +628,9 @@ pub fn parse_csv(text: &str) -> Result<Vec<(String, String)>, String> {
     responses(
         (status = 200, description = "How many rows were imported", body = crate::openapi::Imported),
         (status = 400, description = "`bad_request`: not text/csv, not UTF-8, or a malformed line (named)", body = crate::openapi::ErrorBody),
+        crate::openapi::PayloadTooLarge,
         crate::openapi::Unauthorized,
+        crate::openapi::TooManyRequests,
         (status = 404, description = "`unknown_source`, or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
         crate::openapi::StorageUnavailable,
     ),
@@ -591,7 +640,7 @@ async fn import_mappings(
     State(state): State<Arc<AppState>>,
     Path(source): Path<String>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Response, AppError> {
     let src = known_source(&state, &source)?;
     let ct = headers
@@ -599,6 +648,7 @@ async fn import_mappings(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     if !ct.starts_with("text/csv") && !ct.starts_with("text/plain") {
+        // 400, not 415: the import's documented answer before the JSON routes had one.
         return Err(AppError::BadRequest(
             "send the file as Content-Type: text/csv".into(),
         ));

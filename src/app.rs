@@ -40,6 +40,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// The latest storage check of `/readyz` and when it ran: probes share one write a second.
     pub readiness: tokio::sync::Mutex<Option<(std::time::Instant, String)>>,
+    /// Failed-token throttle and dashboard sessions (per process).
+    pub auth: Arc<crate::auth::Auth>,
 }
 
 /// Why the service could not start.
@@ -118,6 +120,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .iter()
         .map(|s| (s.name.clone(), (s.clone(), Verifier::from_source(s))))
         .collect();
+    let auth = crate::auth::Auth::new(&config.admin).map_err(StartError::Client)?;
     let state = Arc::new(AppState {
         config: config.clone(),
         store: store.clone(),
@@ -127,6 +130,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
         readiness: tokio::sync::Mutex::new(None),
+        auth: Arc::new(auth),
     });
     let listener = tokio::net::TcpListener::bind(&config.server.listen)
         .await
@@ -140,8 +144,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let worker_task = tokio::spawn(worker.run(shutdown.clone(), drain.mul_f64(0.8)));
     let stop = shutdown.clone();
     let handle = tokio::spawn(async move {
-        let server =
-            axum::serve(listener, router).with_graceful_shutdown(stop.clone().cancelled_owned());
+        // The peer address (`ConnectInfo`) is what the admin token's failure throttle counts by.
+        let server = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
         let server_task = tokio::spawn(async move {
             if let Err(e) = server.await {
                 tracing::error!(error = %e, "server error");

@@ -125,10 +125,29 @@ impl Default for DeliveryConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub token: Secret,
+    /// The dashboard's session cookie carries `Secure` (sent over https only). Turn it off only
+    /// for a plain-HTTP development setup; behind an https proxy (`X-Forwarded-Proto: https`) the
+    /// cookie is `Secure` either way.
+    pub secure_cookies: bool,
+    /// Failed admin token checks (admin API bearer, dashboard bearer or login form) one client
+    /// address may make within `failed_auth_window_seconds` before it is answered 429.
+    pub failed_auth_limit: u32,
+    pub failed_auth_window_seconds: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            token: Secret::default(),
+            secure_cookies: true,
+            failed_auth_limit: 10,
+            failed_auth_window_seconds: 300,
+        }
+    }
 }
 
 /// Caching of `lookup = "sprinthub"` results, so a burst of events for one customer costs one
@@ -711,6 +730,12 @@ impl Config {
             errors.push(format!(
                 "sprinthub.rate_limit_per_second: must be 0 (unlimited) or between {MIN_RATE} and {MAX_RATE}"
             ));
+        }
+        if self.admin.failed_auth_limit == 0 {
+            errors.push("admin.failed_auth_limit: must be at least 1".into());
+        }
+        if self.admin.failed_auth_window_seconds == 0 {
+            errors.push("admin.failed_auth_window_seconds: must be greater than 0".into());
         }
         if d.max_backoff_ms < d.initial_backoff_ms {
             errors.push("delivery: need 0 < initial_backoff_ms <= max_backoff_ms".into());

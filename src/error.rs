@@ -39,6 +39,10 @@ pub enum AppError {
     /// A 400 with its own code (`invalid_event_id`, `invalid_id`, ...), from input checks.
     #[error("{1}")]
     InvalidInput(&'static str, String),
+    #[error("too many failed admin token checks from this address: retry in {0} s")]
+    TooManyRequests(u64),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
 }
 
 impl AppError {
@@ -58,6 +62,8 @@ impl AppError {
             AppError::Timeout(_) => "request_timeout",
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::InvalidInput(code, _) => code,
+            AppError::TooManyRequests(_) => "too_many_requests",
+            AppError::UnsupportedMediaType(_) => "unsupported_media_type",
         }
     }
 
@@ -73,6 +79,8 @@ impl AppError {
             AppError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::InvalidInput(..) => StatusCode::BAD_REQUEST,
+            AppError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            AppError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         }
     }
 }
@@ -109,6 +117,10 @@ impl IntoResponse for AppError {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        if let AppError::TooManyRequests(secs) = &self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*secs));
         }
         if matches!(self, AppError::Unauthorized) {
             resp.headers_mut().insert(
@@ -158,3 +170,170 @@ json_rejecting!(
     ApiPath,
     Path
 );
+
+/// The body limit of a router whose handlers take [`ApiJson`] or [`ApiBytes`], as a request
+/// extension next to axum's `DefaultBodyLimit`, so that their 413 can name it.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+/// axum's own limit when a router sets none.
+const AXUM_DEFAULT_BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+fn body_rejection(status: StatusCode, text: String, limit: Option<BodyLimit>) -> AppError {
+    match status {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            AppError::PayloadTooLarge(limit.map_or(AXUM_DEFAULT_BODY_LIMIT, |l| l.0))
+        }
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => AppError::UnsupportedMediaType(text),
+        _ => AppError::BadRequest(text),
+    }
+}
+
+/// `axum::Json` answering every rejection with the JSON error: `unsupported_media_type` (415)
+/// without `Content-Type: application/json`, `payload_too_large` (413) over the body limit, and
+/// `bad_request` (400) for a body that is not JSON or not the expected shape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> axum::extract::FromRequest<S> for ApiJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = AppError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, AppError> {
+        let limit = req.extensions().get::<BodyLimit>().copied();
+        axum::Json::<T>::from_request(req, state)
+            .await
+            .map(|j| ApiJson(j.0))
+            .map_err(|e| body_rejection(e.status(), e.body_text(), limit))
+    }
+}
+
+/// `axum::body::Bytes` answering a body over the limit (or one that cannot be read) with the
+/// JSON error.
+#[derive(Debug, Clone, Default)]
+pub struct ApiBytes(pub axum::body::Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for ApiBytes {
+    type Rejection = AppError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, AppError> {
+        let limit = req.extensions().get::<BodyLimit>().copied();
+        axum::body::Bytes::from_request(req, state)
+            .await
+            .map(ApiBytes)
+            .map_err(|e| body_rejection(e.status(), e.body_text(), limit))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::Router;
+    use axum::body::Body;
+    use axum::extract::DefaultBodyLimit;
+    use axum::routing::post;
+    use serde::Deserialize;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Shape {
+        #[allow(dead_code)]
+        n: u32,
+    }
+
+    fn router() -> Router {
+        Router::new()
+            .route("/json", post(|ApiJson(_): ApiJson<Shape>| async { "ok" }))
+            .route(
+                "/bytes",
+                post(|ApiBytes(b): ApiBytes| async move { b.len().to_string() }),
+            )
+            .route(
+                "/q/{n}",
+                post(
+                    |ApiPath(n): ApiPath<u32>, ApiQuery(_): ApiQuery<Shape>| async move {
+                        n.to_string()
+                    },
+                ),
+            )
+            .layer(DefaultBodyLimit::max(64))
+            .layer(axum::Extension(BodyLimit(64)))
+    }
+
+    async fn call(uri: &str, ct: Option<&str>, body: &str) -> (StatusCode, serde_json::Value) {
+        let mut req = http::Request::post(uri);
+        if let Some(ct) = ct {
+            req = req.header(header::CONTENT_TYPE, ct);
+        }
+        let resp = router()
+            .oneshot(req.body(Body::from(body.to_string())).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let ct = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        if status.is_success() {
+            return (
+                status,
+                serde_json::Value::String(String::from_utf8_lossy(&bytes).into()),
+            );
+        }
+        assert_eq!(ct, "application/json", "{uri}: a JSON error");
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn extractor_rejections_are_json_errors_with_codes() {
+        let json = Some("application/json");
+        for (uri, ct, body, status, code) in [
+            ("/json", None, r#"{"n":1}"#, 415, "unsupported_media_type"),
+            (
+                "/json",
+                Some("text/plain"),
+                r#"{"n":1}"#,
+                415,
+                "unsupported_media_type",
+            ),
+            ("/json", json, "{not json", 400, "bad_request"),
+            ("/json", json, r#"{"n":"x"}"#, 400, "bad_request"),
+            ("/json", json, r#"{"m":1}"#, 400, "bad_request"),
+            (
+                "/json",
+                json,
+                &format!(r#"{{"n":1,"p":"{}"}}"#, "x".repeat(100)),
+                413,
+                "payload_too_large",
+            ),
+            ("/bytes", None, &"x".repeat(65), 413, "payload_too_large"),
+            ("/q/abc?n=1", None, "", 400, "bad_request"),
+            ("/q/1?n=-1", None, "", 400, "bad_request"),
+        ] {
+            let (got, body) = call(uri, ct, body).await;
+            assert_eq!(got.as_u16(), status, "{uri}: {body}");
+            assert_eq!(body["error"]["code"], code, "{uri}: {body}");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty())
+            );
+        }
+        let (status, body) = call("/json", json, r#"{"n":1}"#).await;
+        assert_eq!((status.as_u16(), body.as_str()), (200, Some("ok")));
+        let (status, body) = call("/bytes", None, &"x".repeat(64)).await;
+        assert_eq!((status.as_u16(), body.as_str()), (200, Some("64")));
+        let (_, body) = call("/json", json, &"x".repeat(100)).await;
+        assert_eq!(body["error"]["message"], "body is larger than 64 bytes");
+    }
+}

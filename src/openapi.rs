@@ -144,6 +144,32 @@ pub struct Unauthorized(pub ErrorBody);
 )]
 pub struct StorageUnavailable(pub ErrorBody);
 
+/// The 429 of every check of the admin token (bearer or login form) from an address with too
+/// many recent failures.
+#[derive(utoipa::IntoResponses)]
+#[response(
+    status = 429,
+    description = "`too_many_requests`: too many failed admin token checks from this address (`admin.failed_auth_limit` per `admin.failed_auth_window_seconds`); every check from it is refused until `Retry-After` seconds have passed",
+    headers(("Retry-After" = String))
+)]
+pub struct TooManyRequests(pub ErrorBody);
+
+/// The 413 of a route's body over its limit.
+#[derive(utoipa::IntoResponses)]
+#[response(
+    status = 413,
+    description = "`payload_too_large`: the body is over the limit (`server.max_body_bytes` for the admin API, 8 KiB for the dashboard's forms)"
+)]
+pub struct PayloadTooLarge(pub ErrorBody);
+
+/// The 415 of a JSON route sent something else.
+#[derive(utoipa::IntoResponses)]
+#[response(
+    status = 415,
+    description = "`unsupported_media_type`: the body is not sent as `Content-Type: application/json`"
+)]
+pub struct UnsupportedMediaType(pub ErrorBody);
+
 // ------------------------------------------------------------------ documented bodies
 
 /// The body of every error answer.
@@ -177,6 +203,8 @@ pub enum ErrorCode {
     Conflict,
     PayloadTooLarge,
     Unavailable,
+    TooManyRequests,
+    UnsupportedMediaType,
 }
 
 /// An event's state.
@@ -333,11 +361,20 @@ pub struct ReplayManyRequest {
     pub state: Option<String>,
     /// Default: every source.
     pub source: Option<String>,
+    /// Events replayed by this call, 1 to 500 (default 100).
+    #[schema(minimum = 1, maximum = 500)]
+    pub limit: Option<i64>,
+    /// The `next_cursor` of the previous call.
+    pub cursor: Option<String>,
 }
 
 #[derive(ToSchema)]
 pub struct ReplayedMany {
+    /// Events replayed by this call.
     pub replayed: u64,
+    /// Pass as `cursor` to go on; null when every matching event has been visited.
+    #[schema(required = true)]
+    pub next_cursor: Option<String>,
 }
 
 /// A lead id: a number, or a string when it is not all digits.

@@ -479,6 +479,8 @@ async fn dashboard_login_then_replay_a_dead_event_in_chromium() {
     assert_eq!(cookie["httpOnly"], true, "{cookie}");
     assert_eq!(cookie["sameSite"], "Strict", "{cookie}");
     assert_eq!(cookie["path"], "/ui", "{cookie}");
+    // `Secure` by default; Chromium keeps it over plain HTTP on 127.0.0.1 (a secure context).
+    assert_eq!(cookie["secure"], true, "{cookie}");
     let session = cookie["value"].as_str().unwrap().to_string();
     assert!(
         !session.contains(TOKEN),
@@ -573,6 +575,17 @@ async fn dashboard_login_then_replay_a_dead_event_in_chromium() {
     browser
         .wait_url("the login page", |u| u.contains("/ui/login?next="))
         .await;
+    // The logout ended the session on the server: the old cookie value signs nobody in.
+    let stale = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(format!("{base}/ui"))
+        .header("cookie", format!("sprintlink_ui={session}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status().as_u16(), 303, "a revoked session");
 
     drop(browser);
     if let Some(r) = svc.running {

@@ -31,6 +31,11 @@ both_backends!(
     bulk_replay_by_state_and_source,
     event_document_pages_its_links,
     oversized_and_control_char_ids_are_refused,
+    bulk_replay_is_bounded_with_a_cursor,
+    admin_rejections_are_json_errors,
+    failed_admin_auth_is_throttled_per_address,
+    dashboard_sessions_are_server_side,
+    dashboard_posts_authenticate_before_reading_bodies,
 );
 
 /// A query-string-free link body, as SPEC section 1 spells it.
@@ -1118,7 +1123,7 @@ async fn bulk_replay_by_state_and_source(b: Backend) {
     let r = app
         .admin_post("/admin/replay", &json!({"state": "dead", "source": "erp"}))
         .await;
-    assert_eq!(r.expect(202), &json!({"replayed": 2}));
+    assert_eq!(r.expect(202), &json!({"replayed": 2, "next_cursor": null}));
     app.wait_for_state("evt_b1", "delivered").await;
     app.wait_for_state("evt_b2", "delivered").await;
     assert_eq!(
@@ -1139,7 +1144,7 @@ async fn bulk_replay_by_state_and_source(b: Backend) {
     let r = app
         .admin_post("/admin/replay", &json!({"state": "dead"}))
         .await;
-    assert_eq!(r.expect(202), &json!({"replayed": 1}));
+    assert_eq!(r.expect(202), &json!({"replayed": 1, "next_cursor": null}));
     app.wait_for_state("s_b3", "delivered").await;
     assert_eq!(app.link_calls().len(), 6);
 
@@ -1300,4 +1305,381 @@ async fn oversized_and_control_char_ids_are_refused(b: Backend) {
         .expect(202);
     app.wait_for_state("evt_hundred", "delivered").await;
     assert!(app.link_calls().len() >= 100);
+}
+
+// ------------------------------------------------------------------ admin and dashboard hardening
+
+/// A client that shows redirects instead of following them, from a chosen loopback address.
+fn raw_client(from: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .local_address(from.parse::<std::net::IpAddr>().unwrap())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+fn location(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Signs in through the login form; returns the `Set-Cookie` header and the session value.
+async fn ui_login(app: &TestApp, client: &reqwest::Client) -> (String, String) {
+    let r = client
+        .post(app.url("/ui/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={ADMIN_TOKEN}&next=%2Fui"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303, "login");
+    let set = r
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .expect("the login sets a cookie")
+        .to_string();
+    let value = set
+        .strip_prefix("sprintlink_ui=")
+        .and_then(|v| v.split(';').next())
+        .expect("the session cookie")
+        .to_string();
+    assert!(!value.is_empty());
+    (set, value)
+}
+
+/// `GET /ui` with this session: the status, and the page's CSRF token when it is there.
+async fn ui_overview(
+    app: &TestApp,
+    client: &reqwest::Client,
+    session: &str,
+) -> (u16, String, Option<String>) {
+    let r = client
+        .get(app.url("/ui"))
+        .header("cookie", format!("sprintlink_ui={session}"))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let loc = location(&r);
+    let text = r.text().await.unwrap();
+    let csrf = text
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .map(str::to_string);
+    (status, loc, csrf)
+}
+
+async fn bulk_replay_is_bounded_with_a_cursor(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    app.hub
+        .script((0..5).map(|_| Canned::new(400, r#"{"msg":"no"}"#)));
+    for i in 1..=5 {
+        app.post_webhook("erp", &erp_event(&format!("evt_c{i}"), 2000 + i, 1))
+            .await
+            .expect(202);
+    }
+    for i in 1..=5 {
+        app.wait_for_state(&format!("evt_c{i}"), "dead").await;
+    }
+    // Two per call: three calls walk the five dead events, each answer saying where to go on.
+    let mut cursor: Option<String> = None;
+    let mut total = 0;
+    let mut calls = 0;
+    loop {
+        let mut req = json!({"state": "dead", "limit": 2});
+        if let Some(c) = &cursor {
+            req["cursor"] = json!(c);
+        }
+        let r = app.admin_post("/admin/replay", &req).await;
+        let body = r.expect(202).clone();
+        calls += 1;
+        let n = body["replayed"].as_u64().unwrap();
+        assert!(n <= 2, "{body}");
+        total += n;
+        match body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => {
+                assert!(body["next_cursor"].is_null(), "{body}");
+                break;
+            }
+        }
+        assert!(calls < 10, "the cursor walk does not end");
+    }
+    assert_eq!(total, 5);
+    assert_eq!(calls, 3);
+    for i in 1..=5 {
+        app.wait_for_state(&format!("evt_c{i}"), "delivered").await;
+    }
+    // Nothing left: one call, nothing replayed, no cursor.
+    let r = app.admin_post("/admin/replay", &json!({})).await;
+    assert_eq!(r.expect(202), &json!({"replayed": 0, "next_cursor": null}));
+    for bad in [
+        json!({"limit": 0}),
+        json!({"limit": 501}),
+        json!({"cursor": "not-a-cursor"}),
+    ] {
+        app.admin_post("/admin/replay", &bad)
+            .await
+            .expect_error(400, "bad_request");
+    }
+}
+
+async fn admin_rejections_are_json_errors(b: Backend) {
+    let app = TestApp::builder(b)
+        .config(|c| c.server.max_body_bytes = 4096)
+        .spawn()
+        .await;
+    let put = reqwest::Method::PUT;
+    let post = reqwest::Method::POST;
+    // A JSON body sent as something else.
+    app.admin(
+        put.clone(),
+        "/admin/mappings/erp/k",
+        Some(("text/plain", r#"{"lead_ids":[1]}"#.into())),
+    )
+    .await
+    .expect_error(415, "unsupported_media_type");
+    app.admin(post.clone(), "/admin/replay", None)
+        .await
+        .expect_error(415, "unsupported_media_type");
+    // A CSV import sent as JSON (the import's answer stays the 400 it always was).
+    app.admin(
+        post.clone(),
+        "/admin/mappings/erp",
+        Some(("application/json", "{}".into())),
+    )
+    .await
+    .expect_error(400, "bad_request");
+    // Not JSON, or not the expected shape.
+    app.admin(
+        put.clone(),
+        "/admin/mappings/erp/k",
+        Some(("application/json", "{not json".into())),
+    )
+    .await
+    .expect_error(400, "bad_request");
+    app.admin(
+        put.clone(),
+        "/admin/mappings/erp/k",
+        Some(("application/json", r#"{"lead_ids":"x"}"#.into())),
+    )
+    .await
+    .expect_error(400, "bad_request");
+    // Larger than server.max_body_bytes, for JSON and for CSV.
+    let big = format!(r#"{{"lead_ids":[1],"pad":"{}"}}"#, "y".repeat(5000));
+    app.admin(
+        put.clone(),
+        "/admin/mappings/erp/k",
+        Some(("application/json", big)),
+    )
+    .await
+    .expect_error(413, "payload_too_large");
+    let csv = "a@b.com,1\n".repeat(1000);
+    app.admin(post.clone(), "/admin/mappings/erp", Some(("text/csv", csv)))
+        .await
+        .expect_error(413, "payload_too_large");
+    // Path and query parse errors.
+    app.admin_get("/admin/events?limit=abc")
+        .await
+        .expect_error(400, "bad_request");
+    // Still fine when right.
+    app.admin(
+        put,
+        "/admin/mappings/erp/k",
+        Some(("application/json", r#"{"lead_ids":[1]}"#.into())),
+    )
+    .await
+    .expect(200);
+}
+
+async fn failed_admin_auth_is_throttled_per_address(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let here = raw_client("127.0.0.1");
+    let url = app.url("/admin/events");
+    // Successes are not counted.
+    for _ in 0..15 {
+        let r = here
+            .get(&url)
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // Ten failures (the default admin.failed_auth_limit) are answered 401, the dashboard's and the
+    // login form's included...
+    for i in 0..10 {
+        let r = match i % 3 {
+            0 => here.get(&url).bearer_auth("guess").send().await.unwrap(),
+            1 => here
+                .get(app.url("/ui"))
+                .bearer_auth("guess")
+                .send()
+                .await
+                .unwrap(),
+            _ => here
+                .post(app.url("/ui/login"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body("token=guess")
+                .send()
+                .await
+                .unwrap(),
+        };
+        assert_eq!(r.status(), 401, "failure {i}");
+    }
+    // ...then every token check from that address is 429, the right token included.
+    for token in ["guess", ADMIN_TOKEN] {
+        let r = Resp::from_response(here.get(&url).bearer_auth(token).send().await.unwrap()).await;
+        r.expect_error(429, "too_many_requests");
+        let wait: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=300).contains(&wait), "Retry-After {wait}");
+    }
+    let login = here
+        .post(app.url("/ui/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={ADMIN_TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 429, "the login form is throttled too");
+    // Another address is not.
+    let other = raw_client("127.0.0.2");
+    let r = other
+        .get(&url)
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = other.get(&url).bearer_auth("guess").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+async fn dashboard_sessions_are_server_side(b: Backend) {
+    let mut app = TestApp::spawn(b).await;
+    let client = raw_client("127.0.0.1");
+    // `Secure` by default, even over plain HTTP.
+    let (set, first) = ui_login(&app, &client).await;
+    assert!(set.contains("; Secure"), "{set}");
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
+    assert!(!first.contains(ADMIN_TOKEN));
+    let (status, _, csrf) = ui_overview(&app, &client, &first).await;
+    assert_eq!(status, 200);
+    let csrf = csrf.expect("the page carries the logout form's CSRF token");
+
+    // Logging out revokes the session on the server: the old cookie no longer signs in.
+    let second = ui_login(&app, &client).await.1;
+    assert_ne!(first, second);
+    let r = client
+        .post(app.url("/ui/logout"))
+        .header("cookie", format!("sprintlink_ui={first}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={csrf}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(location(&r), "/ui/login");
+    let (status, loc, _) = ui_overview(&app, &client, &first).await;
+    assert_eq!(status, 303, "a revoked session is signed out");
+    assert!(loc.starts_with("/ui/login"), "{loc}");
+    assert_eq!(
+        ui_overview(&app, &client, &second).await.0,
+        200,
+        "other sessions stay"
+    );
+
+    // Session keys are per process: a restart signs everybody out.
+    app.restart().await;
+    let (status, loc, _) = ui_overview(&app, &client, &second).await;
+    assert_eq!(status, 303, "a session of the previous process");
+    assert!(loc.starts_with("/ui/login"), "{loc}");
+
+    // Plain-HTTP development: admin.secure_cookies = false.
+    let dev = TestApp::builder(b)
+        .config(|c| c.admin.secure_cookies = false)
+        .spawn()
+        .await;
+    let (set, _) = ui_login(&dev, &client).await;
+    assert!(!set.contains("Secure"), "{set}");
+    // ...but behind an https proxy the cookie is Secure anyway.
+    let r = client
+        .post(dev.url("/ui/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-proto", "https")
+        .body(format!("token={ADMIN_TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(set.contains("; Secure"), "{set}");
+}
+
+async fn dashboard_posts_authenticate_before_reading_bodies(b: Backend) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn(b).await;
+    // Nobody signed in, a body announced as 1 MB of which only a little ever comes: answered at
+    // once (to the login page), without waiting for the body.
+    for path in ["/ui/logout", "/ui/events/x/replay"] {
+        let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+             Content-Length: 1000000\r\n\r\ncsrf=",
+            app.addr
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{path}: no answer before the body was sent"))
+            .unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(answer.starts_with("HTTP/1.1 303"), "{path}: {answer}");
+        assert!(answer.contains("/ui/login"), "{path}: {answer}");
+    }
+    // Signed in, the forms' bodies are small and capped (8 KiB).
+    let client = raw_client("127.0.0.1");
+    let big = format!("csrf={}", "a".repeat(20_000));
+    for path in ["/ui/logout", "/ui/events/x/replay"] {
+        let r = client
+            .post(app.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap();
+        Resp::from_response(r)
+            .await
+            .expect_error(413, "payload_too_large");
+    }
+    let r = client
+        .post(app.url("/ui/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={}", "a".repeat(20_000)))
+        .send()
+        .await
+        .unwrap();
+    Resp::from_response(r)
+        .await
+        .expect_error(413, "payload_too_large");
+    // A small form still works.
+    let r = client
+        .post(app.url("/ui/logout"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
 }
