@@ -47,6 +47,19 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     pub request_timeout_ms: u64,
     pub shutdown_timeout_ms: u64,
+    /// A second address serving only `/healthz`, `/readyz`, `/metrics` and `/openapi.json`
+    /// (for probes and scrapers); when set, `/metrics` and `/openapi.json` leave `listen`.
+    pub internal_listen: Option<String>,
+    /// Request body bytes held in memory across all requests at once; beyond it, 503.
+    pub max_buffered_bytes: usize,
+    /// Open connections on `listen`; beyond it, new connections wait in the kernel backlog.
+    pub max_connections: usize,
+    /// HTTP/1: time a client has to send a complete request head.
+    pub header_read_timeout_ms: u64,
+    /// A connection with no request in flight for this long is closed (HTTP/1 and HTTP/2).
+    pub idle_timeout_ms: u64,
+    /// HTTP/2: concurrent streams per connection.
+    pub http2_max_concurrent_streams: u32,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +69,12 @@ impl Default for ServerConfig {
             max_body_bytes: 1_048_576,
             request_timeout_ms: 10_000,
             shutdown_timeout_ms: 25_000,
+            internal_listen: None,
+            max_buffered_bytes: 64 * 1024 * 1024,
+            max_connections: 1024,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            http2_max_concurrent_streams: 32,
         }
     }
 }
@@ -438,6 +457,36 @@ impl Config {
         }
         if self.server.request_timeout_ms == 0 {
             errors.push("server.request_timeout_ms: must be greater than 0".into());
+        }
+        if let Some(internal) = &self.server.internal_listen {
+            match internal.parse::<std::net::SocketAddr>() {
+                Err(_) => errors.push(format!(
+                    "server.internal_listen: {internal:?} is not an address like 127.0.0.1:9090"
+                )),
+                Ok(a) if a.port() != 0 && *internal == self.server.listen => errors.push(
+                    "server.internal_listen: must differ from server.listen".into(),
+                ),
+                Ok(_) => {}
+            }
+        }
+        if self.server.max_buffered_bytes / 2 < self.server.max_body_bytes {
+            errors.push(format!(
+                "server.max_buffered_bytes: {} must be at least twice server.max_body_bytes ({}), or bodies of the largest allowed size would not fit",
+                self.server.max_buffered_bytes, self.server.max_body_bytes
+            ));
+        }
+        for (name, value) in [
+            ("max_connections", self.server.max_connections as u64),
+            ("header_read_timeout_ms", self.server.header_read_timeout_ms),
+            ("idle_timeout_ms", self.server.idle_timeout_ms),
+            (
+                "http2_max_concurrent_streams",
+                u64::from(self.server.http2_max_concurrent_streams),
+            ),
+        ] {
+            if value == 0 {
+                errors.push(format!("server.{name}: must be greater than 0"));
+            }
         }
         let url = self.storage.url.expose();
         if !(url.starts_with("sqlite:")

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod app;
 pub mod batch;
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod delivery;
@@ -13,6 +14,7 @@ pub mod error;
 pub mod ingest;
 pub mod mapping;
 pub mod openapi;
+pub mod serve;
 pub mod signature;
 pub mod sprinthub;
 pub mod standin;
