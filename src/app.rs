@@ -181,7 +181,23 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         None => None,
     };
     let router = build_app(state.clone());
-    let limits = crate::serve::Limits::from_config(&config.server);
+    let mut limits = crate::serve::Limits::from_config(&config.server);
+    let others = if internal_listener.is_some() {
+        INTERNAL_MAX_CONNECTIONS
+    } else {
+        0
+    };
+    let fds = crate::serve::open_files_limit();
+    let cap = crate::serve::clamp_connections(limits.max_connections, others, fds);
+    if cap < limits.max_connections {
+        tracing::warn!(
+            configured = limits.max_connections,
+            effective = cap,
+            open_files_limit = fds,
+            "server.max_connections lowered to fit the open-files limit (raise `ulimit -n` for more)"
+        );
+        limits.max_connections = cap;
+    }
     let worker = Worker::new(store.clone(), hub, config.clone(), metrics, wake);
     let drain = Duration::from_millis(config.server.shutdown_timeout_ms);
     let worker_task = tokio::spawn(worker.run(shutdown.clone(), drain.mul_f64(0.8)));

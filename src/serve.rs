@@ -36,6 +36,33 @@ const H2_STREAM_WINDOW: u32 = 64 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 256 * 1024;
 const H2_KEEPALIVE: Duration = Duration::from_secs(20);
 
+/// Descriptors kept for everything but client connections: the database pool, outbound
+/// HTTP, the listeners, logs.
+pub const RESERVED_DESCRIPTORS: u64 = 64;
+/// The fewest client connections the descriptor clamp leaves.
+const MIN_CONNECTIONS: u64 = 16;
+
+/// The soft limit on open files, from `/proc/self/limits` (`None` where there is no procfs or
+/// no limit).
+pub fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// `wanted` connections, lowered so that `others` more connections (another listener) and the
+/// reserved descriptors fit under `limit`: a flood then meets the cap, not the descriptor limit,
+/// and the process can still open its database connections and the other listener's.
+pub fn clamp_connections(wanted: usize, others: usize, limit: Option<u64>) -> usize {
+    let Some(limit) = limit else {
+        return wanted;
+    };
+    let room = limit
+        .saturating_sub(RESERVED_DESCRIPTORS + others as u64)
+        .max(MIN_CONNECTIONS);
+    wanted.min(usize::try_from(room).unwrap_or(usize::MAX))
+}
+
 /// The limits of one listener.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -224,5 +251,19 @@ async fn connection(
                 conn.as_mut().graceful_shutdown();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_cap_fits_under_the_descriptor_limit() {
+        assert_eq!(clamp_connections(1024, 64, Some(20_000)), 1024);
+        assert_eq!(clamp_connections(1024, 64, Some(256)), 128);
+        assert_eq!(clamp_connections(1024, 0, Some(100)), 36);
+        assert_eq!(clamp_connections(1024, 64, Some(50)), 16);
+        assert_eq!(clamp_connections(1024, 64, None), 1024);
     }
 }

@@ -642,32 +642,47 @@ async fn server_max_streams(s: &mut tokio::net::TcpStream) -> Option<u32> {
     }
 }
 
-/// One thousand slow uploads (1 MiB declared, all but a byte sent, then silence) and HTTP/2
-/// connections opening many streams each: the real process stays under 128 MB resident, and a
-/// well-behaved sender's signed webhooks are accepted throughout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flood_of_slow_uploads_and_h2_streams_stays_under_128_mb() {
-    use tokio::io::AsyncWriteExt;
-    assert!(
-        open_files_limit() >= 2_500,
-        "this test opens about 1,100 sockets: raise `ulimit -n` (now {})",
-        open_files_limit()
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let hub = sprintlink::standin::StandIn::start().await.unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+/// The real binary on a free port, with an open-files limit of its own (`ulimit -n`) and extra
+/// `[server]` lines; killed when dropped.
+struct Binary {
+    child: std::process::Child,
+    pid: u32,
+    port: u16,
+    base: String,
+    client: reqwest::Client,
+    _dir: tempfile::TempDir,
+    _hub: sprintlink::standin::StandIn,
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
-    let config = dir.path().join("sprintlink.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
+        .port()
+}
+
+impl Binary {
+    async fn spawn(server_extra: &str, open_files: u32) -> Binary {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = sprintlink::standin::StandIn::start().await.unwrap();
+        let port = free_port();
+        let config = dir.path().join("sprintlink.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
 [server]
 listen = "127.0.0.1:{port}"
 shutdown_timeout_ms = 2000
+{server_extra}
 [storage]
 url = "sqlite://{}/flood.db"
 [sprinthub]
@@ -684,48 +699,137 @@ object_id = "/data/object_id"
 [sources.lead]
 id = "/data/lead_id"
 "#,
-            dir.path().display(),
-            hub.url()
-        ),
-    )
-    .unwrap();
-    // The server gets an open-files limit of its own that fits the flood.
-    let mut child = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(r#"ulimit -n 4096 2>/dev/null; exec "$0" serve --config "$1""#)
-        .arg(env!("CARGO_BIN_EXE_sprintlink"))
-        .arg(&config)
-        .env("RUST_LOG", "error")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start sprintlink");
-    let pid = child.id();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
+                dir.path().display(),
+                hub.url()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                r#"ulimit -n {open_files} 2>/dev/null; exec "$0" serve --config "$1""#
+            ))
+            .arg(env!("CARGO_BIN_EXE_sprintlink"))
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(std::fs::File::create(dir.path().join("service.log")).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start sprintlink");
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let server = Binary {
+            pid: child.id(),
+            child,
+            port,
+            base,
+            client,
+            _dir: dir,
+            _hub: hub,
+        };
+        let ready = poll(Duration::from_secs(10), async || {
+            server
+                .client
+                .get(format!("{}/readyz", server.base))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        assert!(ready, "the service did not become ready");
+        server
     }
-    let base = format!("http://127.0.0.1:{port}");
+
+    /// What the service has logged (warnings and errors) so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("service.log")).unwrap_or_default()
+    }
+}
+
+/// Under a 256-descriptor limit, 400 slow-header and 100 idle keep-alive connections meet the
+/// connection cap (lowered to fit the limit) instead of the descriptor limit: no accept fails
+/// for want of descriptors, and `/healthz` on `server.internal_listen` keeps answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_under_a_connection_flood_at_256_descriptors() {
+    use tokio::io::AsyncWriteExt;
+    let internal = free_port();
+    let server = Binary::spawn(
+        &format!(
+            "internal_listen = \"127.0.0.1:{internal}\"\nheader_read_timeout_ms = 30000\nidle_timeout_ms = 30000"
+        ),
+        256,
+    )
+    .await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
+    // All at once; those beyond the cap and the backlog may not connect at all.
+    let connects: Vec<_> = (0..500)
+        .map(|i| {
+            tokio::spawn(async move {
+                let connect =
+                    tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr));
+                let Ok(Ok(mut s)) = connect.await else {
+                    return None;
+                };
+                let head: &[u8] = if i < 400 {
+                    b"POST /webhooks/erp HTTP/1.1\r\nhost: x\r\n"
+                } else {
+                    b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+                };
+                let _ = s.write_all(head).await;
+                Some(s)
+            })
+        })
+        .collect();
+    let mut flood = Vec::new();
+    for c in connects {
+        flood.extend(c.await.unwrap());
+    }
+    assert!(flood.len() > 128, "only {} connections were made", flood.len());
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(2))
         .build()
         .unwrap();
-    let ready = poll(Duration::from_secs(10), async || {
-        client
-            .get(format!("{base}/readyz"))
+    for i in 0..5 {
+        let r = client
+            .get(format!("http://127.0.0.1:{internal}/healthz"))
             .send()
             .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    if !ready {
-        let _ = child.kill();
-        panic!("the service did not become ready");
+            .unwrap_or_else(|e| panic!("/healthz {i} during the flood: {e}"));
+        assert_eq!(r.status(), 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let child = Kill(child);
+    let log = server.log();
+    assert!(
+        !log.contains("Too many open files"),
+        "the flood reached the descriptor limit instead of the connection cap:\n{}",
+        log.lines().take(5).collect::<Vec<_>>().join("\n")
+    );
+    drop(flood);
+    drop(server);
+}
+
+/// One thousand slow uploads (1 MiB declared, all but a byte sent, then silence) and HTTP/2
+/// connections opening many streams each: the real process stays under 128 MB resident, and a
+/// well-behaved sender's signed webhooks are accepted throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flood_of_slow_uploads_and_h2_streams_stays_under_128_mb() {
+    use tokio::io::AsyncWriteExt;
+    assert!(
+        open_files_limit() >= 2_500,
+        "this test opens about 1,100 sockets: raise `ulimit -n` (now {})",
+        open_files_limit()
+    );
+    let server = Binary::spawn("", 4096).await;
+    let (pid, port, base, client) = (
+        server.pid,
+        server.port,
+        server.base.clone(),
+        server.client.clone(),
+    );
     let before = rss_bytes(pid);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
@@ -849,5 +953,5 @@ id = "/data/lead_id"
         "HTTP/2 streams per connection are not capped at 32: {advertised:?}"
     );
     assert_eq!(answers, vec![202; 8], "the signed webhooks during the flood");
-    drop(child);
+    drop(server);
 }
