@@ -113,19 +113,21 @@ fn restricted(router: Router, internal: bool, hide_internal: bool) -> Router {
     if !internal && !hide_internal {
         return router;
     }
-    router.layer(middleware::from_fn(move |req: Request, next: Next| async move {
-        let path = req.uri().path();
-        let allowed = if internal {
-            INTERNAL.contains(&path)
-        } else {
-            !INTERNAL_ONLY.contains(&path)
-        };
-        if allowed {
-            next.run(req).await
-        } else {
-            not_found().await.into_response()
-        }
-    }))
+    router.layer(middleware::from_fn(
+        move |req: Request, next: Next| async move {
+            let path = req.uri().path();
+            let allowed = if internal {
+                INTERNAL.contains(&path)
+            } else {
+                !INTERNAL_ONLY.contains(&path)
+            };
+            if allowed {
+                next.run(req).await
+            } else {
+                not_found().await.into_response()
+            }
+        },
+    ))
 }
 
 /// Connections `server.internal_listen` accepts at once.

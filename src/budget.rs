@@ -107,6 +107,18 @@ impl Drop for Reservation {
 #[error("the server is receiving too many request bodies at once")]
 pub struct BudgetFull;
 
+/// Whether a body-read error (anywhere in its chain of sources) is the budget's refusal.
+pub fn is_budget_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if err.is::<BudgetFull>() {
+            return true;
+        }
+        current = err.source();
+    }
+    false
+}
+
 /// A request body that counts its chunks against the budget.
 struct Budgeted {
     inner: Body,
@@ -218,5 +230,17 @@ mod tests {
         drop(small);
         assert_eq!(budget.used(), 0);
         assert!(budget.fits(750_000, 750_000));
+    }
+
+    #[tokio::test]
+    async fn a_refused_read_is_recognised_through_to_bytes() {
+        let budget = BodyBudget::new(10);
+        let body = Body::new(Budgeted {
+            inner: Body::from(vec![0u8; 100]),
+            reservation: Arc::new(reservation(&budget)),
+        });
+        let err = axum::body::to_bytes(body, 1000).await.unwrap_err();
+        assert!(is_budget_full(&err), "{err}");
+        assert_eq!(budget.used(), 0);
     }
 }

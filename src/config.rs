@@ -463,9 +463,9 @@ impl Config {
                 Err(_) => errors.push(format!(
                     "server.internal_listen: {internal:?} is not an address like 127.0.0.1:9090"
                 )),
-                Ok(a) if a.port() != 0 && *internal == self.server.listen => errors.push(
-                    "server.internal_listen: must differ from server.listen".into(),
-                ),
+                Ok(a) if a.port() != 0 && *internal == self.server.listen => {
+                    errors.push("server.internal_listen: must differ from server.listen".into())
+                }
                 Ok(_) => {}
             }
         }
@@ -781,6 +781,45 @@ id = "/data/lead_id"
         assert_eq!(cfg.sprinthub.concurrency, 3);
         assert_eq!(cfg.sprinthub.instance, "123");
         assert_eq!(cfg.sources[0].tolerance_seconds, 60);
+    }
+
+    #[test]
+    fn edge_limits_have_defaults_and_are_validated() {
+        let cfg = Config::from_parts(BASE, &[], &env).unwrap();
+        assert_eq!(cfg.server.internal_listen, None);
+        assert_eq!(cfg.server.max_buffered_bytes, 64 * 1024 * 1024);
+        assert_eq!(cfg.server.max_connections, 1024);
+        assert_eq!(cfg.server.http2_max_concurrent_streams, 32);
+        let o = vec![(
+            "SPRINTLINK_SERVER__INTERNAL_LISTEN".to_string(),
+            "127.0.0.1:9090".to_string(),
+        )];
+        let cfg = Config::from_parts(BASE, &o, &env).unwrap();
+        assert_eq!(
+            cfg.server.internal_listen.as_deref(),
+            Some("127.0.0.1:9090")
+        );
+        let text = format!(
+            "[server]\nlisten = \"0.0.0.0:8080\"\ninternal_listen = \"0.0.0.0:8080\"\nmax_connections = 0\nheader_read_timeout_ms = 0\nidle_timeout_ms = 0\nhttp2_max_concurrent_streams = 0\nmax_buffered_bytes = 1000000\n{BASE}"
+        );
+        let e = Config::from_parts(&text, &[], &env)
+            .unwrap_err()
+            .to_string();
+        for key in [
+            "server.internal_listen: must differ",
+            "server.max_connections",
+            "server.header_read_timeout_ms",
+            "server.idle_timeout_ms",
+            "server.http2_max_concurrent_streams",
+            "server.max_buffered_bytes",
+        ] {
+            assert!(e.contains(key), "{key} not reported in: {e}");
+        }
+        let text = format!("[server]\ninternal_listen = \"metrics\"\n{BASE}");
+        let e = Config::from_parts(&text, &[], &env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.internal_listen"), "{e}");
     }
 
     #[test]

@@ -118,6 +118,8 @@ async fn accept(
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
             AppError::PayloadTooLarge(max)
+        } else if crate::budget::is_budget_full(&e) {
+            AppError::Unavailable(crate::budget::BudgetFull.to_string())
         } else {
             AppError::BadRequest(format!("could not read the body: {e}"))
         }

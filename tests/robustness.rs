@@ -478,7 +478,10 @@ async fn buffered_bodies_are_bounded_by_a_shared_budget() {
         let mut body = erp_event("big-after", 2, 2).to_string();
         body.push_str(&" ".repeat(1_000_000 - body.len()));
         let headers = app.sign("erp", body.as_bytes(), now_secs(), "big-after");
-        app.post_raw("erp", body.into_bytes(), &headers).await.status == 202
+        app.post_raw("erp", body.into_bytes(), &headers)
+            .await
+            .status
+            == 202
     })
     .await;
 }
@@ -533,7 +536,9 @@ async fn slow_header_and_idle_connections_are_closed_and_healthz_answers() {
     }
     let tasks: Vec<_> = conns
         .into_iter()
-        .map(|mut s| tokio::spawn(async move { closed_within(&mut s, Duration::from_secs(8)).await }))
+        .map(|mut s| {
+            tokio::spawn(async move { closed_within(&mut s, Duration::from_secs(8)).await })
+        })
         .collect();
     let mut open = 0;
     for t in tasks {
@@ -541,7 +546,12 @@ async fn slow_header_and_idle_connections_are_closed_and_healthz_answers() {
             open += 1;
         }
     }
-    assert_eq!(open, 0, "{open} of 500 connections still open after {:?}", started.elapsed());
+    assert_eq!(
+        open,
+        0,
+        "{open} of 500 connections still open after {:?}",
+        started.elapsed()
+    );
     // The internal address serves the operational routes only.
     let r = client
         .get(format!("http://{internal}/metrics"))
@@ -629,10 +639,14 @@ async fn server_max_streams(s: &mut tokio::net::TcpStream) -> Option<u32> {
     use tokio::io::AsyncReadExt;
     loop {
         let mut head = [0u8; 9];
-        s.read_exact(&mut head).await.expect("a frame from the server");
+        s.read_exact(&mut head)
+            .await
+            .expect("a frame from the server");
         let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
         let mut payload = vec![0u8; len];
-        s.read_exact(&mut payload).await.expect("the frame's payload");
+        s.read_exact(&mut payload)
+            .await
+            .expect("the frame's payload");
         if head[3] == 0x4 && head[4] & 0x1 == 0 {
             return payload
                 .chunks_exact(6)
@@ -768,8 +782,10 @@ async fn healthz_answers_under_a_connection_flood_at_256_descriptors() {
     let connects: Vec<_> = (0..500)
         .map(|i| {
             tokio::spawn(async move {
-                let connect =
-                    tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr));
+                let connect = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    tokio::net::TcpStream::connect(addr),
+                );
                 let Ok(Ok(mut s)) = connect.await else {
                     return None;
                 };
@@ -787,7 +803,11 @@ async fn healthz_answers_under_a_connection_flood_at_256_descriptors() {
     for c in connects {
         flood.extend(c.await.unwrap());
     }
-    assert!(flood.len() > 128, "only {} connections were made", flood.len());
+    assert!(
+        flood.len() > 128,
+        "only {} connections were made",
+        flood.len()
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
@@ -952,6 +972,10 @@ async fn flood_of_slow_uploads_and_h2_streams_stays_under_128_mb() {
         advertised.iter().all(|m| m.is_some_and(|m| m <= 32)),
         "HTTP/2 streams per connection are not capped at 32: {advertised:?}"
     );
-    assert_eq!(answers, vec![202; 8], "the signed webhooks during the flood");
+    assert_eq!(
+        answers,
+        vec![202; 8],
+        "the signed webhooks during the flood"
+    );
     drop(server);
 }

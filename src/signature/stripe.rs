@@ -4,11 +4,11 @@
 use super::{HeaderLookup, SignatureError, Verified, any_matches, check_tolerance, mac};
 
 /// The header parsed and its timestamp checked: the signed timestamp text and the candidates.
-pub(crate) fn parse<'a>(
-    headers: &'a (impl HeaderLookup + ?Sized),
+pub(crate) fn parse(
+    headers: &(impl HeaderLookup + ?Sized),
     now: i64,
     tolerance: u64,
-) -> Result<(&'a str, Vec<Vec<u8>>), SignatureError> {
+) -> Result<(&str, Vec<Vec<u8>>), SignatureError> {
     let header = headers
         .header("stripe-signature")
         .ok_or(SignatureError::Missing("Stripe-Signature"))?;
