@@ -58,6 +58,8 @@ pub enum StartError {
 /// A started service: where it listens and how to stop it.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where `server.internal_listen` is bound, when it is set.
+    pub internal_addr: Option<SocketAddr>,
     pub shutdown: CancellationToken,
     pub state: Arc<AppState>,
     handle: JoinHandle<()>,
@@ -91,14 +93,49 @@ pub fn build_app(state: Arc<AppState>) -> Router {
         .merge(crate::ui::routes(state.clone()))
         .split_for_parts();
     let spec = crate::openapi::Spec::new(&crate::openapi::finish(api));
+    let budget = crate::budget::BodyBudget::new(state.config.server.max_buffered_bytes);
     router
         .layer(Extension(spec))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(timeout, request_timeout))
+        .layer(middleware::from_fn_with_state(
+            budget,
+            crate::budget::limit_buffered,
+        ))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
 }
+
+/// The routes `server.internal_listen` serves, and the ones that leave `listen` when it is set.
+const INTERNAL_ONLY: &[&str] = &["/metrics", "/openapi.json"];
+const INTERNAL: &[&str] = &["/healthz", "/readyz", "/metrics", "/openapi.json"];
+
+/// The router restricted for one listener: with `internal`, only the operational routes;
+/// without, everything but the internal-only ones (when `hide_internal`).
+fn restricted(router: Router, internal: bool, hide_internal: bool) -> Router {
+    if !internal && !hide_internal {
+        return router;
+    }
+    router.layer(middleware::from_fn(
+        move |req: Request, next: Next| async move {
+            let path = req.uri().path();
+            let allowed = if internal {
+                INTERNAL.contains(&path)
+            } else {
+                !INTERNAL_ONLY.contains(&path)
+            };
+            if allowed {
+                next.run(req).await
+            } else {
+                not_found().await.into_response()
+            }
+        },
+    ))
+}
+
+/// Connections `server.internal_listen` accepts at once.
+const INTERNAL_MAX_CONNECTIONS: usize = 64;
 
 /// Opens storage, binds the listener, and spawns the server and the worker.
 pub async fn start(config: Config) -> Result<Running, StartError> {
@@ -138,27 +175,65 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let addr = listener
         .local_addr()
         .map_err(|e| StartError::Listen(config.server.listen.clone(), e))?;
+    let internal_listener = match &config.server.internal_listen {
+        Some(at) => Some(
+            tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|e| StartError::Listen(at.clone(), e))?,
+        ),
+        None => None,
+    };
+    let internal_addr = match &internal_listener {
+        Some(l) => Some(l.local_addr().map_err(|e| {
+            StartError::Listen(config.server.internal_listen.clone().unwrap_or_default(), e)
+        })?),
+        None => None,
+    };
     let router = build_app(state.clone());
+    let mut limits = crate::serve::Limits::from_config(&config.server);
+    let others = if internal_listener.is_some() {
+        INTERNAL_MAX_CONNECTIONS
+    } else {
+        0
+    };
+    let fds = crate::serve::open_files_limit();
+    let cap = crate::serve::clamp_connections(limits.max_connections, others, fds);
+    if cap < limits.max_connections {
+        tracing::warn!(
+            configured = limits.max_connections,
+            effective = cap,
+            open_files_limit = fds,
+            "server.max_connections lowered to fit the open-files limit (raise `ulimit -n` for more)"
+        );
+        limits.max_connections = cap;
+    }
     let worker = Worker::new(store.clone(), hub, config.clone(), metrics, wake);
     let drain = Duration::from_millis(config.server.shutdown_timeout_ms);
     let worker_task = tokio::spawn(worker.run(shutdown.clone(), drain.mul_f64(0.8)));
     let stop = shutdown.clone();
     let handle = tokio::spawn(async move {
-        // The peer address (`ConnectInfo`) is what the admin token's failure throttle counts by.
-        let server = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop.clone().cancelled_owned());
-        let server_task = tokio::spawn(async move {
-            if let Err(e) = server.await {
-                tracing::error!(error = %e, "server error");
-            }
+        let internal_task = internal_listener.map(|l| {
+            // Probes and scrapers: few connections, the same timeouts.
+            let internal_limits = crate::serve::Limits {
+                max_connections: INTERNAL_MAX_CONNECTIONS,
+                ..limits.clone()
+            };
+            tokio::spawn(crate::serve::serve(
+                l,
+                restricted(router.clone(), true, false),
+                internal_limits,
+                stop.clone(),
+            ))
         });
+        let public = restricted(router, false, internal_task.is_some());
+        let server_task = tokio::spawn(crate::serve::serve(listener, public, limits, stop.clone()));
         stop.cancelled().await;
         tracing::info!("draining");
         let both = async {
             let _ = server_task.await;
+            if let Some(t) = internal_task {
+                let _ = t.await;
+            }
             let _ = worker_task.await;
         };
         if tokio::time::timeout(drain, both).await.is_err() {
@@ -167,9 +242,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         store.close().await;
         tracing::info!("stopped");
     });
-    tracing::info!(%addr, storage = %crate::config::redact_url(config.storage.url.expose()), sources = config.sources.len(), "sprintlink is serving");
+    tracing::info!(%addr, internal = ?internal_addr, storage = %crate::config::redact_url(config.storage.url.expose()), sources = config.sources.len(), "sprintlink is serving");
     Ok(Running {
         addr,
+        internal_addr,
         shutdown,
         state,
         handle,

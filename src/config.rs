@@ -51,6 +51,19 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     pub request_timeout_ms: u64,
     pub shutdown_timeout_ms: u64,
+    /// A second address serving only `/healthz`, `/readyz`, `/metrics` and `/openapi.json`
+    /// (for probes and scrapers); when set, `/metrics` and `/openapi.json` leave `listen`.
+    pub internal_listen: Option<String>,
+    /// Request body bytes held in memory across all requests at once; beyond it, 503.
+    pub max_buffered_bytes: usize,
+    /// Open connections on `listen`; beyond it, new connections wait in the kernel backlog.
+    pub max_connections: usize,
+    /// HTTP/1: time a client has to send a complete request head.
+    pub header_read_timeout_ms: u64,
+    /// A connection with no request in flight for this long is closed (HTTP/1 and HTTP/2).
+    pub idle_timeout_ms: u64,
+    /// HTTP/2: concurrent streams per connection.
+    pub http2_max_concurrent_streams: u32,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +73,12 @@ impl Default for ServerConfig {
             max_body_bytes: 1_048_576,
             request_timeout_ms: 10_000,
             shutdown_timeout_ms: 25_000,
+            internal_listen: None,
+            max_buffered_bytes: 64 * 1024 * 1024,
+            max_connections: 1024,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            http2_max_concurrent_streams: 32,
         }
     }
 }
@@ -691,6 +710,36 @@ impl Config {
                 " s (1 day)",
             );
         }
+        if let Some(internal) = &self.server.internal_listen {
+            match internal.parse::<std::net::SocketAddr>() {
+                Err(_) => errors.push(format!(
+                    "server.internal_listen: {internal:?} is not an address like 127.0.0.1:9090"
+                )),
+                Ok(a) if a.port() != 0 && *internal == self.server.listen => {
+                    errors.push("server.internal_listen: must differ from server.listen".into())
+                }
+                Ok(_) => {}
+            }
+        }
+        if self.server.max_buffered_bytes / 2 < self.server.max_body_bytes {
+            errors.push(format!(
+                "server.max_buffered_bytes: {} must be at least twice server.max_body_bytes ({}), or bodies of the largest allowed size would not fit",
+                self.server.max_buffered_bytes, self.server.max_body_bytes
+            ));
+        }
+        for (name, value) in [
+            ("max_connections", self.server.max_connections as u64),
+            ("header_read_timeout_ms", self.server.header_read_timeout_ms),
+            ("idle_timeout_ms", self.server.idle_timeout_ms),
+            (
+                "http2_max_concurrent_streams",
+                u64::from(self.server.http2_max_concurrent_streams),
+            ),
+        ] {
+            if value == 0 {
+                errors.push(format!("server.{name}: must be greater than 0"));
+            }
+        }
         let url = self.storage.url.expose();
         if !(url.starts_with("sqlite:")
             || url.starts_with("postgres://")
@@ -1084,6 +1133,45 @@ id = "/data/lead_id"
         assert_eq!(cfg.sprinthub.concurrency, 3);
         assert_eq!(cfg.sprinthub.instance, "123");
         assert_eq!(cfg.sources[0].tolerance_seconds, 60);
+    }
+
+    #[test]
+    fn edge_limits_have_defaults_and_are_validated() {
+        let cfg = Config::from_parts(BASE, &[], &env).unwrap();
+        assert_eq!(cfg.server.internal_listen, None);
+        assert_eq!(cfg.server.max_buffered_bytes, 64 * 1024 * 1024);
+        assert_eq!(cfg.server.max_connections, 1024);
+        assert_eq!(cfg.server.http2_max_concurrent_streams, 32);
+        let o = vec![(
+            "SPRINTLINK_SERVER__INTERNAL_LISTEN".to_string(),
+            "127.0.0.1:9090".to_string(),
+        )];
+        let cfg = Config::from_parts(BASE, &o, &env).unwrap();
+        assert_eq!(
+            cfg.server.internal_listen.as_deref(),
+            Some("127.0.0.1:9090")
+        );
+        let text = format!(
+            "[server]\nlisten = \"0.0.0.0:8080\"\ninternal_listen = \"0.0.0.0:8080\"\nmax_connections = 0\nheader_read_timeout_ms = 0\nidle_timeout_ms = 0\nhttp2_max_concurrent_streams = 0\nmax_buffered_bytes = 1000000\n{BASE}"
+        );
+        let e = Config::from_parts(&text, &[], &env)
+            .unwrap_err()
+            .to_string();
+        for key in [
+            "server.internal_listen: must differ",
+            "server.max_connections",
+            "server.header_read_timeout_ms",
+            "server.idle_timeout_ms",
+            "server.http2_max_concurrent_streams",
+            "server.max_buffered_bytes",
+        ] {
+            assert!(e.contains(key), "{key} not reported in: {e}");
+        }
+        let text = format!("[server]\ninternal_listen = \"metrics\"\n{BASE}");
+        let e = Config::from_parts(&text, &[], &env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.internal_listen"), "{e}");
     }
 
     #[test]

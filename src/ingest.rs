@@ -38,7 +38,8 @@ pub fn plan_for(source: &SourceConfig, body: &Value) -> (Option<String>, Plan) {
 ///
 /// The signature is verified over the raw body with the source's scheme (standard-webhooks,
 /// github, stripe or hmac-sha256 with a configured header). A `202` means the event is committed
-/// to storage; on any error nothing is stored.
+/// to storage; on any error nothing is stored. The signature headers (and the timestamp) are
+/// checked before the body is read, the MAC after.
 #[utoipa::path(
     post,
     path = "/webhooks/{source}",
@@ -60,7 +61,7 @@ pub fn plan_for(source: &SourceConfig, body: &Value) -> (Option<String>, Plan) {
         (status = 401, description = "`missing_signature`, `invalid_signature` or `timestamp_out_of_tolerance`", body = crate::openapi::ErrorBody),
         (status = 404, description = "`unknown_source`", body = crate::openapi::ErrorBody),
         (status = 413, description = "`payload_too_large`: more than `server.max_body_bytes`", body = crate::openapi::ErrorBody),
-        (status = 503, description = "`unavailable`: storage down or shutting down; retry", body = crate::openapi::ErrorBody,
+        (status = 503, description = "`unavailable`: storage down, shutting down, or too many request bodies being received at once (`server.max_buffered_bytes`); retry", body = crate::openapi::ErrorBody,
             headers(("Retry-After" = String, description = "Seconds to wait"))),
     ),
     security(())
@@ -105,6 +106,9 @@ async fn accept(
         .sources
         .get(source_name)
         .ok_or_else(|| AppError::UnknownSource(source_name.to_string()))?;
+    // The scheme's headers, and its timestamp, are checked before any of the body is read: a
+    // request that cannot be authentic holds no memory. The MAC is checked once, below.
+    verifier.precheck(headers, now_ms().div_euclid(1000))?;
     let max = state.config.server.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -118,6 +122,8 @@ async fn accept(
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
             AppError::PayloadTooLarge(max)
+        } else if crate::budget::is_budget_full(&e) {
+            AppError::Unavailable(crate::budget::BudgetFull.to_string())
         } else {
             AppError::BadRequest(format!("could not read the body: {e}"))
         }

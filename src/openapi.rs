@@ -139,7 +139,7 @@ pub struct Unauthorized(pub ErrorBody);
 #[derive(utoipa::IntoResponses)]
 #[response(
     status = 503,
-    description = "`unavailable`: storage is down; retry",
+    description = "`unavailable`: storage is down, or (for a request with a body) too many request bodies are being received at once (`server.max_buffered_bytes`); retry",
     headers(("Retry-After" = String))
 )]
 pub struct StorageUnavailable(pub ErrorBody);

@@ -6,11 +6,8 @@
 
 use super::{HeaderLookup, SignatureError, Verified, any_matches, mac};
 
-pub fn verify(
-    keys: &[Vec<u8>],
-    headers: &(impl HeaderLookup + ?Sized),
-    body: &[u8],
-) -> Result<Verified, SignatureError> {
+/// The signature header parsed: the candidate MAC.
+pub(crate) fn parse(headers: &(impl HeaderLookup + ?Sized)) -> Result<Vec<u8>, SignatureError> {
     let sig = headers
         .header("x-hub-signature-256")
         .ok_or(SignatureError::Missing("X-Hub-Signature-256"))?;
@@ -18,7 +15,15 @@ pub fn verify(
         .trim()
         .strip_prefix("sha256=")
         .ok_or(SignatureError::Invalid)?;
-    let candidate = hex::decode(hex_part).map_err(|_| SignatureError::Invalid)?;
+    hex::decode(hex_part).map_err(|_| SignatureError::Invalid)
+}
+
+pub fn verify(
+    keys: &[Vec<u8>],
+    headers: &(impl HeaderLookup + ?Sized),
+    body: &[u8],
+) -> Result<Verified, SignatureError> {
+    let candidate = parse(headers)?;
     if any_matches(keys, &[body], &[candidate]) {
         // The delivery id header is unsigned: it must not decide what is a new event.
         Ok(Verified { delivery_id: None })

@@ -7,6 +7,27 @@ use base64::engine::general_purpose::STANDARD;
 use super::{HeaderLookup, SignatureError, Verified, any_matches, mac};
 use crate::config::Encoding;
 
+/// The configured header parsed: the candidate MAC.
+pub(crate) fn parse(
+    headers: &(impl HeaderLookup + ?Sized),
+    header: &str,
+    encoding: Encoding,
+    prefix: &str,
+) -> Result<Vec<u8>, SignatureError> {
+    let value = headers
+        .header(header)
+        .ok_or(SignatureError::Missing("signature"))?;
+    let encoded = value
+        .trim()
+        .strip_prefix(prefix)
+        .ok_or(SignatureError::Invalid)?;
+    match encoding {
+        Encoding::Hex => hex::decode(encoded).ok(),
+        Encoding::Base64 => STANDARD.decode(encoded).ok(),
+    }
+    .ok_or(SignatureError::Invalid)
+}
+
 pub fn verify(
     keys: &[Vec<u8>],
     headers: &(impl HeaderLookup + ?Sized),
@@ -15,18 +36,7 @@ pub fn verify(
     encoding: Encoding,
     prefix: &str,
 ) -> Result<Verified, SignatureError> {
-    let value = headers
-        .header(header)
-        .ok_or(SignatureError::Missing("signature"))?;
-    let encoded = value
-        .trim()
-        .strip_prefix(prefix)
-        .ok_or(SignatureError::Invalid)?;
-    let candidate = match encoding {
-        Encoding::Hex => hex::decode(encoded).ok(),
-        Encoding::Base64 => STANDARD.decode(encoded).ok(),
-    }
-    .ok_or(SignatureError::Invalid)?;
+    let candidate = parse(headers, header, encoding, prefix)?;
     if any_matches(keys, &[body], &[candidate]) {
         Ok(Verified::default())
     } else {

@@ -21,13 +21,18 @@ fn first<'a>(
     names.iter().find_map(|n| headers.header(n))
 }
 
-pub fn verify(
-    keys: &[Vec<u8>],
-    headers: &(impl HeaderLookup + ?Sized),
-    body: &[u8],
+/// The scheme's headers, parsed and with the timestamp checked: everything but the MAC.
+pub(crate) struct Parsed<'a> {
+    id: &'a str,
+    ts_text: &'a str,
+    candidates: Vec<Vec<u8>>,
+}
+
+pub(crate) fn parse<'a>(
+    headers: &'a (impl HeaderLookup + ?Sized),
     now: i64,
     tolerance: u64,
-) -> Result<Verified, SignatureError> {
+) -> Result<Parsed<'a>, SignatureError> {
     let id =
         first(headers, ["webhook-id", "svix-id"]).ok_or(SignatureError::Missing("webhook-id"))?;
     let ts_text = first(headers, ["webhook-timestamp", "svix-timestamp"])
@@ -47,6 +52,25 @@ pub fn verify(
     if candidates.is_empty() {
         return Err(SignatureError::Invalid);
     }
+    Ok(Parsed {
+        id,
+        ts_text,
+        candidates,
+    })
+}
+
+pub fn verify(
+    keys: &[Vec<u8>],
+    headers: &(impl HeaderLookup + ?Sized),
+    body: &[u8],
+    now: i64,
+    tolerance: u64,
+) -> Result<Verified, SignatureError> {
+    let Parsed {
+        id,
+        ts_text,
+        candidates,
+    } = parse(headers, now, tolerance)?;
     if any_matches(
         keys,
         &[id.as_bytes(), b".", ts_text.as_bytes(), b".", body],

@@ -3,13 +3,12 @@
 
 use super::{HeaderLookup, SignatureError, Verified, any_matches, check_tolerance, mac};
 
-pub fn verify(
-    keys: &[Vec<u8>],
+/// The header parsed and its timestamp checked: the signed timestamp text and the candidates.
+pub(crate) fn parse(
     headers: &(impl HeaderLookup + ?Sized),
-    body: &[u8],
     now: i64,
     tolerance: u64,
-) -> Result<Verified, SignatureError> {
+) -> Result<(&str, Vec<Vec<u8>>), SignatureError> {
     let header = headers
         .header("stripe-signature")
         .ok_or(SignatureError::Missing("Stripe-Signature"))?;
@@ -32,6 +31,17 @@ pub fn verify(
         return Err(SignatureError::Invalid);
     }
     check_tolerance(ts, now, tolerance)?;
+    Ok((ts_text, candidates))
+}
+
+pub fn verify(
+    keys: &[Vec<u8>],
+    headers: &(impl HeaderLookup + ?Sized),
+    body: &[u8],
+    now: i64,
+    tolerance: u64,
+) -> Result<Verified, SignatureError> {
+    let (ts_text, candidates) = parse(headers, now, tolerance)?;
     if any_matches(keys, &[ts_text.as_bytes(), b".", body], &candidates) {
         Ok(Verified::default())
     } else {
