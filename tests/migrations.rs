@@ -124,8 +124,6 @@ async fn migrate_command_and_a_newer_schema(b: Backend) {
     }
 }
 
-both_backends!(migrate_command_and_a_newer_schema);
-
 /// Two replicas start together on a PostgreSQL database in release 0.1.0's layout (tables, no
 /// version table): both come up, the migration ran once, and the old rows are still there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,3 +190,199 @@ async fn two_replicas_on_an_old_postgres_database_migrate_it_once() {
         .unwrap();
     assert_eq!(n, 1);
 }
+
+/// The fixture sources of `tests/fixtures/make-0.1.0.sh`, with the same names and pointers.
+fn fixture_sources() -> Vec<sprintlink::config::SourceConfig> {
+    use sprintlink::config::{LeadConfig, LeadField, LookupKind, Scheme, Secret, SourceConfig};
+    let mut erp = SourceConfig::example("erp", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+    erp.event_type = Some("/type".into());
+    erp.accept_types = vec!["object.created".into()];
+    let gh = SourceConfig {
+        name: "gh".into(),
+        scheme: Scheme::Github,
+        secrets: vec![Secret::new("fixture-github-secret")],
+        event_id: None,
+        event_type: None,
+        accept_types: vec![],
+        object_id: "/object/id".into(),
+        lead: LeadConfig {
+            key: Some("/customer/email".into()),
+            lookup: Some(LookupKind::Sprinthub),
+            field: Some(LeadField::Email),
+            ..Default::default()
+        },
+        ..erp.clone()
+    };
+    let crm = SourceConfig {
+        name: "crm".into(),
+        scheme: Scheme::Stripe,
+        secrets: vec![Secret::new("whsec_fixture_stripe_secret")],
+        event_id: None,
+        event_type: Some("/type".into()),
+        accept_types: vec![],
+        object_id: "/data/object/id".into(),
+        lead: LeadConfig {
+            key: Some("/data/object/customer".into()),
+            lookup: Some(LookupKind::Table),
+            ..Default::default()
+        },
+        ..erp.clone()
+    };
+    vec![erp, gh, crm]
+}
+
+/// A copy of the 0.1.0 fixture for `b`: the SQLite file copied, or the PostgreSQL dump loaded
+/// into a fresh database (psql, without the `\restrict` lines only psql 17 understands).
+async fn fixture_copy(b: Backend, db: &TestDb, dir: &Path) -> String {
+    match b {
+        Backend::Sqlite => {
+            let path = dir.join("v0.1.0.sqlite");
+            std::fs::copy(
+                concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v0.1.0.sqlite"),
+                &path,
+            )
+            .unwrap();
+            format!("sqlite://{}", path.display())
+        }
+        Backend::Postgres => {
+            let dump = std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/v0.1.0.postgres.sql"
+            ))
+            .unwrap();
+            let dump: String = dump
+                .lines()
+                .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let mut child = Command::new("psql")
+                .args(["-q", "-v", "ON_ERROR_STOP=1", "-d", &db.url, "-f", "-"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("psql runs");
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(dump.as_bytes())
+                .unwrap();
+            assert!(child.wait().unwrap().success(), "the dump loads");
+            db.url.clone()
+        }
+    }
+}
+
+/// Today's service on a copy of a database written by release 0.1.0: it is migrated in place
+/// (version recorded), every event, link, attempt and mapping reads back as 0.1.0 showed it,
+/// and the pending work completes.
+async fn a_database_of_release_0_1_0_is_upgraded_in_place(b: Backend) {
+    let scratch = TestDb::create(b).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = fixture_copy(b, &scratch, dir.path()).await;
+    let expected: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/v0.1.0.expected.json")).unwrap();
+    let app_url = url.clone();
+    let app = TestApp::builder(b)
+        .config(move |c| {
+            c.storage.url = sprintlink::config::Secret::new(app_url);
+            c.sources = fixture_sources();
+        })
+        .spawn()
+        .await;
+    assert_eq!(schema_versions(&url).await, vec![1]);
+
+    for e in expected["events"].as_array().unwrap() {
+        let (source, id) = (
+            e["source"].as_str().unwrap(),
+            e["event_id"].as_str().unwrap(),
+        );
+        let got = app
+            .admin_get(&format!(
+                "/admin/events/{}?source={source}",
+                encode_path(id)
+            ))
+            .await;
+        let got = got.expect(200);
+        for key in ["state", "object_id", "reason", "event_type"] {
+            assert_eq!(got[key], e[key], "{source}/{id}: {key}");
+        }
+        let links: Vec<_> = got["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                (
+                    l["object_id"].clone(),
+                    l["lead_id"].clone(),
+                    l["state"].clone(),
+                    l["attempts"].as_array().unwrap().len(),
+                )
+            })
+            .collect();
+        let want: Vec<_> = e["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                (
+                    l["object_id"].clone(),
+                    l["lead_id"].clone(),
+                    l["state"].clone(),
+                    l["attempts"].as_u64().unwrap() as usize,
+                )
+            })
+            .collect();
+        assert_eq!(links, want, "{source}/{id}: links");
+    }
+    for m in expected["mappings"].as_array().unwrap() {
+        let (source, key) = (m["source"].as_str().unwrap(), m["key"].as_str().unwrap());
+        let got = app
+            .admin_get(&format!("/admin/mappings/{source}/{}", encode_path(key)))
+            .await;
+        assert_eq!(got.expect(200)["lead_ids"], m["lead_ids"], "{source}/{key}");
+    }
+
+    // Pending work completes: 0.1.0 scheduled the retries a day out; replaying the queued
+    // events makes them due now. The lead search that had failed now finds its lead.
+    app.hub
+        .add_lead(serde_json::json!({"id": 2099, "email": "slow@example.com"}));
+    let r = app
+        .admin_post("/admin/replay", &serde_json::json!({"state": "queued"}))
+        .await;
+    assert_eq!(r.expect(202)["replayed"], 6);
+    let queued: Vec<&serde_json::Value> = expected["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["state"] == "queued")
+        .collect();
+    assert_eq!(queued.len(), 6);
+    for e in queued {
+        let (source, id) = (
+            e["source"].as_str().unwrap(),
+            e["event_id"].as_str().unwrap(),
+        );
+        wait_until(
+            &format!("{source}/{id} is delivered"),
+            Duration::from_secs(20),
+            async || {
+                app.admin_get(&format!(
+                    "/admin/events/{}?source={source}",
+                    encode_path(id)
+                ))
+                .await
+                .body["state"]
+                    == "delivered"
+            },
+        )
+        .await;
+    }
+    drop(scratch);
+}
+
+both_backends!(
+    migrate_command_and_a_newer_schema,
+    a_database_of_release_0_1_0_is_upgraded_in_place,
+);
