@@ -306,6 +306,17 @@ pub struct LeadConfig {
     pub create_fields: BTreeMap<String, String>,
 }
 
+/// The key bytes of a `whsec_<base64>` secret (the prefix is optional, as in the reference
+/// libraries); `None` when it is not base64 or decodes to nothing.
+pub fn whsec_key(secret: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let b64 = secret.strip_prefix("whsec_").unwrap_or(secret);
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .ok()
+        .filter(|k| !k.is_empty())
+}
+
 /// A secret value. Written in the file literally, as `env:VAR` or as `file:/path`; resolved once
 /// at load. Its `Debug` and `Display` never show the value, and neither does a type error: a
 /// secret written as a number or a list is refused without echoing it.
@@ -831,7 +842,7 @@ impl Config {
             for (i, secret) in s.secrets.iter().enumerate() {
                 let value = secret.expose();
                 let key_len = if s.scheme == Scheme::StandardWebhooks {
-                    crate::signature::standard_webhooks::decode_secret(value).map(|k| k.len())
+                    whsec_key(value).map(|k| k.len())
                 } else {
                     Some(value.len())
                 };

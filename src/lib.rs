@@ -1,27 +1,24 @@
 //! sprintlink: signed "object created" webhooks in, SprintHub custom-object links out, durably.
 //!
-//! The HTTP layer (`ingest`, `admin`, `ui`, `openapi`, `app`) and the `delivery` worker use
-//! `signature`, `mapping`, `store` and the `sprinthub` client; none of those knows about routes.
+//! Dependencies point one way (`tests/architecture.rs` fails on a cycle):
+//! `main -> cli -> app -> {http, delivery} -> {operations, mapping, signature, sprinthub} ->
+//! {batch, store} -> config`. The HTTP layer lives in `http`; `store` knows nothing of routes or
+//! of the worker; `config` imports nothing of the crate.
 
-pub mod admin;
 pub mod app;
-pub mod auth;
 pub mod batch;
-pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod delivery;
-pub mod error;
-pub mod ingest;
+pub mod http;
 pub mod mapping;
-pub mod openapi;
-pub mod serve;
+pub mod operations;
 pub mod signature;
 pub mod sprinthub;
 pub mod standin;
 pub mod store;
 pub mod telemetry;
-pub mod ui;
 
-pub use app::{Running, build_app, run, start};
+pub use app::{Running, run, start};
 pub use config::Config;
+pub use http::build_app;

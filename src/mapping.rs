@@ -156,6 +156,24 @@ pub fn accepts(source: &SourceConfig, event_type: Option<&str>) -> bool {
         || event_type.is_some_and(|t| source.accept_types.iter().any(|a| a == t))
 }
 
+/// Where the mapping sends an event: its object id (when found) and what to do next.
+pub fn plan(source: &SourceConfig, body: &Value) -> (Option<String>, crate::store::Plan) {
+    match map(source, body) {
+        Ok(m) => match m.leads {
+            Leads::Ids(ids) => (Some(m.object_id), crate::store::Plan::Links(ids)),
+            Leads::Key(_) => (Some(m.object_id), crate::store::Plan::Resolve),
+        },
+        Err(reason) => {
+            // An object id over the cap is not kept: the reason says why the event is parked.
+            let object_id = body
+                .pointer(&source.object_id)
+                .and_then(id_text)
+                .filter(|id| id.len() <= MAX_ID_BYTES);
+            (object_id, crate::store::Plan::Parked(reason))
+        }
+    }
+}
+
 /// Maps the body to an object id and leads, or explains why it cannot.
 pub fn map(source: &SourceConfig, body: &Value) -> Result<Mapped, String> {
     let object_id = body

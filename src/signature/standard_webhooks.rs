@@ -7,12 +7,9 @@ use base64::engine::general_purpose::STANDARD;
 
 use super::{HeaderLookup, SignatureError, Verified, any_matches, check_tolerance, mac};
 
-/// The key bytes of a `whsec_<base64>` secret (the prefix is optional, as in the reference
-/// libraries).
-pub fn decode_secret(secret: &str) -> Option<Vec<u8>> {
-    let b64 = secret.strip_prefix("whsec_").unwrap_or(secret);
-    STANDARD.decode(b64).ok().filter(|k| !k.is_empty())
-}
+/// The key bytes of a `whsec_<base64>` secret; the format belongs to the configuration, which
+/// checks it once at start-up.
+pub use crate::config::whsec_key as decode_secret;
 
 fn first<'a>(
     headers: &'a (impl HeaderLookup + ?Sized),

@@ -3,7 +3,7 @@
 //!
 //! Access is the admin token, either as `Authorization: Bearer` (scripts) or through the login
 //! form, which sets a session cookie. The cookie never holds the token, nor anything derived
-//! from it: it names a session kept server side (`crate::auth::Sessions`, keyed by a random
+//! from it: it names a session kept server side (`crate::http::auth::Sessions`, keyed by a random
 //! per-process secret), which ends when it expires, at logout, or when the process restarts.
 //! Failed token checks are throttled per client address like the admin API's. Forms that change
 //! something carry a CSRF token derived from the session, compared in constant time; the cookie
@@ -29,10 +29,10 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::admin::{self, ListQuery, SourceQuery, check_token};
-use crate::app::AppState;
-use crate::auth::{Peer, SESSION_SECONDS};
-use crate::error::AppError;
+use crate::http::AppState;
+use crate::http::admin::{self, ListQuery, SourceQuery, check_token};
+use crate::http::auth::{Peer, SESSION_SECONDS};
+use crate::http::error::AppError;
 use crate::store::{Attempt, EventFilter, EventSummary, LinkDetail, LinkPage, Millis, now_ms};
 
 /// The session cookie's name.
@@ -575,10 +575,10 @@ fn events_table(events: &[EventSummary], now: Millis) -> String {
     responses(
         (status = 200, description = "The overview page", content_type = "text/html", body = String),
         (status = 303, description = "Not signed in: to `/ui/login`", headers(("Location" = String))),
-        crate::openapi::Unauthorized,
-        crate::openapi::TooManyRequests,
-        (status = 404, description = "`not_found`: the dashboard is off (no `admin.token`)", body = crate::openapi::ErrorBody),
-        crate::openapi::StorageUnavailable,
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 404, description = "`not_found`: the dashboard is off (no `admin.token`)", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []), ("ui_session" = []))
 )]
@@ -660,11 +660,11 @@ fn source_names(state: &AppState) -> Vec<&str> {
     responses(
         (status = 200, description = "A page of events", content_type = "text/html", body = String),
         (status = 303, description = "Not signed in: to `/ui/login`", headers(("Location" = String))),
-        (status = 400, description = "`bad_request`: a bad state, limit or cursor", body = crate::openapi::ErrorBody),
-        crate::openapi::Unauthorized,
-        crate::openapi::TooManyRequests,
-        (status = 404, description = "`not_found`: the dashboard is off (no `admin.token`)", body = crate::openapi::ErrorBody),
-        crate::openapi::StorageUnavailable,
+        (status = 400, description = "`bad_request`: a bad state, limit or cursor", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 404, description = "`not_found`: the dashboard is off (no `admin.token`)", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []), ("ui_session" = []))
 )]
@@ -774,12 +774,12 @@ struct EventPageQuery {
     responses(
         (status = 200, description = "The event page", content_type = "text/html", body = String),
         (status = 303, description = "Not signed in: to `/ui/login`", headers(("Location" = String))),
-        (status = 400, description = "`bad_request`: a malformed query", body = crate::openapi::ErrorBody),
-        crate::openapi::Unauthorized,
-        crate::openapi::TooManyRequests,
-        (status = 404, description = "`not_found`: no such event, or the dashboard is off", body = crate::openapi::ErrorBody),
-        (status = 409, description = "`conflict`: several sources have an event with this id; add `?source=`", body = crate::openapi::ErrorBody),
-        crate::openapi::StorageUnavailable,
+        (status = 400, description = "`bad_request`: a malformed query", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 404, description = "`not_found`: no such event, or the dashboard is off", body = crate::http::openapi::ErrorBody),
+        (status = 409, description = "`conflict`: several sources have an event with this id; add `?source=`", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []), ("ui_session" = []))
 )]
@@ -943,18 +943,18 @@ fn attempt_item(a: &Attempt, now: Millis) -> String {
         ("event_id" = String, Path, description = "The event id (unique per source)"),
         SourceQuery,
     ),
-    request_body(content = crate::openapi::CsrfForm, content_type = "application/x-www-form-urlencoded",
+    request_body(content = crate::http::openapi::CsrfForm, content_type = "application/x-www-form-urlencoded",
         description = "`csrf` is required when signed in with the session cookie"),
     responses(
         (status = 303, description = "Replayed: to the event page (or, not signed in, to `/ui/login`)", headers(("Location" = String))),
-        (status = 400, description = "`bad_request`: a malformed path or query", body = crate::openapi::ErrorBody),
-        crate::openapi::Unauthorized,
-        crate::openapi::TooManyRequests,
-        (status = 403, description = "`csrf`: the form's CSRF token is missing or wrong, or the browser marks the POST as cross-site", body = crate::openapi::ErrorBody),
-        crate::openapi::PayloadTooLarge,
-        (status = 404, description = "`not_found`: no such event, or the dashboard is off", body = crate::openapi::ErrorBody),
-        (status = 409, description = "`conflict`: several sources have an event with this id; add `?source=`", body = crate::openapi::ErrorBody),
-        crate::openapi::StorageUnavailable,
+        (status = 400, description = "`bad_request`: a malformed path or query", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 403, description = "`csrf`: the form's CSRF token is missing or wrong, or the browser marks the POST as cross-site", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::PayloadTooLarge,
+        (status = 404, description = "`not_found`: no such event, or the dashboard is off", body = crate::http::openapi::ErrorBody),
+        (status = 409, description = "`conflict`: several sources have an event with this id; add `?source=`", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []), ("ui_session" = []))
 )]
@@ -1034,9 +1034,9 @@ fn login_html(next: &str, error: Option<&str>) -> String {
     responses(
         (status = 200, description = "The login page", content_type = "text/html", body = String),
         (status = 303, description = "Already signed in: to `next` or `/ui`", headers(("Location" = String))),
-        crate::openapi::Unauthorized,
-        crate::openapi::TooManyRequests,
-        (status = 404, description = "`not_found`: the dashboard is off (no `admin.token`)", body = crate::openapi::ErrorBody),
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 404, description = "`not_found`: the dashboard is off (no `admin.token`)", body = crate::http::openapi::ErrorBody),
     ),
     security(())
 )]
@@ -1062,14 +1062,14 @@ async fn login_page(
     post,
     path = "/ui/login",
     tag = "dashboard",
-    request_body(content = crate::openapi::LoginForm, content_type = "application/x-www-form-urlencoded"),
+    request_body(content = crate::http::openapi::LoginForm, content_type = "application/x-www-form-urlencoded"),
     responses(
         (status = 303, description = "Signed in: the session cookie is set; to `next` or `/ui`",
             headers(("Location" = String), ("Set-Cookie" = String, description = "`sprintlink_ui=...; Path=/ui; HttpOnly; SameSite=Strict; Secure` (no `Secure` with `admin.secure_cookies = false`, unless behind https)"))),
         (status = 401, description = "The token is wrong: the login page again, with the error", content_type = "text/html", body = String),
-        crate::openapi::PayloadTooLarge,
-        crate::openapi::TooManyRequests,
-        (status = 404, description = "`not_found`: the dashboard is off (no `admin.token`)", body = crate::openapi::ErrorBody),
+        crate::http::openapi::PayloadTooLarge,
+        crate::http::openapi::TooManyRequests,
+        (status = 404, description = "`not_found`: the dashboard is off (no `admin.token`)", body = crate::http::openapi::ErrorBody),
     ),
     security(())
 )]
@@ -1121,16 +1121,16 @@ async fn login_submit(
     post,
     path = "/ui/logout",
     tag = "dashboard",
-    request_body(content = crate::openapi::CsrfForm, content_type = "application/x-www-form-urlencoded",
+    request_body(content = crate::http::openapi::CsrfForm, content_type = "application/x-www-form-urlencoded",
         description = "`csrf` is required when signed in with the session cookie"),
     responses(
         (status = 303, description = "Signed out (or not signed in): to `/ui/login`",
             headers(("Location" = String), ("Set-Cookie" = String, description = "Clears the session cookie"))),
-        crate::openapi::Unauthorized,
-        crate::openapi::TooManyRequests,
-        (status = 403, description = "`csrf`: the form's CSRF token is missing or wrong, or the browser marks the POST as cross-site", body = crate::openapi::ErrorBody),
-        crate::openapi::PayloadTooLarge,
-        (status = 404, description = "`not_found`: the dashboard is off (no `admin.token`)", body = crate::openapi::ErrorBody),
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 403, description = "`csrf`: the form's CSRF token is missing or wrong, or the browser marks the POST as cross-site", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::PayloadTooLarge,
+        (status = 404, description = "`not_found`: the dashboard is off (no `admin.token`)", body = crate::http::openapi::ErrorBody),
     ),
     security(("admin_token" = []), ("ui_session" = []))
 )]

@@ -1,6 +1,6 @@
 //! The operator's API: see events, their links and every attempt, replay what failed, and keep
 //! the lead mapping table. Behind one bearer token compared in constant time, with failed checks
-//! throttled per client address (`crate::auth`); absent (404) when no token is configured. Every
+//! throttled per client address (`crate::http::auth`); absent (404) when no token is configured. Every
 //! rejection, the extractors' included, is the JSON error: bodies go through `ApiJson`/`ApiBytes`
 //! under `server.max_body_bytes`.
 
@@ -18,13 +18,13 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::app::AppState;
-use crate::auth::{Peer, Verdict};
-use crate::error::{ApiBytes, ApiJson, ApiPath as Path, ApiQuery as Query, AppError, BodyLimit};
-use crate::ingest::plan_for;
-use crate::store::{
-    Attempt, EventDetail, EventFilter, EventSummary, LinkPage, Millis, Plan, now_ms,
+use crate::http::AppState;
+use crate::http::auth::{Peer, Verdict};
+use crate::http::error::{
+    ApiBytes, ApiJson, ApiPath as Path, ApiQuery as Query, AppError, BodyLimit,
 };
+use crate::operations::FindError;
+use crate::store::{Attempt, EventDetail, EventFilter, EventSummary, LinkPage, Millis};
 
 const STATES: &[&str] = &["queued", "delivered", "parked", "dead"];
 /// `POST /admin/replay`: events per call by default, and at most.
@@ -161,7 +161,7 @@ pub fn detail_json(d: &EventDetail) -> Value {
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only events in this state.
-    #[param(inline, value_type = Option<crate::openapi::EventState>)]
+    #[param(inline, value_type = Option<crate::http::openapi::EventState>)]
     pub state: Option<String>,
     /// Only events of this source.
     pub source: Option<String>,
@@ -211,12 +211,12 @@ pub fn filter_from(q: &ListQuery) -> Result<EventFilter, AppError> {
     tag = "admin",
     params(ListQuery),
     responses(
-        (status = 200, description = "A page of events; follow `next_cursor` for older ones", body = crate::openapi::EventList),
-        (status = 400, description = "`bad_request`: a bad state, limit or cursor", body = crate::openapi::ErrorBody),
-        crate::openapi::Unauthorized,
-        crate::openapi::TooManyRequests,
-        (status = 404, description = "`not_found`: the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
-        crate::openapi::StorageUnavailable,
+        (status = 200, description = "A page of events; follow `next_cursor` for older ones", body = crate::http::openapi::EventList),
+        (status = 400, description = "`bad_request`: a bad state, limit or cursor", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 404, description = "`not_found`: the admin API is off (no `admin.token`)", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []))
 )]
@@ -277,15 +277,13 @@ pub async fn find_one(
     event_id: &str,
     source: Option<&str>,
 ) -> Result<EventSummary, AppError> {
-    let mut found = state.store.find_events(event_id, source).await?;
-    match found.len() {
-        0 => Err(AppError::NotFound(format!("no event with id {event_id:?}"))),
-        1 => Ok(found.remove(0)),
-        _ => Err(AppError::Conflict(format!(
-            "{} sources have an event {event_id:?}: add ?source=NAME",
-            found.len()
-        ))),
-    }
+    crate::operations::find_one(&*state.store, event_id, source)
+        .await
+        .map_err(|e| match e {
+            FindError::NotFound(_) => AppError::NotFound(e.to_string()),
+            FindError::Ambiguous { .. } => AppError::Conflict(e.to_string()),
+            FindError::Store(e) => e.into(),
+        })
 }
 
 /// One event with its body, links and every attempt.
@@ -295,13 +293,13 @@ pub async fn find_one(
     tag = "admin",
     params(("event_id" = String, Path, description = "The event id (unique per source)"), EventQuery),
     responses(
-        (status = 200, description = "The event, with one page of its links (`next_links_cursor` names the next)", body = crate::openapi::EventDetail),
-        (status = 400, description = "`bad_request`: a malformed path or query", body = crate::openapi::ErrorBody),
-        crate::openapi::Unauthorized,
-        crate::openapi::TooManyRequests,
-        (status = 404, description = "`not_found`: no such event, or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
-        (status = 409, description = "`conflict`: several sources have an event with this id; add `?source=`", body = crate::openapi::ErrorBody),
-        crate::openapi::StorageUnavailable,
+        (status = 200, description = "The event, with one page of its links (`next_links_cursor` names the next)", body = crate::http::openapi::EventDetail),
+        (status = 400, description = "`bad_request`: a malformed path or query", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 404, description = "`not_found`: no such event, or the admin API is off (no `admin.token`)", body = crate::http::openapi::ErrorBody),
+        (status = 409, description = "`conflict`: several sources have an event with this id; add `?source=`", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []))
 )]
@@ -322,27 +320,9 @@ async fn get_event(
 
 /// Maps the stored event again with today's configuration and queues every link not linked.
 pub async fn replay(state: &AppState, e: &EventSummary) -> Result<(), AppError> {
-    let body = state.store.event_body(e.pk).await?.unwrap_or_default();
-    let (object_id, plan) = match (
-        state.sources.get(&e.source),
-        serde_json::from_str::<Value>(&body),
-    ) {
-        (Some((source, _)), Ok(json)) => plan_for(source, &json),
-        (None, _) => (
-            e.object_id.clone(),
-            Plan::Parked(format!("source {:?} is no longer configured", e.source)),
-        ),
-        (_, Err(err)) => (
-            e.object_id.clone(),
-            Plan::Parked(format!("stored body is not JSON: {err}")),
-        ),
-    };
-    state
-        .store
-        .replay(e.pk, object_id.as_deref(), plan, now_ms())
-        .await?;
+    let source = state.sources.get(&e.source).map(|(s, _)| s);
+    crate::operations::replay(&*state.store, source, e).await?;
     state.wake.notify_one();
-    tracing::info!(event_id = %e.event_id, source = %e.source, "event replayed");
     Ok(())
 }
 
@@ -355,13 +335,13 @@ pub async fn replay(state: &AppState, e: &EventSummary) -> Result<(), AppError> 
     tag = "admin",
     params(("event_id" = String, Path, description = "The event id (unique per source)"), SourceQuery),
     responses(
-        (status = 202, description = "Replayed; the event's state after the replay", body = crate::openapi::Replayed),
-        (status = 400, description = "`bad_request`: a malformed path or query", body = crate::openapi::ErrorBody),
-        crate::openapi::Unauthorized,
-        crate::openapi::TooManyRequests,
-        (status = 404, description = "`not_found`: no such event, or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
-        (status = 409, description = "`conflict`: several sources have an event with this id; add `?source=`", body = crate::openapi::ErrorBody),
-        crate::openapi::StorageUnavailable,
+        (status = 202, description = "Replayed; the event's state after the replay", body = crate::http::openapi::Replayed),
+        (status = 400, description = "`bad_request`: a malformed path or query", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 404, description = "`not_found`: no such event, or the admin API is off (no `admin.token`)", body = crate::http::openapi::ErrorBody),
+        (status = 409, description = "`conflict`: several sources have an event with this id; add `?source=`", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []))
 )]
@@ -401,17 +381,17 @@ struct ReplayMany {
     post,
     path = "/admin/replay",
     tag = "admin",
-    request_body(content = crate::openapi::ReplayManyRequest, content_type = "application/json",
+    request_body(content = crate::http::openapi::ReplayManyRequest, content_type = "application/json",
         example = json!({"state": "dead", "source": "erp", "limit": 100})),
     responses(
-        (status = 202, description = "How many events this call replayed, and where the next call goes on", body = crate::openapi::ReplayedMany),
-        (status = 400, description = "`bad_request`: not `{\"state\", \"source\", \"limit\", \"cursor\"}`, a state other than dead, parked, queued, a limit outside 1 to 500, or a cursor this API did not give", body = crate::openapi::ErrorBody),
-        crate::openapi::Unauthorized,
-        crate::openapi::TooManyRequests,
-        (status = 404, description = "`not_found`: the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
-        crate::openapi::PayloadTooLarge,
-        crate::openapi::UnsupportedMediaType,
-        crate::openapi::StorageUnavailable,
+        (status = 202, description = "How many events this call replayed, and where the next call goes on", body = crate::http::openapi::ReplayedMany),
+        (status = 400, description = "`bad_request`: not `{\"state\", \"source\", \"limit\", \"cursor\"}`, a state other than dead, parked, queued, a limit outside 1 to 500, or a cursor this API did not give", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 404, description = "`not_found`: the admin API is off (no `admin.token`)", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::PayloadTooLarge,
+        crate::http::openapi::UnsupportedMediaType,
+        crate::http::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []))
 )]
@@ -482,12 +462,12 @@ fn mapping_key(source: &crate::config::SourceConfig, key: &str) -> String {
     params(("source" = String, Path, description = "A configured source name"),
         ("key" = String, Path, description = "The lead key (an email is compared ignoring case)"),),
     responses(
-        (status = 200, description = "The mapping", body = crate::openapi::Mapping),
-        (status = 400, description = "`bad_request`: a malformed path or query", body = crate::openapi::ErrorBody),
-        crate::openapi::Unauthorized,
-        crate::openapi::TooManyRequests,
-        (status = 404, description = "`unknown_source`, `not_found` (no mapping for the key), or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
-        crate::openapi::StorageUnavailable,
+        (status = 200, description = "The mapping", body = crate::http::openapi::Mapping),
+        (status = 400, description = "`bad_request`: a malformed path or query", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 404, description = "`unknown_source`, `not_found` (no mapping for the key), or the admin API is off (no `admin.token`)", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []))
 )]
@@ -519,17 +499,17 @@ struct MappingBody {
     tag = "admin",
     params(("source" = String, Path, description = "A configured source name"),
         ("key" = String, Path, description = "The lead key (an email is compared ignoring case)"),),
-    request_body(content = crate::openapi::MappingRequest, content_type = "application/json",
+    request_body(content = crate::http::openapi::MappingRequest, content_type = "application/json",
         example = json!({"lead_ids": [17]})),
     responses(
-        (status = 200, description = "The mapping as stored", body = crate::openapi::Mapping),
-        (status = 400, description = "`bad_request`: not `{\"lead_ids\": [...]}` with at least one id", body = crate::openapi::ErrorBody),
-        crate::openapi::PayloadTooLarge,
-        crate::openapi::UnsupportedMediaType,
-        crate::openapi::Unauthorized,
-        crate::openapi::TooManyRequests,
-        (status = 404, description = "`unknown_source`, or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
-        crate::openapi::StorageUnavailable,
+        (status = 200, description = "The mapping as stored", body = crate::http::openapi::Mapping),
+        (status = 400, description = "`bad_request`: not `{\"lead_ids\": [...]}` with at least one id", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::PayloadTooLarge,
+        crate::http::openapi::UnsupportedMediaType,
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 404, description = "`unknown_source`, or the admin API is off (no `admin.token`)", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []))
 )]
@@ -557,11 +537,11 @@ async fn put_mapping(
         ("key" = String, Path, description = "The lead key (an email is compared ignoring case)"),),
     responses(
         (status = 204, description = "Removed"),
-        (status = 400, description = "`bad_request`: a malformed path or query", body = crate::openapi::ErrorBody),
-        crate::openapi::Unauthorized,
-        crate::openapi::TooManyRequests,
-        (status = 404, description = "`unknown_source`, `not_found` (no mapping for the key), or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
-        crate::openapi::StorageUnavailable,
+        (status = 400, description = "`bad_request`: a malformed path or query", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 404, description = "`unknown_source`, `not_found` (no mapping for the key), or the admin API is off (no `admin.token`)", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []))
 )]
@@ -626,13 +606,13 @@ pub fn parse_csv(text: &str) -> Result<Vec<(String, String)>, String> {
     request_body(content = String, content_type = "text/csv", description = "`key,lead_id` lines",
         example = json!("key,lead_id\nann@example.com,17\n")),
     responses(
-        (status = 200, description = "How many rows were imported", body = crate::openapi::Imported),
-        (status = 400, description = "`bad_request`: not text/csv, not UTF-8, or a malformed line (named)", body = crate::openapi::ErrorBody),
-        crate::openapi::PayloadTooLarge,
-        crate::openapi::Unauthorized,
-        crate::openapi::TooManyRequests,
-        (status = 404, description = "`unknown_source`, or the admin API is off (no `admin.token`)", body = crate::openapi::ErrorBody),
-        crate::openapi::StorageUnavailable,
+        (status = 200, description = "How many rows were imported", body = crate::http::openapi::Imported),
+        (status = 400, description = "`bad_request`: not text/csv, not UTF-8, or a malformed line (named)", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::PayloadTooLarge,
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 404, description = "`unknown_source`, or the admin API is off (no `admin.token`)", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::StorageUnavailable,
     ),
     security(("admin_token" = []))
 )]

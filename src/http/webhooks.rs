@@ -10,29 +10,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use crate::app::AppState;
-use crate::config::SourceConfig;
-use crate::error::{ApiPath as Path, AppError};
-use crate::mapping::{self, Leads};
+use crate::http::AppState;
+use crate::http::error::{ApiPath as Path, AppError};
+use crate::mapping::{self};
 use crate::store::{IngestOutcome, NewEvent, Plan, now_ms};
-
-/// Where the mapping sends an event: its object id (when found) and what to do next.
-pub fn plan_for(source: &SourceConfig, body: &Value) -> (Option<String>, Plan) {
-    match mapping::map(source, body) {
-        Ok(m) => match m.leads {
-            Leads::Ids(ids) => (Some(m.object_id), Plan::Links(ids)),
-            Leads::Key(_) => (Some(m.object_id), Plan::Resolve),
-        },
-        Err(reason) => {
-            // An object id over the cap is not kept: the reason says why the event is parked.
-            let object_id = body
-                .pointer(&source.object_id)
-                .and_then(mapping::id_text)
-                .filter(|id| id.len() <= mapping::MAX_ID_BYTES);
-            (object_id, Plan::Parked(reason))
-        }
-    }
-}
 
 /// Receive a signed webhook.
 ///
@@ -55,13 +36,13 @@ pub fn plan_for(source: &SourceConfig, body: &Value) -> (Option<String>, Plan) {
     ),
     request_body(content = Object, content_type = "application/json", description = "The event, as the sending system posts it"),
     responses(
-        (status = 202, description = "Committed to storage: `queued`, or `parked` with a reason", body = crate::openapi::WebhookAccepted),
-        (status = 200, description = "`duplicate` (this source already has the event id) or `ignored` (type not accepted); nothing new stored", body = crate::openapi::WebhookNoop),
-        (status = 400, description = "`invalid_json`; `invalid_event_id` (longer than 256 bytes or a control character), `invalid_event_type` (the same) or `invalid_id` (an object id, lead id or lookup key with a control character); or `bad_request` when the body could not be read. Nothing is stored", body = crate::openapi::ErrorBody),
-        (status = 401, description = "`missing_signature`, `invalid_signature` or `timestamp_out_of_tolerance`", body = crate::openapi::ErrorBody),
-        (status = 404, description = "`unknown_source`", body = crate::openapi::ErrorBody),
-        (status = 413, description = "`payload_too_large`: more than `server.max_body_bytes`", body = crate::openapi::ErrorBody),
-        (status = 503, description = "`unavailable`: storage down, shutting down, or too many request bodies being received at once (`server.max_buffered_bytes`); retry", body = crate::openapi::ErrorBody,
+        (status = 202, description = "Committed to storage: `queued`, or `parked` with a reason", body = crate::http::openapi::WebhookAccepted),
+        (status = 200, description = "`duplicate` (this source already has the event id) or `ignored` (type not accepted); nothing new stored", body = crate::http::openapi::WebhookNoop),
+        (status = 400, description = "`invalid_json`; `invalid_event_id` (longer than 256 bytes or a control character), `invalid_event_type` (the same) or `invalid_id` (an object id, lead id or lookup key with a control character); or `bad_request` when the body could not be read. Nothing is stored", body = crate::http::openapi::ErrorBody),
+        (status = 401, description = "`missing_signature`, `invalid_signature` or `timestamp_out_of_tolerance`", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "`unknown_source`", body = crate::http::openapi::ErrorBody),
+        (status = 413, description = "`payload_too_large`: more than `server.max_body_bytes`", body = crate::http::openapi::ErrorBody),
+        (status = 503, description = "`unavailable`: storage down, shutting down, or too many request bodies being received at once (`server.max_buffered_bytes`); retry", body = crate::http::openapi::ErrorBody,
             headers(("Retry-After" = String, description = "Seconds to wait"))),
     ),
     security(())
@@ -122,8 +103,8 @@ async fn accept(
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
             AppError::PayloadTooLarge(max)
-        } else if crate::budget::is_budget_full(&e) {
-            AppError::Unavailable(crate::budget::BudgetFull.to_string())
+        } else if crate::http::budget::is_budget_full(&e) {
+            AppError::Unavailable(crate::http::budget::BudgetFull.to_string())
         } else {
             AppError::BadRequest(format!("could not read the body: {e}"))
         }
@@ -144,7 +125,7 @@ async fn accept(
     mapping::check_event_id(&event_id)
         .and_then(|()| mapping::check_storable(source, &json))
         .map_err(|u| AppError::InvalidInput(u.code, u.message))?;
-    let (object_id, plan) = plan_for(source, &json);
+    let (object_id, plan) = mapping::plan(source, &json);
     let parked_reason = match &plan {
         Plan::Parked(r) => Some(r.clone()),
         _ => None,

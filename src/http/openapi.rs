@@ -54,7 +54,7 @@ impl Modify for Security {
         components.add_security_scheme(
             UI_SESSION,
             SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
-                crate::ui::SESSION_COOKIE,
+                crate::http::ui::SESSION_COOKIE,
                 "The dashboard session set by `POST /ui/login`.",
             ))),
         );

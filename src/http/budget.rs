@@ -20,7 +20,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body::{Frame, SizeHint};
 
-use crate::error::AppError;
+use crate::http::error::AppError;
 
 /// Bodies up to this size may use the whole budget; larger ones three quarters of it.
 pub const SMALL_BODY: usize = 64 * 1024;
