@@ -3,6 +3,8 @@
 //! The HTTP layer (`ingest`, `admin`, `ui`, `openapi`, `app`) and the `delivery` worker use
 //! `signature`, `mapping`, `store` and the `sprinthub` client; none of those knows about routes.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod app;
 pub mod batch;
