@@ -5,6 +5,8 @@
 //! {batch, store} -> config`. The HTTP layer lives in `http`; `store` knows nothing of routes or
 //! of the worker; `config` imports nothing of the crate.
 
+#![forbid(unsafe_code)]
+
 pub mod app;
 pub mod batch;
 pub mod cli;

@@ -50,11 +50,14 @@ fn sprintlink(args: &[&str]) -> std::process::Output {
 
 async fn schema_versions(url: &str) -> Vec<i64> {
     use sqlx::Connection;
-    if url.starts_with("sqlite:") {
-        let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
-        sqlx::query_scalar("SELECT version FROM schema_version ORDER BY version")
-            .fetch_all(&mut c)
-            .await
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let c = rusqlite::Connection::open(path).unwrap();
+        let mut st = c
+            .prepare("SELECT version FROM schema_version ORDER BY version")
+            .unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
             .unwrap()
     } else {
         let mut c = sqlx::PgConnection::connect(url).await.unwrap();
@@ -67,11 +70,11 @@ async fn schema_versions(url: &str) -> Vec<i64> {
 
 async fn execute(url: &str, sql: &str) {
     use sqlx::Connection;
-    let sql = sqlx::AssertSqlSafe(sql.to_string());
-    if url.starts_with("sqlite:") {
-        let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
-        sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let c = rusqlite::Connection::open(path).unwrap();
+        c.execute_batch(sql).unwrap();
     } else {
+        let sql = sqlx::AssertSqlSafe(sql.to_string());
         let mut c = sqlx::PgConnection::connect(url).await.unwrap();
         sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
     }

@@ -105,19 +105,16 @@ async fn storage_fault_then_recovery(backend: Backend) {
 /// another connection past the busy timeout; the PostgreSQL database refuses connections and
 /// the service's sessions are terminated.
 enum StorageFault {
-    Sqlite(sqlx::SqliteConnection),
+    Sqlite(rusqlite::Connection),
     Postgres(String),
 }
 
 impl StorageFault {
     async fn begin(url: &str) -> StorageFault {
         use sqlx::Connection;
-        if url.starts_with("sqlite:") {
-            let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
-            sqlx::query("BEGIN EXCLUSIVE")
-                .execute(&mut conn)
-                .await
-                .unwrap();
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            let conn = rusqlite::Connection::open(path).unwrap();
+            conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
             StorageFault::Sqlite(conn)
         } else {
             let name = url.rsplit('/').next().unwrap().to_string();
@@ -145,8 +142,8 @@ impl StorageFault {
     async fn end(self) {
         use sqlx::Connection;
         match self {
-            StorageFault::Sqlite(mut conn) => {
-                sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
+            StorageFault::Sqlite(conn) => {
+                conn.execute_batch("ROLLBACK").unwrap();
             }
             StorageFault::Postgres(name) => {
                 let mut admin =

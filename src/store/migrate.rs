@@ -27,15 +27,14 @@ pub(super) const POSTGRES: &[Migration] = &[Migration {
     sql: include_str!("../../migrations/postgres/0001_initial.sql"),
 }];
 
+/// The same statement on both backends (no parameters); each records a version in its own
+/// dialect.
 pub(super) const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (
     version BIGINT PRIMARY KEY,
     name TEXT NOT NULL,
     applied_at BIGINT NOT NULL)";
 
 pub(super) const CURRENT_VERSION: &str = "SELECT COALESCE(MAX(version), 0) FROM schema_version";
-
-pub(super) const RECORD_VERSION: &str =
-    "INSERT INTO schema_version (version, name, applied_at) VALUES ($1, $2, $3)";
 
 /// Where a database stands against this binary's migrations.
 #[derive(Debug, Clone, PartialEq, Eq)]

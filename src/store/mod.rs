@@ -1,18 +1,23 @@
 //! Durable state: events, the links they ask for, every attempt, and the lead mapping table.
-//! One trait with a SQLite and a PostgreSQL implementation; the SQL is shared where the two
-//! dialects agree. Storage knows nothing of HTTP or of the worker: it records decisions made
+//! One trait with two implementations, each in its own plain code and dialect: SQLite through
+//! rusqlite (`sqlite`: a writer thread, a read pool, a checkpointer) and PostgreSQL through sqlx
+//! (`postgres`). Storage knows nothing of HTTP or of the worker: it records decisions made
 //! elsewhere and hands out due jobs under a lease.
 
 pub mod migrate;
-mod sql;
-mod sqlite_group;
+mod postgres;
+mod shared;
+mod sqlite;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::Serialize;
 
-pub use sql::{PostgresStore, SqliteStore};
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
 
 /// Milliseconds since the Unix epoch: the one time unit stored, the same on both backends.
 pub type Millis = i64;
@@ -55,6 +60,15 @@ pub enum StoreError {
 pub struct Cause(Arc<dyn std::error::Error + Send + Sync>);
 
 impl Cause {
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Cause(Arc::new(e))
+    }
+
+    /// The driver's error itself.
+    pub fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0
+    }
+
     pub fn msg(text: impl Into<String>) -> Self {
         Cause(Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(
             text.into(),
@@ -398,26 +412,10 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
 /// Lists (`apply = false`) or applies the migrations the database at `url` is missing, without
 /// starting anything else. A SQLite file that does not exist yet is not created by a dry run.
 pub async fn migrate(url: &str, apply: bool) -> Result<migrate::Status> {
-    use std::str::FromStr;
     if url.starts_with("sqlite:") {
-        let opts = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
-        if !apply && !opts.get_filename().exists() {
-            return migrate::status(migrate::SQLITE, 0);
-        }
-        let opts = opts
-            .create_if_missing(apply)
-            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-            .busy_timeout(std::time::Duration::from_secs(5));
-        let mut conn = sqlx::ConnectOptions::connect(&opts).await?;
-        let status = sql::migrate_sqlite(&mut conn, apply).await;
-        let _ = sqlx::Connection::close(conn).await;
-        status
+        sqlite::migrate(url, apply).await
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let opts = sqlx::postgres::PgConnectOptions::from_str(url)?;
-        let mut conn = sqlx::ConnectOptions::connect(&opts).await?;
-        let status = sql::migrate_postgres(&mut conn, apply).await;
-        let _ = sqlx::Connection::close(conn).await;
-        status
+        postgres::migrate(url, apply).await
     } else {
         Err(StoreError::Invalid(format!(
             "storage.url {:?} is neither sqlite: nor postgres://",

@@ -1,19 +1,12 @@
-//! SQLite's group commit, run as plain synchronous SQLite calls on the writer's own database
-//! handle (through rusqlite), between sqlx's hand-offs.
-//!
-//! Why: sqlx runs each SQLite statement on a thread of its own and hands every statement and
-//! every returned row across a channel. Measured inside a group of 32 events, those hand-offs
-//! cost more than SQLite's work (~64 µs per event in all). So the new events of a group are
-//! written here in one synchronous pass, in arrival order, exactly as inserting them one by one
-//! would; `BEGIN` and `COMMIT` (with its fsync) stay with sqlx, off the async threads. Measured
-//! on one machine under the same load: 11,687 webhooks/s before, 15,148 to 18,986/s after.
-
-use std::borrow::Cow;
-use std::sync::LazyLock;
+//! SQLite's group commit: the new events of a group written in one synchronous pass on the
+//! writer's thread, in arrival order, exactly as inserting them one by one would. The caller
+//! (`SqliteStore::ingest`) wraps it in `BEGIN IMMEDIATE` ... `COMMIT` on the same thread.
 
 use rusqlite::{Connection, OptionalExtension, params};
+use std::borrow::Cow;
 
-use super::{IngestOutcome, NewEvent, Plan, Result, StoreError};
+use super::{ATTACH, RECOMPUTE_FOR_LINK, REVIVE_LINK};
+use crate::store::{IngestOutcome, NewEvent, Plan, Result, StoreError};
 
 const INSERT_EVENT: &str = "INSERT INTO events
     (source, event_id, event_type, received_at, object_id, state, reason, body, resolve_due, resolve_first)
@@ -29,17 +22,6 @@ const FIND_PAIR: &str = "SELECT id, state FROM links WHERE object_id = ?1 AND le
 
 const MARK_DELIVERED: &str = "UPDATE events SET state = 'delivered' WHERE id = ?1";
 
-/// `$n` parameters (the text shared with PostgreSQL) as SQLite's `?n`, which bind by number:
-/// SQLite numbers `$n` parameters by first appearance, not by `n`.
-fn numbered(sql: &str) -> String {
-    sql.replace('$', "?")
-}
-
-static ATTACH: LazyLock<String> = LazyLock::new(|| numbered(super::sql::ATTACH));
-static REVIVE_LINK: LazyLock<String> = LazyLock::new(|| numbered(super::sql::REVIVE_LINK));
-static RECOMPUTE_FOR_LINK: LazyLock<String> =
-    LazyLock::new(|| numbered(&super::sql::recompute_for_link_sql()));
-
 /// Inserts each event unless its source already has its id, and for each new one that asks
 /// for links creates or finds every pair and attaches it; a dead pair named again is revived
 /// with the events waiting on it, and an event whose pairs are all linked is delivered at once.
@@ -48,7 +30,7 @@ pub(super) fn insert(db: &Connection, events: &[NewEvent]) -> Result<Vec<IngestO
     let mut insert_event = db.prepare_cached(INSERT_EVENT)?;
     let mut insert_pair = db.prepare_cached(INSERT_PAIR)?;
     let mut find_pair = db.prepare_cached(FIND_PAIR)?;
-    let mut attach = db.prepare_cached(&ATTACH)?;
+    let mut attach = db.prepare_cached(ATTACH)?;
     let mut delivered = db.prepare_cached(MARK_DELIVERED)?;
     let mut out = Vec::with_capacity(events.len());
     for e in events {
@@ -109,7 +91,7 @@ pub(super) fn insert(db: &Connection, events: &[NewEvent]) -> Result<Vec<IngestO
             all_linked = false;
             if state == "dead" {
                 // The pair comes back to life, and so do the other events waiting on it.
-                db.prepare_cached(&REVIVE_LINK)?
+                db.prepare_cached(REVIVE_LINK)?
                     .execute(params![link_id, e.received_at])?;
                 db.prepare_cached(&RECOMPUTE_FOR_LINK)?
                     .execute(params![link_id])?;

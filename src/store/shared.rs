@@ -1,0 +1,23 @@
+//! What the two backends share that is not tied to a dialect: SQL fragments without parameters
+//! that both run as they are, and the lease token.
+
+/// An event's state from its links, as an SQL expression over the row `events` (no
+/// parameters; the same text on both backends). Each link's state is looked up by primary key:
+/// given a join instead, both SQLite 3.51 (no statistics) and PostgreSQL (before autovacuum's
+/// first ANALYZE) chose to read every link in that state through `links_state`, which made each
+/// recomputation, one per delivered link, scan the whole queue.
+pub(super) const EVENT_STATE: &str = "CASE
+      WHEN EXISTS (SELECT 1 FROM event_links el WHERE el.event_pk = events.id
+                   AND (SELECT l.state FROM links l WHERE l.id = el.link_id) = 'dead') THEN 'dead'
+      WHEN EXISTS (SELECT 1 FROM event_links el WHERE el.event_pk = events.id
+                   AND (SELECT l.state FROM links l WHERE l.id = el.link_id) = 'pending') THEN 'queued'
+      ELSE 'delivered' END";
+
+/// The columns of an `EventSummary`, in the order both backends read them.
+pub(super) const SUMMARY_COLUMNS: &str =
+    "id, event_id, source, state, received_at, object_id, event_type, reason";
+
+/// A fresh lease for a claim: never 0, the value of "not leased".
+pub(super) fn lease_token() -> i64 {
+    (fastrand::u64(1..u64::MAX) >> 1) as i64
+}
