@@ -1193,3 +1193,42 @@ async fn flood_of_slow_uploads_and_h2_streams_stays_under_128_mb() {
     );
     drop(server);
 }
+
+/// `/readyz` is an unauthenticated durable write: within a second its storage check runs once
+/// and the other probes share the answer, so a probe flood cannot queue writes on SQLite's
+/// single writer. Seen through the heartbeat row the check writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_writes_at_most_once_a_second() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let first = unix_ms();
+    for _ in 0..10 {
+        let r = app.client.get(app.url("/readyz")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let last = unix_ms();
+    assert!(last - first < 1000, "the probes took longer than the cache");
+    let path = app.db.url.trim_start_matches("sqlite://").to_string();
+    let at: i64 = rusqlite::Connection::open(path)
+        .unwrap()
+        .query_row("SELECT at FROM heartbeat WHERE id = 1", [], |r| r.get(0))
+        .unwrap();
+    assert!(
+        at - first < 150,
+        "the heartbeat was written {} ms after the first probe, by a later one",
+        at - first
+    );
+    // After the cache, a probe writes again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let before = unix_ms();
+    app.client.get(app.url("/readyz")).send().await.unwrap();
+    let path = app.db.url.trim_start_matches("sqlite://").to_string();
+    let again: i64 = rusqlite::Connection::open(path)
+        .unwrap()
+        .query_row("SELECT at FROM heartbeat WHERE id = 1", [], |r| r.get(0))
+        .unwrap();
+    assert!(
+        again >= before,
+        "no new readiness write after the cache expired"
+    );
+}
