@@ -50,8 +50,8 @@ start_dockerd() {
     --data-root "$SLCI_DATA_ROOT" --exec-root "$SLCI_RUN/exec" \
     -H "unix://$SLCI_SOCK" --pidfile "$SLCI_PIDFILE" >> "$SLCI_LOG" 2>&1 < /dev/null &
   SLCI_STARTED_DOCKERD=1
-  local i
-  for i in $(seq 1 60); do
+  local _
+  for _ in $(seq 1 60); do
     docker version > /dev/null 2>&1 && return
     sleep 0.5
   done
@@ -67,8 +67,8 @@ stop_dockerd() {
   [[ -n "$pid" ]] || return 0
   log "stopping dockerd (pid $pid); the cache stays in $SLCI_DATA_ROOT"
   kill -TERM "$pid" 2> /dev/null || return 0
-  local i
-  for i in $(seq 1 60); do
+  local _
+  for _ in $(seq 1 60); do
     kill -0 "$pid" 2> /dev/null || return 0
     sleep 0.5
   done
@@ -98,14 +98,47 @@ Suites: $release-security
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
+  debian_image_settings "$root"
+}
+
+# The settings the official debian:*-slim images carry (debuerreotype): apt
+# keeps no package caches in layers, no translations, compressed indexes, and
+# dpkg leaves out documentation, man pages and locales ("slim"). Without them a
+# layer that runs apt-get is some 90 MB larger than on the official image.
+debian_image_settings() {
+  local root="$1"
+  mkdir -p "$root/etc/apt/apt.conf.d" "$root/etc/dpkg/dpkg.cfg.d"
+  cat > "$root/etc/apt/apt.conf.d/docker-clean" << 'EOF'
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+EOF
+  echo 'Apt::AutoRemove::SuggestsImportant "false";' > "$root/etc/apt/apt.conf.d/docker-autoremove-suggests"
+  echo 'Acquire::GzipIndexes "true";' > "$root/etc/apt/apt.conf.d/docker-gzip-indexes"
+  echo 'Acquire::Languages "none";' > "$root/etc/apt/apt.conf.d/docker-no-languages"
+  echo 'force-unsafe-io' > "$root/etc/dpkg/dpkg.cfg.d/docker-apt-speedup"
+  cat > "$root/etc/dpkg/dpkg.cfg.d/docker" << 'EOF'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/groff/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/linda/*
+path-exclude /usr/share/lintian/*
+path-exclude /usr/share/locale/*
+path-include /usr/share/locale/locale.alias
+path-exclude /usr/share/man/*
+EOF
 }
 
 # Cleans a root before it is imported: no apt lists or caches, no logs.
 slim_root() {
   local root="$1"
   rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb \
-    "$root"/var/log/*.log "$root"/var/log/apt/* "$root"/tmp/* "$root"/usr/share/doc/* \
-    "$root"/usr/share/man/* "$root"/usr/share/locale/*
+    "$root"/var/log/*.log "$root"/var/log/apt/* "$root"/tmp/* "$root"/usr/share/man/* \
+    "$root"/usr/share/info/*
+  find "$root/usr/share/doc" -mindepth 1 ! -name copyright ! -type d -delete 2> /dev/null || true
+  find "$root/usr/share/locale" -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} + 2> /dev/null || true
 }
 
 chroot_apt_install() {
@@ -202,5 +235,5 @@ make_postgres_image() {
   log "making $tag (Debian's postgresql-$major)"
   DOCKER_BUILDKIT=0 docker build --network host -q \
     --build-arg "BASE=$debian" --build-arg "PG_MAJOR=$major" \
-    -t "$tag" "$SLCI_LIB/postgres" > /dev/null
+    -t "$tag" "${SLCI_LIB:?}/postgres" > /dev/null
 }

@@ -3,7 +3,7 @@
 
     run_checks.py single  --image IMG --work DIR --hub-url URL --calls FILE
     run_checks.py compose --image IMG --work DIR --hub-url URL --calls FILE --root REPO
-    run_checks.py kube    --image IMG --work DIR --root REPO RENDERED.yaml...
+    run_checks.py kube    --image IMG --work DIR --root REPO --rendered RENDERED.yaml...
 
 DOCKER_HOST must point at the engine. Each check prints one line per step;
 the first failure raises, prints the containers' logs and exits 1.
@@ -138,8 +138,11 @@ class Signer:
         args = ["run", "--rm", "--network", "none", "--read-only"]
         for m in self.mounts:
             args += ["-v", m]
-        for k, v in self.env.items():
-            args += ["-e", f"{k}={v}"]
+        if self.env:  # through a file, so that no secret shows in a command line or an error
+            envfile = work / "sign.env"
+            envfile.write_text("".join(f"{k}={v}\n" for k, v in self.env.items()))
+            envfile.chmod(0o600)
+            args += ["--env-file", str(envfile)]
         args += ["-v", f"{f}:/tmp/body.json:ro", self.image, "sign", "--config", self.config,
                  "--source", "erp", "--file", "/tmp/body.json"]
         out = docker(*args)
@@ -321,7 +324,7 @@ def free_port_pair() -> int:
 
 
 def compose(a) -> None:
-    root = Path(a.root)
+    root = Path(a.root).resolve()
     work = Path(a.work) / "compose"
     work.mkdir(parents=True, exist_ok=True)
     src = (root / "deploy/compose.yaml").read_text()
@@ -376,7 +379,7 @@ def compose(a) -> None:
             need(inspect(c)["Image"] == inspect(a.image)["Id"], f"replica {c[:12]} runs the image just built")
         signer = Signer(a.image, [f"{root / 'deploy/compose.sprintlink.toml'}:/etc/sprintlink/sprintlink.toml:ro"],
                         {"ERP_WEBHOOK_SECRET": whsec, "SPRINTHUB_API_TOKEN": token,
-                         "SPRINTLINK_ADMIN_TOKEN": admin, "SPRINTLINK_SPRINTHUB__INSTANCE": "ci",
+                         "ADMIN_TOKEN": admin, "SPRINTLINK_SPRINTHUB__INSTANCE": "ci",
                          "SPRINTLINK_STORAGE__URL": "sqlite:///tmp/sign.db"},
                         "/etc/sprintlink/sprintlink.toml")
         run_id = secrets.token_hex(3)
@@ -427,7 +430,7 @@ def compose(a) -> None:
 def kube(a) -> None:
     import yaml
 
-    root = Path(a.root)
+    root = Path(a.root).resolve()
     img = inspect(a.image)
     cfg = img["Config"]
     base_toml = tomllib.loads((root / "deploy/base/sprintlink.toml").read_text())
@@ -482,7 +485,7 @@ def kube(a) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["single", "compose", "kube"])
-    ap.add_argument("rendered", nargs="*")
+    ap.add_argument("--rendered", nargs="*", default=[])
     ap.add_argument("--image", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--hub-url")
