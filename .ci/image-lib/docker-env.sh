@@ -233,7 +233,8 @@ make_postgres_image() {
   local tag="$1" debian="$2" major
   major="$(sed -E 's/^[^:]*:([0-9]+).*/\1/' <<< "$tag")"
   log "making $tag (Debian's postgresql-$major)"
-  DOCKER_BUILDKIT=0 docker build --network host -q \
+  DOCKER_BUILDKIT=0 docker build --network host \
     --build-arg "BASE=$debian" --build-arg "PG_MAJOR=$major" \
-    -t "$tag" "${SLCI_LIB:?}/postgres" > /dev/null
+    -t "$tag" "${SLCI_LIB:?}/postgres" > "$SLCI_DATA_ROOT-work/postgres-build.log" 2>&1 \
+    || { tail -n 30 "$SLCI_DATA_ROOT-work/postgres-build.log" >&2; die "building $tag failed"; }
 }
