@@ -1535,7 +1535,7 @@ async fn failed_admin_auth_is_throttled_per_address(b: Backend) {
     }
     // ...then every token check from that address is 429, the right token included.
     for token in ["guess", ADMIN_TOKEN] {
-        let r = Resp::from_response(here.get(&url).bearer_auth(token).send().await.unwrap()).await;
+        let r = Resp::from(here.get(&url).bearer_auth(token).send().await.unwrap()).await;
         r.expect_error(429, "too_many_requests");
         let wait: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
         assert!((1..=300).contains(&wait), "Retry-After {wait}");
@@ -1658,9 +1658,7 @@ async fn dashboard_posts_authenticate_before_reading_bodies(b: Backend) {
             .send()
             .await
             .unwrap();
-        Resp::from_response(r)
-            .await
-            .expect_error(413, "payload_too_large");
+        Resp::from(r).await.expect_error(413, "payload_too_large");
     }
     let r = client
         .post(app.url("/ui/login"))
@@ -1669,9 +1667,7 @@ async fn dashboard_posts_authenticate_before_reading_bodies(b: Backend) {
         .send()
         .await
         .unwrap();
-    Resp::from_response(r)
-        .await
-        .expect_error(413, "payload_too_large");
+    Resp::from(r).await.expect_error(413, "payload_too_large");
     // A small form still works.
     let r = client
         .post(app.url("/ui/logout"))

@@ -350,6 +350,27 @@ pub struct Stats {
     pub dead_links: i64,
 }
 
+impl Stats {
+    /// The numbers from the four counts each backend runs; the rest is derived from them.
+    pub(crate) fn from_counts(
+        events_by_state: Vec<(String, i64)>,
+        links_by_state: Vec<(String, i64)>,
+        pending_links: i64,
+        resolving: i64,
+    ) -> Stats {
+        let dead_links = links_by_state
+            .iter()
+            .find(|(s, _)| s == "dead")
+            .map_or(0, |(_, n)| *n);
+        Stats {
+            events_by_state,
+            links_by_state,
+            queue_depth: pending_links + resolving,
+            dead_links,
+        }
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Commits a batch of events in one transaction (group commit), one outcome per event.

@@ -406,10 +406,6 @@ pub struct Resp {
 }
 
 impl Resp {
-    pub async fn from_response(r: reqwest::Response) -> Resp {
-        Resp::from(r).await
-    }
-
     pub async fn from(r: reqwest::Response) -> Resp {
         let status = r.status();
         let headers = r.headers().clone();

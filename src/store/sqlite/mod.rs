@@ -839,16 +839,12 @@ impl Store for SqliteStore {
                 "SELECT COUNT(*) FROM events WHERE resolve_due IS NOT NULL"
             )),
         )?;
-        let dead_links = links_by_state
-            .iter()
-            .find(|(s, _)| s == "dead")
-            .map_or(0, |(_, n)| *n);
-        Ok(Stats {
+        Ok(Stats::from_counts(
             events_by_state,
             links_by_state,
-            queue_depth: pending_links + resolving,
-            dead_links,
-        })
+            pending_links,
+            resolving,
+        ))
     }
 
     /// A write, not a `SELECT 1`: a database that answers but cannot commit is not ready.
