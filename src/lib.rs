@@ -1,9 +1,9 @@
 //! sprintlink: signed "object created" webhooks in, SprintHub custom-object links out, durably.
 //!
-//! Dependencies point one way (`tests/architecture.rs` fails on a cycle):
+//! Dependencies point one way (`tests/it/architecture.rs` fails on a cycle):
 //! `main -> cli -> app -> {http, delivery} -> {operations, mapping, signature, sprinthub} ->
-//! {batch, store} -> config`. The HTTP layer lives in `http`; `store` knows nothing of routes or
-//! of the worker; `config` imports nothing of the crate.
+//! {batch, store} -> {domain, config}`. The HTTP layer lives in `http`; `store` knows nothing of
+//! routes or of the worker; `domain` (states, ids) and `config` import nothing of the crate.
 
 #![forbid(unsafe_code)]
 
@@ -12,6 +12,7 @@ pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod domain;
 pub mod http;
 pub mod mapping;
 pub mod operations;

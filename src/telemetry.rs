@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::store::Stats;
+use crate::store::{EventState, LinkState, Stats};
 
 /// Sets up `tracing`: `RUST_LOG` filtering (default `info`), and JSON lines when
 /// `SPRINTLINK_LOG_FORMAT=json`. Safe to call twice (the second call does nothing).
@@ -237,11 +237,11 @@ impl Metrics {
                 out,
                 "# HELP sprintlink_events Stored events by state.\n# TYPE sprintlink_events gauge"
             );
-            for state in ["queued", "delivered", "parked", "dead"] {
+            for state in EventState::ALL {
                 let n = s
                     .events_by_state
                     .iter()
-                    .find(|(k, _)| k == state)
+                    .find(|(k, _)| *k == state)
                     .map_or(0, |(_, n)| *n);
                 let _ = writeln!(out, "sprintlink_events{{state=\"{state}\"}} {n}");
             }
@@ -249,11 +249,11 @@ impl Metrics {
                 out,
                 "# HELP sprintlink_links Stored links by state.\n# TYPE sprintlink_links gauge"
             );
-            for state in ["pending", "linked", "dead"] {
+            for state in LinkState::ALL {
                 let n = s
                     .links_by_state
                     .iter()
-                    .find(|(k, _)| k == state)
+                    .find(|(k, _)| *k == state)
                     .map_or(0, |(_, n)| *n);
                 let _ = writeln!(out, "sprintlink_links{{state=\"{state}\"}} {n}");
             }

@@ -24,9 +24,8 @@ use crate::http::error::{
     ApiBytes, ApiJson, ApiPath as Path, ApiQuery as Query, AppError, BodyLimit,
 };
 use crate::operations::FindError;
-use crate::store::{Attempt, EventDetail, EventFilter, EventSummary, LinkPage, Millis};
+use crate::store::{Attempt, EventDetail, EventFilter, EventState, EventSummary, LinkPage, Millis};
 
-const STATES: &[&str] = &["queued", "delivered", "parked", "dead"];
 /// `POST /admin/replay`: events per call by default, and at most.
 const REPLAY_LIMIT_DEFAULT: i64 = 100;
 const REPLAY_LIMIT_MAX: i64 = 500;
@@ -174,15 +173,13 @@ pub struct ListQuery {
 
 /// Validates list parameters into a storage filter.
 pub fn filter_from(q: &ListQuery) -> Result<EventFilter, AppError> {
-    let state = q.state.clone().filter(|s| !s.is_empty());
-    if let Some(s) = &state
-        && !STATES.contains(&s.as_str())
-    {
-        return Err(AppError::BadRequest(format!(
-            "state must be one of {}",
-            STATES.join(", ")
-        )));
-    }
+    let state = match q.state.as_deref().filter(|s| !s.is_empty()) {
+        Some(s) => Some(s.parse::<EventState>().map_err(|_| {
+            let all: Vec<_> = EventState::ALL.iter().map(|s| s.as_str()).collect();
+            AppError::BadRequest(format!("state must be one of {}", all.join(", ")))
+        })?),
+        None => None,
+    };
     let before = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
         Some(c) => Some(
             c.parse::<i64>()
@@ -399,12 +396,14 @@ async fn replay_many(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<ReplayMany>,
 ) -> Result<Response, AppError> {
-    let wanted = req.state.unwrap_or_else(|| "dead".into());
-    if !["dead", "parked", "queued"].contains(&wanted.as_str()) {
-        return Err(AppError::BadRequest(
-            "state must be dead, parked or queued".into(),
-        ));
-    }
+    let wanted = match req.state.as_deref() {
+        None => EventState::Dead,
+        Some(s) => s
+            .parse::<EventState>()
+            .ok()
+            .filter(|s| s.replayable())
+            .ok_or_else(|| AppError::BadRequest("state must be dead, parked or queued".into()))?,
+    };
     let limit = req.limit.unwrap_or(REPLAY_LIMIT_DEFAULT);
     if !(1..=REPLAY_LIMIT_MAX).contains(&limit) {
         return Err(AppError::BadRequest(format!(

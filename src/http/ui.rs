@@ -33,13 +33,14 @@ use crate::http::AppState;
 use crate::http::admin::{self, ListQuery, SourceQuery, check_token};
 use crate::http::auth::{Peer, SESSION_SECONDS};
 use crate::http::error::AppError;
-use crate::store::{Attempt, EventFilter, EventSummary, LinkDetail, LinkPage, Millis, now_ms};
+use crate::store::{
+    Attempt, EventFilter, EventState, EventSummary, LinkDetail, LinkPage, LinkState, Millis, now_ms,
+};
 
 /// The session cookie's name.
 pub const SESSION_COOKIE: &str = "sprintlink_ui";
 /// The most a dashboard form (login, logout, replay) may send.
 const FORM_MAX_BYTES: usize = 8 * 1024;
-const STATES: [&str; 4] = ["queued", "delivered", "parked", "dead"];
 
 /// The dashboard's routes with their OpenAPI descriptions, behind `guard`.
 pub fn routes(state: Arc<AppState>) -> OpenApiRouter<Arc<AppState>> {
@@ -367,16 +368,28 @@ fn time_tag(ms: Millis, now: Millis) -> String {
     )
 }
 
-/// A coloured badge; the CSS class comes from a fixed list, never from the value.
-fn badge(state: &str) -> String {
-    let class = match state {
-        "queued" | "pending" => "b-blue",
-        "delivered" | "linked" => "b-green",
-        "parked" => "b-amber",
-        "dead" => "b-red",
-        _ => "b-grey",
+/// A coloured badge for a state; the CSS class comes from the state, never from a value.
+fn badge(text: &str, class: &str) -> String {
+    format!("<span class=\"badge {class}\">{}</span>", esc(text))
+}
+
+fn event_badge(s: EventState) -> String {
+    let class = match s {
+        EventState::Queued => "b-blue",
+        EventState::Delivered => "b-green",
+        EventState::Parked => "b-amber",
+        EventState::Dead => "b-red",
     };
-    format!("<span class=\"badge {class}\">{}</span>", esc(state))
+    badge(s.as_str(), class)
+}
+
+fn link_badge(s: LinkState) -> String {
+    let class = match s {
+        LinkState::Pending => "b-blue",
+        LinkState::Linked => "b-green",
+        LinkState::Dead => "b-red",
+    };
+    badge(s.as_str(), class)
 }
 
 fn status_badge(code: Option<i64>) -> String {
@@ -557,7 +570,7 @@ fn events_table(events: &[EventSummary], now: Millis) -> String {
             esc(&e.source),
             esc(e.event_type.as_deref().unwrap_or("")),
             esc(e.object_id.as_deref().unwrap_or("–")),
-            badge(&e.state),
+            event_badge(e.state),
             esc(e.reason.as_deref().unwrap_or("")),
         );
     }
@@ -607,18 +620,18 @@ async fn overview(
         Ok(r) => r,
         Err(e) => return AppError::from(e).into_response(),
     };
-    let count = |list: &[(String, i64)], s: &str| {
+    fn count<S: PartialEq>(list: &[(S, i64)], s: S) -> i64 {
         list.iter()
-            .find(|(k, _)| k == s)
+            .find(|(k, _)| *k == s)
             .map(|(_, n)| *n)
             .unwrap_or(0)
-    };
+    }
     let mut c = String::from("<h1>Overview</h1><div class=\"cards\">");
-    for s in STATES {
+    for s in EventState::ALL {
         let _ = write!(
             c,
             "<a class=\"card stat\" id=\"count-{s}\" href=\"/ui/events?state={s}\">{}<div class=\"n\">{}</div></a>",
-            badge(s),
+            event_badge(s),
             count(&stats.events_by_state, s)
         );
     }
@@ -628,9 +641,9 @@ async fn overview(
          <span><b>{}</b> pending</span><span><b>{}</b> linked</span><span><b>{}</b> dead</span>\
          <span class=\"muted\">Queue depth</span><span><b>{}</b></span>\
          <span class=\"muted\">Sources</span><span class=\"mono\">{}</span></div>",
-        count(&stats.links_by_state, "pending"),
-        count(&stats.links_by_state, "linked"),
-        count(&stats.links_by_state, "dead"),
+        count(&stats.links_by_state, LinkState::Pending),
+        count(&stats.links_by_state, LinkState::Linked),
+        count(&stats.links_by_state, LinkState::Dead),
         stats.queue_depth,
         esc(&source_names(&state).join(", ")),
     );
@@ -694,25 +707,27 @@ async fn events_page(
     let next_cursor = (events.len() as i64 == filter.limit)
         .then(|| events.last().map(|e| e.pk.to_string()))
         .flatten();
-    let state_sel = filter.state.as_deref().unwrap_or("");
     let source_sel = filter.source.as_deref().unwrap_or("");
-    let tab = match state_sel {
-        "dead" => Tab::Dead,
-        "parked" => Tab::Parked,
+    let tab = match filter.state {
+        Some(EventState::Dead) => Tab::Dead,
+        Some(EventState::Parked) => Tab::Parked,
         _ => Tab::Events,
     };
-    let title = if state_sel.is_empty() {
-        "Events".to_string()
-    } else {
-        format!("Events: {state_sel}")
+    let title = match filter.state {
+        None => "Events".to_string(),
+        Some(s) => format!("Events: {s}"),
     };
     let mut c = format!("<h1>{}</h1>", esc(&title));
     c.push_str("<form class=\"filters\" method=\"get\" action=\"/ui/events\"><div><label for=\"state\">State</label><select id=\"state\" name=\"state\"><option value=\"\">any</option>");
-    for s in STATES {
+    for s in EventState::ALL {
         let _ = write!(
             c,
             "<option value=\"{s}\"{}>{s}</option>",
-            if s == state_sel { " selected" } else { "" }
+            if Some(s) == filter.state {
+                " selected"
+            } else {
+                ""
+            }
         );
     }
     c.push_str("</select></div><div><label for=\"source\">Source</label><select id=\"source\" name=\"source\"><option value=\"\">any</option>");
@@ -730,7 +745,11 @@ async fn events_page(
     }
     c.push_str("</select></div><div><button type=\"submit\">Filter</button></div></form>");
     c.push_str(&events_table(&events, now_ms()));
-    let mut keep = format!("state={}&source={}", pct(state_sel), pct(source_sel));
+    let mut keep = format!(
+        "state={}&source={}",
+        pct(filter.state.map_or("", EventState::as_str)),
+        pct(source_sel)
+    );
     if let Some(l) = q.limit {
         let _ = write!(keep, "&limit={l}");
     }
@@ -821,7 +840,7 @@ async fn event_page(
          <span id=\"event-state\">{}</span></h1>\
          <form method=\"post\" action=\"{}\">{}<button id=\"replay\" type=\"submit\">Replay</button></form></div>",
         esc(&s.event_id),
-        badge(&s.state),
+        event_badge(s.state),
         esc(&format!(
             "/ui/events/{}/replay?source={}",
             pct(&s.event_id),
@@ -879,9 +898,9 @@ fn link_card(l: &LinkDetail, now: Millis) -> String {
         "<div class=\"card link\"><div class=\"link-head\"><span>object <b class=\"mono\">{}</b> → lead <b class=\"mono\">{}</b></span>{}",
         esc(&l.object_id),
         esc(&l.lead_id),
-        badge(&l.state),
+        link_badge(l.state),
     );
-    if let (Some(at), "pending") = (l.next_attempt_at, l.state.as_str()) {
+    if let (Some(at), LinkState::Pending) = (l.next_attempt_at, l.state) {
         let next = if at <= now + 5_000 {
             "due now".to_string()
         } else {

@@ -16,6 +16,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::Serialize;
 
+pub use crate::domain::{EventState, LinkState};
+
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -97,6 +99,14 @@ impl StoreError {
     pub fn broken(text: impl Into<String>) -> Self {
         StoreError::Broken(Cause::msg(text))
     }
+}
+
+/// A state read back from a row: text no release wrote means the database is not ours.
+pub(crate) fn parse_state<T: std::str::FromStr<Err = crate::domain::UnknownState>>(
+    text: &str,
+) -> Result<T> {
+    text.parse()
+        .map_err(|e: crate::domain::UnknownState| StoreError::Broken(Cause::new(e)))
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -279,7 +289,7 @@ pub enum ResolveUpdate {
 
 #[derive(Debug, Clone, Default)]
 pub struct EventFilter {
-    pub state: Option<String>,
+    pub state: Option<EventState>,
     pub source: Option<String>,
     /// Only events older than this internal position (keyset pagination).
     pub before: Option<i64>,
@@ -292,7 +302,7 @@ pub struct EventSummary {
     pub pk: i64,
     pub event_id: String,
     pub source: String,
-    pub state: String,
+    pub state: EventState,
     pub received_at: Millis,
     pub object_id: Option<String>,
     pub event_type: Option<String>,
@@ -305,7 +315,7 @@ pub struct LinkDetail {
     pub link_id: i64,
     pub object_id: String,
     pub lead_id: String,
-    pub state: String,
+    pub state: LinkState,
     pub next_attempt_at: Option<Millis>,
     pub attempts: Vec<Attempt>,
 }
@@ -343,31 +353,40 @@ impl Default for LinkPage {
 /// Numbers for `/metrics` and the dashboard.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Stats {
-    pub events_by_state: Vec<(String, i64)>,
-    pub links_by_state: Vec<(String, i64)>,
+    pub events_by_state: Vec<(EventState, i64)>,
+    pub links_by_state: Vec<(LinkState, i64)>,
     /// Pending links plus events waiting for lead resolution.
     pub queue_depth: i64,
     pub dead_links: i64,
 }
 
 impl Stats {
-    /// The numbers from the four counts each backend runs; the rest is derived from them.
+    /// The numbers from the four counts each backend runs (states as the rows hold them); the
+    /// rest is derived from them.
     pub(crate) fn from_counts(
         events_by_state: Vec<(String, i64)>,
         links_by_state: Vec<(String, i64)>,
         pending_links: i64,
         resolving: i64,
-    ) -> Stats {
+    ) -> Result<Stats> {
+        let events_by_state = events_by_state
+            .iter()
+            .map(|(s, n)| Ok((parse_state(s)?, *n)))
+            .collect::<Result<Vec<_>>>()?;
+        let links_by_state = links_by_state
+            .iter()
+            .map(|(s, n)| Ok((parse_state(s)?, *n)))
+            .collect::<Result<Vec<(LinkState, i64)>>>()?;
         let dead_links = links_by_state
             .iter()
-            .find(|(s, _)| s == "dead")
+            .find(|(s, _)| *s == LinkState::Dead)
             .map_or(0, |(_, n)| *n);
-        Stats {
+        Ok(Stats {
             events_by_state,
             links_by_state,
             queue_depth: pending_links + resolving,
             dead_links,
-        }
+        })
     }
 }
 

@@ -12,6 +12,37 @@ use sqlx::{AssertSqlSafe, Row};
 use super::shared::{EVENT_STATE, SUMMARY_COLUMNS, lease_token};
 use super::*;
 
+/// States read from and bound as their text column, so a row struct holds the enum.
+macro_rules! state_column {
+    ($ty:ty) => {
+        impl sqlx::Type<sqlx::Postgres> for $ty {
+            fn type_info() -> sqlx::postgres::PgTypeInfo {
+                <&str as sqlx::Type<sqlx::Postgres>>::type_info()
+            }
+            fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+                <&str as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+            }
+        }
+        impl<'r> sqlx::Decode<'r, sqlx::Postgres> for $ty {
+            fn decode(
+                v: sqlx::postgres::PgValueRef<'r>,
+            ) -> std::result::Result<Self, sqlx::error::BoxDynError> {
+                Ok(<&str as sqlx::Decode<sqlx::Postgres>>::decode(v)?.parse()?)
+            }
+        }
+        impl sqlx::Encode<'_, sqlx::Postgres> for $ty {
+            fn encode_by_ref(
+                &self,
+                buf: &mut sqlx::postgres::PgArgumentBuffer,
+            ) -> std::result::Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+                <&str as sqlx::Encode<sqlx::Postgres>>::encode_by_ref(&self.as_str(), buf)
+            }
+        }
+    };
+}
+state_column!(EventState);
+state_column!(LinkState);
+
 const CLAIM_LINKS: &str = "UPDATE links SET locked_until = $1, lease = $2
     WHERE id IN (SELECT id FROM links WHERE due_at IS NOT NULL AND due_at <= $3 AND locked_until <= $3
                  ORDER BY due_at LIMIT $4 FOR UPDATE SKIP LOCKED)
@@ -338,9 +369,9 @@ impl PostgresStore {
             let mut q = sqlx::query(INSERT_EVENTS.sql(chunk.len()));
             for e in chunk {
                 let (state, reason, resolve_due) = match &e.plan {
-                    Plan::Parked(r) => ("parked", Some(r.as_str()), None),
-                    Plan::Links(_) => ("queued", None, None),
-                    Plan::Resolve => ("queued", None, Some(e.received_at)),
+                    Plan::Parked(r) => (EventState::Parked, Some(r.as_str()), None),
+                    Plan::Links(_) => (EventState::Queued, None, None),
+                    Plan::Resolve => (EventState::Queued, None, Some(e.received_at)),
                 };
                 q = q
                     .bind(&e.source)
@@ -398,7 +429,7 @@ impl PostgresStore {
         // that replicas writing overlapping pairs take the row locks in the same order.
         let mut order: Vec<usize> = (0..pairs.len()).collect();
         order.sort_unstable_by_key(|&i| (pairs[i].0, pairs[i].1));
-        let mut link: Vec<(i64, String)> = vec![(0, String::new()); pairs.len()];
+        let mut link: Vec<(i64, LinkState)> = vec![(0, LinkState::Pending); pairs.len()];
         for chunk in chunks(&order) {
             let mut q = sqlx::query(UPSERT_LINKS.sql(chunk.len()));
             for &i in chunk {
@@ -426,7 +457,7 @@ impl PostgresStore {
                 if attached.insert((*pk, link[i].0)) {
                     attach.push((*pk, link[i].0));
                 }
-                all_linked &= link[i].1 == "linked";
+                all_linked &= link[i].1 == LinkState::Linked;
             }
             if all_linked {
                 delivered.push(*pk);
@@ -443,7 +474,7 @@ impl PostgresStore {
         let dead: Vec<(i64, Millis)> = pairs
             .iter()
             .zip(&link)
-            .filter(|(_, (_, state))| state == "dead")
+            .filter(|(_, (_, state))| *state == LinkState::Dead)
             .map(|((_, _, at), (id, _))| (*id, *at))
             .collect();
         for (link_id, at) in &dead {
@@ -739,9 +770,9 @@ impl Store for PostgresStore {
             }
             ResolveUpdate::Parked(ref reason) | ResolveUpdate::Dead(ref reason) => {
                 let state = if matches!(update, ResolveUpdate::Parked(_)) {
-                    "parked"
+                    EventState::Parked
                 } else {
-                    "dead"
+                    EventState::Dead
                 };
                 sqlx::query(
                     "UPDATE events SET state = $2, reason = $3, resolve_due = NULL, resolve_locked_until = 0 WHERE id = $1",
@@ -808,7 +839,7 @@ impl Store for PostgresStore {
         }
         sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", next()));
         let mut q = sqlx::query(AssertSqlSafe(sql));
-        if let Some(s) = &f.state {
+        if let Some(s) = f.state {
             q = q.bind(s);
         }
         if let Some(s) = &f.source {
@@ -1023,12 +1054,7 @@ impl Store for PostgresStore {
             count("SELECT COUNT(*) FROM links WHERE due_at IS NOT NULL"),
             count("SELECT COUNT(*) FROM events WHERE resolve_due IS NOT NULL"),
         )?;
-        Ok(Stats::from_counts(
-            events_by_state,
-            links_by_state,
-            pending_links,
-            resolving,
-        ))
+        Stats::from_counts(events_by_state, links_by_state, pending_links, resolving)
     }
 
     /// A write, not a `SELECT 1`: a database that answers but cannot commit is not ready.
@@ -1154,24 +1180,24 @@ impl PostgresStore {
                 .fetch_one(&mut **tx)
                 .await?;
             let link_id: i64 = row.try_get("id")?;
-            let state: String = row.try_get("state")?;
+            let state: LinkState = row.try_get("state")?;
             sqlx::query(ATTACH)
                 .bind(pk)
                 .bind(link_id)
                 .execute(&mut **tx)
                 .await?;
-            if state == "linked" {
+            if state == LinkState::Linked {
                 continue;
             }
             all_linked = false;
-            if state == "dead" || replay {
+            if state == LinkState::Dead || replay {
                 sqlx::query(REVIVE_LINK)
                     .bind(link_id)
                     .bind(now)
                     .execute(&mut **tx)
                     .await?;
             }
-            if state == "dead" {
+            if state == LinkState::Dead {
                 // Other events waiting on a pair that was dead are queued again too.
                 sqlx::query(AssertSqlSafe(recompute.clone()))
                     .bind(link_id)

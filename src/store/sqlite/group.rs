@@ -3,10 +3,9 @@
 //! (`SqliteStore::ingest`) wraps it in `BEGIN IMMEDIATE` ... `COMMIT` on the same thread.
 
 use rusqlite::{Connection, OptionalExtension, params};
-use std::borrow::Cow;
 
 use super::{ATTACH, RECOMPUTE_FOR_LINK, REVIVE_LINK};
-use crate::store::{IngestOutcome, NewEvent, Plan, Result, StoreError};
+use crate::store::{EventState, IngestOutcome, LinkState, NewEvent, Plan, Result, StoreError};
 
 const INSERT_EVENT: &str = "INSERT INTO events
     (source, event_id, event_type, received_at, object_id, state, reason, body, resolve_due, resolve_first)
@@ -35,9 +34,9 @@ pub(super) fn insert(db: &Connection, events: &[NewEvent]) -> Result<Vec<IngestO
     let mut out = Vec::with_capacity(events.len());
     for e in events {
         let (state, reason, resolve_due) = match &e.plan {
-            Plan::Parked(r) => ("parked", Some(r.as_str()), None),
-            Plan::Links(_) => ("queued", None, None),
-            Plan::Resolve => ("queued", None, Some(e.received_at)),
+            Plan::Parked(r) => (EventState::Parked, Some(r.as_str()), None),
+            Plan::Links(_) => (EventState::Queued, None, None),
+            Plan::Resolve => (EventState::Queued, None, Some(e.received_at)),
         };
         let inserted = insert_event.execute(params![
             e.source,
@@ -69,14 +68,12 @@ pub(super) fn insert(db: &Connection, events: &[NewEvent]) -> Result<Vec<IngestO
         let object_id = e.object_id.as_deref().unwrap_or_default();
         let mut all_linked = true;
         for lead in leads {
-            let (link_id, state): (i64, Cow<str>) =
+            let (link_id, state): (i64, LinkState) =
                 if insert_pair.execute(params![object_id, lead, e.received_at])? == 1 {
-                    (db.last_insert_rowid(), Cow::Borrowed("pending"))
+                    (db.last_insert_rowid(), LinkState::Pending)
                 } else {
                     find_pair
-                        .query_row(params![object_id, lead], |r| {
-                            Ok((r.get(0)?, Cow::Owned(r.get(1)?)))
-                        })
+                        .query_row(params![object_id, lead], |r| Ok((r.get(0)?, r.get(1)?)))
                         .optional()?
                         .ok_or_else(|| {
                             StoreError::broken(format!(
@@ -85,11 +82,11 @@ pub(super) fn insert(db: &Connection, events: &[NewEvent]) -> Result<Vec<IngestO
                         })?
                 };
             attach.execute(params![pk, link_id])?;
-            if state == "linked" {
+            if state == LinkState::Linked {
                 continue;
             }
             all_linked = false;
-            if state == "dead" {
+            if state == LinkState::Dead {
                 // The pair comes back to life, and so do the other events waiting on it.
                 db.prepare_cached(REVIVE_LINK)?
                     .execute(params![link_id, e.received_at])?;

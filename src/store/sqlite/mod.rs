@@ -23,6 +23,28 @@ use checkpoint::Checkpointer;
 use reads::Reads;
 use writer::WriterHandle;
 
+/// States read from and bound as their text column, so a row struct holds the enum.
+macro_rules! state_column {
+    ($ty:ty) => {
+        impl rusqlite::types::ToSql for $ty {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(self.as_str().into())
+            }
+        }
+        impl rusqlite::types::FromSql for $ty {
+            fn column_result(
+                v: rusqlite::types::ValueRef<'_>,
+            ) -> rusqlite::types::FromSqlResult<Self> {
+                v.as_str()?
+                    .parse()
+                    .map_err(|e| rusqlite::types::FromSqlError::Other(Box::new(e)))
+            }
+        }
+    };
+}
+state_column!(EventState);
+state_column!(LinkState);
+
 const CLAIM_LINKS: &str = "UPDATE links SET locked_until = ?1, lease = ?2
     WHERE id IN (SELECT id FROM links WHERE due_at IS NOT NULL AND due_at <= ?3 AND locked_until <= ?3
                  ORDER BY due_at LIMIT ?4)
@@ -372,17 +394,17 @@ fn attach_links(
     let mut upsert = db.prepare_cached(UPSERT_LINK)?;
     let mut attach = db.prepare_cached(ATTACH)?;
     for lead in leads {
-        let (link_id, state): (i64, String) = upsert
+        let (link_id, state): (i64, LinkState) = upsert
             .query_row(params![object_id, lead, now], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })?;
         attach.execute(params![pk, link_id])?;
-        if state == "linked" {
+        if state == LinkState::Linked {
             continue;
         }
         db.prepare_cached(REVIVE_LINK)?
             .execute(params![link_id, now])?;
-        if state == "dead" {
+        if state == LinkState::Dead {
             // Other events waiting on a pair that was dead are queued again too.
             db.prepare_cached(&RECOMPUTE_FOR_LINK)?
                 .execute(params![link_id])?;
@@ -576,9 +598,9 @@ impl Store for SqliteStore {
                 }
                 ResolveUpdate::Parked(ref reason) | ResolveUpdate::Dead(ref reason) => {
                     let state = if matches!(update, ResolveUpdate::Parked(_)) {
-                        "parked"
+                        EventState::Parked
                     } else {
-                        "dead"
+                        EventState::Dead
                     };
                     db.prepare_cached(
                         "UPDATE events SET state = ?2, reason = ?3, resolve_due = NULL,
@@ -628,8 +650,8 @@ impl Store for SqliteStore {
     async fn list_events(&self, f: &EventFilter) -> Result<Vec<EventSummary>> {
         let mut sql = format!("SELECT {SUMMARY_COLUMNS} FROM events WHERE 1 = 1");
         let mut values: Vec<Value> = Vec::new();
-        if let Some(s) = &f.state {
-            values.push(Value::Text(s.clone()));
+        if let Some(s) = f.state {
+            values.push(Value::Text(s.as_str().into()));
             sql.push_str(&format!(" AND state = ?{}", values.len()));
         }
         if let Some(s) = &f.source {
@@ -682,7 +704,7 @@ impl Store for SqliteStore {
                     return Ok(None);
                 };
                 // One row more than the page, to know whether another page follows.
-                let mut link_rows: Vec<(i64, String, String, String, Option<i64>)> = tx
+                let mut link_rows: Vec<(i64, String, String, LinkState, Option<i64>)> = tx
                     .prepare_cached(
                         "SELECT l.id, l.object_id, l.lead_id, l.state, l.due_at FROM links l
                          JOIN event_links el ON el.link_id = l.id
@@ -839,12 +861,7 @@ impl Store for SqliteStore {
                 "SELECT COUNT(*) FROM events WHERE resolve_due IS NOT NULL"
             )),
         )?;
-        Ok(Stats::from_counts(
-            events_by_state,
-            links_by_state,
-            pending_links,
-            resolving,
-        ))
+        Stats::from_counts(events_by_state, links_by_state, pending_links, resolving)
     }
 
     /// A write, not a `SELECT 1`: a database that answers but cannot commit is not ready.

@@ -1,11 +1,9 @@
 //! The service end to end, over HTTP, against both storage backends: signed webhooks in, links
 //! at the SprintHub stand-in out, and what the admin API shows in between.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 use sprintlink::config::Secret;
 use sprintlink::standin::Canned;

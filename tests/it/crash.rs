@@ -2,8 +2,6 @@
 //! delivering, restarts, several replicas on one PostgreSQL database. Every event that got a
 //! 202 must end linked; duplicates sends (at least once) are counted and bounded.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -237,11 +235,9 @@ async fn kill_9_twenty_times_loses_nothing_acknowledged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(sl_skip_pg, ignore = "SPRINTLINK_SKIP_PG=1: no PostgreSQL")]
 async fn three_replicas_on_postgres_share_work_and_survive_a_kill() {
-    if common::skip_pg() {
-        return;
-    }
-    let db = common::TestDb::create(common::Backend::Postgres).await;
+    let db = crate::common::TestDb::create(crate::common::Backend::Postgres).await;
     let url = db.url.clone();
     let dir = tempfile::tempdir().unwrap();
     let hub = StandIn::start().await.unwrap();

@@ -131,6 +131,7 @@ fn lower_layers_know_nothing_of_routes_the_worker_or_the_process() {
         "mapping",
         "sprinthub",
         "config",
+        "domain",
         "operations",
     ] {
         for f in forbidden {
@@ -141,11 +142,13 @@ fn lower_layers_know_nothing_of_routes_the_worker_or_the_process() {
             );
         }
     }
-    assert!(
-        g["config"].is_empty(),
-        "config is the bottom layer, yet imports {:?}",
-        g["config"]
-    );
+    for bottom in ["config", "domain"] {
+        assert!(
+            g[bottom].is_empty(),
+            "{bottom} is a bottom layer, yet imports {:?}",
+            g[bottom]
+        );
+    }
 }
 
 #[test]

@@ -2,13 +2,11 @@
 //! binary is refused with one line, and replicas starting together on an older PostgreSQL
 //! database migrate it once.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn config_file(dir: &Path, port: u16, storage: &str) -> std::path::PathBuf {
     let path = dir.join(format!("sprintlink-{port}.toml"));
@@ -130,17 +128,12 @@ async fn migrate_command_and_a_newer_schema(b: Backend) {
 /// Two replicas start together on a PostgreSQL database in release 0.1.0's layout (tables, no
 /// version table): both come up, the migration ran once, and the old rows are still there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(sl_skip_pg, ignore = "SPRINTLINK_SKIP_PG=1: no PostgreSQL")]
 async fn two_replicas_on_an_old_postgres_database_migrate_it_once() {
-    if skip_pg() {
-        println!(
-            "SKIPPED two_replicas_on_an_old_postgres_database_migrate_it_once: SPRINTLINK_SKIP_PG=1"
-        );
-        return;
-    }
     let db = TestDb::create(Backend::Postgres).await;
     execute(
         &db.url,
-        include_str!("../migrations/postgres/0001_initial.sql"),
+        include_str!("../../migrations/postgres/0001_initial.sql"),
     )
     .await;
     execute(
@@ -285,7 +278,7 @@ async fn a_database_of_release_0_1_0_is_upgraded_in_place(b: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let url = fixture_copy(b, &scratch, dir.path()).await;
     let expected: serde_json::Value =
-        serde_json::from_str(include_str!("fixtures/v0.1.0.expected.json")).unwrap();
+        serde_json::from_str(include_str!("../fixtures/v0.1.0.expected.json")).unwrap();
     let app_url = url.clone();
     let app = TestApp::builder(b)
         .config(move |c| {

@@ -1,12 +1,10 @@
 //! Lead resolution end to end, against both storage backends: from the key a sender knows (an
 //! email, a phone number) to SprintHub lead ids, through the mapping table or a SprintHub search.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 use sprintlink::config::{LeadField, LookupKind};
 

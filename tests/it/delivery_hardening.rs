@@ -3,12 +3,10 @@
 //! up to a bound; NUL bytes in an answer do not stop a link from being recorded; and a GitHub
 //! delivery replayed with a new `X-GitHub-Delivery` is not a new event.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 use sprintlink::config::{LeadField, SprintHubConfig};
 use sprintlink::sprinthub::{Failure, SprintHubClient};

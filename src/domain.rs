@@ -1,0 +1,127 @@
+//! The service's vocabulary, shared by every layer and importing nothing of the crate: the states
+//! an event and a link go through, and the ids that cross module borders. States are stored as
+//! the lower-case text release 0.1.0 wrote, so old rows read back; parsing a stored state that is
+//! none of these is an error, not a guess.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Where an event stands. `Delivered` once every link it asked for is linked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventState {
+    /// Waiting for lead resolution or for its links.
+    Queued,
+    Delivered,
+    /// Waits for an operator (no lead, a lead key nobody knows); `reason` says why.
+    Parked,
+    /// A link or the resolution failed for good.
+    Dead,
+}
+
+impl EventState {
+    pub const ALL: [EventState; 4] = [
+        EventState::Queued,
+        EventState::Delivered,
+        EventState::Parked,
+        EventState::Dead,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EventState::Queued => "queued",
+            EventState::Delivered => "delivered",
+            EventState::Parked => "parked",
+            EventState::Dead => "dead",
+        }
+    }
+
+    /// The states an operator can replay (`POST /admin/replay`).
+    pub const fn replayable(self) -> bool {
+        matches!(
+            self,
+            EventState::Dead | EventState::Parked | EventState::Queued
+        )
+    }
+}
+
+/// Where one (object, lead) pair stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LinkState {
+    /// Not yet accepted by SprintHub; due at `due_at`.
+    Pending,
+    Linked,
+    Dead,
+}
+
+impl LinkState {
+    pub const ALL: [LinkState; 3] = [LinkState::Pending, LinkState::Linked, LinkState::Dead];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Pending => "pending",
+            LinkState::Linked => "linked",
+            LinkState::Dead => "dead",
+        }
+    }
+}
+
+/// A stored or requested state text that is not one of the states.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown state {0:?}")]
+pub struct UnknownState(pub String);
+
+macro_rules! text_enum {
+    ($ty:ident) => {
+        impl FromStr for $ty {
+            type Err = UnknownState;
+            fn from_str(s: &str) -> Result<Self, UnknownState> {
+                $ty::ALL
+                    .into_iter()
+                    .find(|v| v.as_str() == s)
+                    .ok_or_else(|| UnknownState(s.to_string()))
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+    };
+}
+text_enum!(EventState);
+text_enum!(LinkState);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_read_back_the_text_release_0_1_0_wrote() {
+        for (text, state) in [
+            ("queued", EventState::Queued),
+            ("delivered", EventState::Delivered),
+            ("parked", EventState::Parked),
+            ("dead", EventState::Dead),
+        ] {
+            assert_eq!(text.parse::<EventState>(), Ok(state));
+            assert_eq!(state.to_string(), text);
+        }
+        for (text, state) in [
+            ("pending", LinkState::Pending),
+            ("linked", LinkState::Linked),
+            ("dead", LinkState::Dead),
+        ] {
+            assert_eq!(text.parse::<LinkState>(), Ok(state));
+            assert_eq!(serde_json::to_value(state).unwrap(), text);
+        }
+        assert_eq!(
+            "Dead".parse::<EventState>(),
+            Err(UnknownState("Dead".into()))
+        );
+    }
+}
