@@ -9,13 +9,11 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::Batcher;
 use crate::config::Config;
 use crate::delivery::Worker;
 use crate::http::{AppState, INTERNAL_MAX_CONNECTIONS, build_app, restricted};
-use crate::signature::Verifier;
 use crate::sprinthub::SprintHubClient;
-use crate::store::{self, NewEvent};
+use crate::store;
 use crate::telemetry::Metrics;
 
 /// Why the service could not start.
@@ -62,28 +60,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     let wake = Arc::new(Notify::new());
     let shutdown = CancellationToken::new();
-    let ingest_store = store.clone();
-    let ingest = Batcher::spawn(512, move |events: Arc<[NewEvent]>| {
-        let s = ingest_store.clone();
-        async move { s.ingest(&events).await }
-    });
-    let sources = config
-        .sources
-        .iter()
-        .map(|s| (s.name.clone(), (s.clone(), Verifier::from_source(s))))
-        .collect();
-    let auth = crate::http::auth::Auth::new(&config.admin).map_err(StartError::Client)?;
-    let state = Arc::new(AppState {
-        config: config.clone(),
-        store: store.clone(),
-        sources,
-        ingest,
-        wake: wake.clone(),
-        metrics: metrics.clone(),
-        shutdown: shutdown.clone(),
-        readiness: tokio::sync::Mutex::new(None),
-        auth: Arc::new(auth),
-    });
+    let state = Arc::new(
+        AppState::new(
+            config.clone(),
+            store.clone(),
+            metrics.clone(),
+            wake.clone(),
+            shutdown.clone(),
+        )
+        .map_err(StartError::Client)?,
+    );
     let listener = tokio::net::TcpListener::bind(&config.server.listen)
         .await
         .map_err(|e| StartError::Listen(config.server.listen.clone(), e))?;

@@ -14,12 +14,20 @@ pub const MAX_LEAD_IDS: usize = 100;
 /// Why an event cannot be stored at all: answered with a 400 and this code, nothing stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unstorable {
-    /// `invalid_event_id`, `invalid_event_type` or `invalid_id`.
-    pub code: &'static str,
+    pub code: UnstorableValue,
     pub message: String,
 }
 
-fn unstorable(code: &'static str, message: String) -> Unstorable {
+/// Which value made an event unstorable (the HTTP layer names each with its error code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnstorableValue {
+    EventId,
+    EventType,
+    /// An object id, a lead id or a lead key.
+    Id,
+}
+
+fn unstorable(code: UnstorableValue, message: String) -> Unstorable {
     Unstorable { code, message }
 }
 
@@ -34,7 +42,7 @@ pub fn has_control(s: &str) -> bool {
 pub fn check_event_id(id: &str) -> Result<(), Unstorable> {
     if id.len() > MAX_ID_BYTES {
         return Err(unstorable(
-            "invalid_event_id",
+            UnstorableValue::EventId,
             format!(
                 "the event id is {} bytes long; at most {MAX_ID_BYTES} are accepted",
                 id.len()
@@ -43,7 +51,7 @@ pub fn check_event_id(id: &str) -> Result<(), Unstorable> {
     }
     if has_control(id) {
         return Err(unstorable(
-            "invalid_event_id",
+            UnstorableValue::EventId,
             "the event id contains a control character".into(),
         ));
     }
@@ -58,20 +66,20 @@ pub fn check_storable(source: &SourceConfig, body: &Value) -> Result<(), Unstora
     if let Some(t) = event_type(source, body) {
         if t.len() > MAX_ID_BYTES {
             return Err(unstorable(
-                "invalid_event_type",
+                UnstorableValue::EventType,
                 format!("the event type is longer than {MAX_ID_BYTES} bytes"),
             ));
         }
         if has_control(&t) {
             return Err(unstorable(
-                "invalid_event_type",
+                UnstorableValue::EventType,
                 "the event type contains a control character".into(),
             ));
         }
     }
     let bad = |what: &str, p: &str| {
         unstorable(
-            "invalid_id",
+            UnstorableValue::Id,
             format!("the {what} at {p} contains a control character"),
         )
     };
@@ -454,12 +462,12 @@ mod tests {
         assert!(check_event_id(&"e".repeat(256)).is_ok());
         assert_eq!(
             check_event_id(&"e".repeat(257)).unwrap_err().code,
-            "invalid_event_id"
+            UnstorableValue::EventId
         );
         for bad in ["a\u{0}b", "a\nb", "\u{7f}", "x\u{85}"] {
             assert_eq!(
                 check_event_id(bad).unwrap_err().code,
-                "invalid_event_id",
+                UnstorableValue::EventId,
                 "{bad:?}"
             );
         }
@@ -472,20 +480,29 @@ mod tests {
         let ok = json!({"type": "object.created", "data": {"object_id": 1, "lead_id": [1, "2"]}});
         assert!(check_storable(&s, &ok).is_ok());
         let obj = json!({"data": {"object_id": "o\u{0}", "lead_id": 1}});
-        assert_eq!(check_storable(&s, &obj).unwrap_err().code, "invalid_id");
+        assert_eq!(
+            check_storable(&s, &obj).unwrap_err().code,
+            UnstorableValue::Id
+        );
         let lead = json!({"data": {"object_id": 1, "lead_id": [1, "l\u{1}"]}});
-        assert_eq!(check_storable(&s, &lead).unwrap_err().code, "invalid_id");
+        assert_eq!(
+            check_storable(&s, &lead).unwrap_err().code,
+            UnstorableValue::Id
+        );
         let one = json!({"data": {"object_id": 1, "lead_id": "l\u{0}"}});
-        assert_eq!(check_storable(&s, &one).unwrap_err().code, "invalid_id");
+        assert_eq!(
+            check_storable(&s, &one).unwrap_err().code,
+            UnstorableValue::Id
+        );
         let ty = json!({"type": "t\u{0}", "data": {"object_id": 1, "lead_id": 1}});
         assert_eq!(
             check_storable(&s, &ty).unwrap_err().code,
-            "invalid_event_type"
+            UnstorableValue::EventType
         );
         let long_ty = json!({"type": "t".repeat(257), "data": {"object_id": 1, "lead_id": 1}});
         assert_eq!(
             check_storable(&s, &long_ty).unwrap_err().code,
-            "invalid_event_type"
+            UnstorableValue::EventType
         );
         // Too long is not unstorable: map() parks it.
         let long = json!({"data": {"object_id": "o".repeat(300), "lead_id": 1}});
@@ -496,7 +513,10 @@ mod tests {
             ..Default::default()
         });
         let k = json!({"data": {"object_id": 1}, "c": {"email": "a\u{0}@b"}});
-        assert_eq!(check_storable(&keyed, &k).unwrap_err().code, "invalid_id");
+        assert_eq!(
+            check_storable(&keyed, &k).unwrap_err().code,
+            UnstorableValue::Id
+        );
         // Surrounding whitespace is trimmed as before, not refused.
         let k = json!({"data": {"object_id": 1}, "c": {"email": " a@b\n"}});
         assert!(check_storable(&keyed, &k).is_ok());

@@ -2,9 +2,63 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
+use crate::mapping::{Unstorable, UnstorableValue};
 use crate::signature::SignatureError;
+
+/// Every code an error answer can carry, and so the OpenAPI document's list of them: a code is
+/// documented exactly when some `AppError` answers with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidJson,
+    BadRequest,
+    InvalidEventId,
+    InvalidEventType,
+    InvalidId,
+    MissingSignature,
+    InvalidSignature,
+    TimestampOutOfTolerance,
+    Unauthorized,
+    Csrf,
+    UnknownSource,
+    NotFound,
+    MethodNotAllowed,
+    RequestTimeout,
+    Conflict,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    TooManyRequests,
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::InvalidEventId => "invalid_event_id",
+            ErrorCode::InvalidEventType => "invalid_event_type",
+            ErrorCode::InvalidId => "invalid_id",
+            ErrorCode::MissingSignature => "missing_signature",
+            ErrorCode::InvalidSignature => "invalid_signature",
+            ErrorCode::TimestampOutOfTolerance => "timestamp_out_of_tolerance",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Csrf => "csrf",
+            ErrorCode::UnknownSource => "unknown_source",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::TooManyRequests => "too_many_requests",
+            ErrorCode::Unavailable => "unavailable",
+        }
+    }
+}
 
 /// Everything a request can fail with. Each variant has a stable JSON error code so that
 /// senders and operators can act on it without parsing prose.
@@ -36,9 +90,9 @@ pub enum AppError {
     Timeout(u64),
     #[error("this route does not take that method")]
     MethodNotAllowed,
-    /// A 400 with its own code (`invalid_event_id`, `invalid_id`, ...), from input checks.
-    #[error("{1}")]
-    InvalidInput(&'static str, String),
+    /// A 400 with its own code (`invalid_event_id`, `invalid_id`, ...): nothing was stored.
+    #[error("{}", .0.message)]
+    Unstorable(Unstorable),
     #[error("too many failed admin token checks from this address: retry in {0} s")]
     TooManyRequests(u64),
     #[error("{0}")]
@@ -46,24 +100,31 @@ pub enum AppError {
 }
 
 impl AppError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            AppError::UnknownSource(_) => "unknown_source",
-            AppError::Signature(e) => e.code(),
-            AppError::InvalidJson(_) => "invalid_json",
-            AppError::PayloadTooLarge(_) => "payload_too_large",
-            AppError::Unavailable(_) => "unavailable",
-            AppError::Unauthorized => "unauthorized",
-            AppError::NotFound(_) => "not_found",
-            AppError::BadRequest(_) => "bad_request",
-            AppError::Conflict(_) => "conflict",
-            AppError::Csrf => "csrf",
-            AppError::Storage(_) => "unavailable",
-            AppError::Timeout(_) => "request_timeout",
-            AppError::MethodNotAllowed => "method_not_allowed",
-            AppError::InvalidInput(code, _) => code,
-            AppError::TooManyRequests(_) => "too_many_requests",
-            AppError::UnsupportedMediaType(_) => "unsupported_media_type",
+            AppError::UnknownSource(_) => ErrorCode::UnknownSource,
+            AppError::Signature(SignatureError::Missing(_)) => ErrorCode::MissingSignature,
+            AppError::Signature(SignatureError::Invalid) => ErrorCode::InvalidSignature,
+            AppError::Signature(SignatureError::TimestampOutOfTolerance(_)) => {
+                ErrorCode::TimestampOutOfTolerance
+            }
+            AppError::InvalidJson(_) => ErrorCode::InvalidJson,
+            AppError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
+            AppError::Unavailable(_) | AppError::Storage(_) => ErrorCode::Unavailable,
+            AppError::Unauthorized => ErrorCode::Unauthorized,
+            AppError::NotFound(_) => ErrorCode::NotFound,
+            AppError::BadRequest(_) => ErrorCode::BadRequest,
+            AppError::Conflict(_) => ErrorCode::Conflict,
+            AppError::Csrf => ErrorCode::Csrf,
+            AppError::Timeout(_) => ErrorCode::RequestTimeout,
+            AppError::MethodNotAllowed => ErrorCode::MethodNotAllowed,
+            AppError::Unstorable(u) => match u.code {
+                UnstorableValue::EventId => ErrorCode::InvalidEventId,
+                UnstorableValue::EventType => ErrorCode::InvalidEventType,
+                UnstorableValue::Id => ErrorCode::InvalidId,
+            },
+            AppError::TooManyRequests(_) => ErrorCode::TooManyRequests,
+            AppError::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
         }
     }
 
@@ -78,7 +139,7 @@ impl AppError {
             AppError::Csrf => StatusCode::FORBIDDEN,
             AppError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            AppError::InvalidInput(..) => StatusCode::BAD_REQUEST,
+            AppError::Unstorable(_) => StatusCode::BAD_REQUEST,
             AppError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             AppError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         }
@@ -97,9 +158,29 @@ impl From<crate::store::StoreError> for AppError {
     }
 }
 
-/// Builds the JSON error body every route shares.
-pub fn error_body(code: &str, message: &str) -> serde_json::Value {
-    json!({"error": {"code": code, "message": message}})
+/// The JSON error body every route shares, and its OpenAPI schema.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"error": {"code": "invalid_signature", "message": "no signature matches"}}))]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    /// A human-readable explanation.
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorBody {
+            error: ErrorDetail {
+                code,
+                message: message.into(),
+            },
+        }
+    }
 }
 
 impl IntoResponse for AppError {
@@ -113,7 +194,7 @@ impl IntoResponse for AppError {
             }
             other => other.to_string(),
         };
-        let mut resp = (status, axum::Json(error_body(self.code(), &message))).into_response();
+        let mut resp = (status, axum::Json(ErrorBody::new(self.code(), message))).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
@@ -292,6 +373,65 @@ mod tests {
         }
         assert_eq!(ct, "application/json", "{uri}: a JSON error");
         (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    /// One error that answers with `code`: exhaustive, so a code no error returns does not
+    /// compile, and the answer must carry that very code.
+    fn producer(code: ErrorCode) -> AppError {
+        let t = || "x".to_string();
+        let unstorable = |v| {
+            AppError::Unstorable(Unstorable {
+                code: v,
+                message: t(),
+            })
+        };
+        match code {
+            ErrorCode::InvalidJson => AppError::InvalidJson(t()),
+            ErrorCode::BadRequest => AppError::BadRequest(t()),
+            ErrorCode::InvalidEventId => unstorable(UnstorableValue::EventId),
+            ErrorCode::InvalidEventType => unstorable(UnstorableValue::EventType),
+            ErrorCode::InvalidId => unstorable(UnstorableValue::Id),
+            ErrorCode::MissingSignature => SignatureError::Missing("x").into(),
+            ErrorCode::InvalidSignature => SignatureError::Invalid.into(),
+            ErrorCode::TimestampOutOfTolerance => SignatureError::TimestampOutOfTolerance(1).into(),
+            ErrorCode::Unauthorized => AppError::Unauthorized,
+            ErrorCode::Csrf => AppError::Csrf,
+            ErrorCode::UnknownSource => AppError::UnknownSource(t()),
+            ErrorCode::NotFound => AppError::NotFound(t()),
+            ErrorCode::MethodNotAllowed => AppError::MethodNotAllowed,
+            ErrorCode::RequestTimeout => AppError::Timeout(1),
+            ErrorCode::Conflict => AppError::Conflict(t()),
+            ErrorCode::PayloadTooLarge => AppError::PayloadTooLarge(1),
+            ErrorCode::UnsupportedMediaType => AppError::UnsupportedMediaType(t()),
+            ErrorCode::TooManyRequests => AppError::TooManyRequests(1),
+            ErrorCode::Unavailable => AppError::Unavailable(t()),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_documented_codes_are_exactly_the_returned_ones() {
+        use utoipa::OpenApi as _;
+        let doc = crate::http::openapi::ApiDoc::openapi();
+        let doc: serde_json::Value = serde_json::to_value(&doc).unwrap();
+        let documented: Vec<String> = doc["components"]["schemas"]["ErrorCode"]["enum"]
+            .as_array()
+            .expect("ErrorCode is an enum in the document")
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        assert!(documented.len() >= 19, "{documented:?}");
+        for text in &documented {
+            let code: ErrorCode = serde_json::from_value(serde_json::json!(text)).unwrap();
+            let e = producer(code);
+            assert_eq!(e.code(), code);
+            assert_eq!(code.as_str(), text);
+            let resp = e.into_response();
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(body["error"]["code"], *text);
+        }
     }
 
     #[tokio::test]

@@ -11,6 +11,9 @@ pub mod serve;
 pub mod ui;
 pub mod webhooks;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +51,41 @@ pub struct AppState {
     pub readiness: tokio::sync::Mutex<Option<(std::time::Instant, String)>>,
     /// Failed-token throttle and dashboard sessions (per process).
     pub auth: Arc<crate::http::auth::Auth>,
+}
+
+impl AppState {
+    /// The state over an open store: starts the group-commit batcher and builds each source's
+    /// verifier. Errors name what in the configuration cannot be used.
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) -> Result<AppState, String> {
+        let ingest_store = store.clone();
+        let ingest = Batcher::spawn(512, move |events: Arc<[NewEvent]>| {
+            let s = ingest_store.clone();
+            async move { s.ingest(&events).await }
+        });
+        let sources = config
+            .sources
+            .iter()
+            .map(|s| (s.name.clone(), (s.clone(), Verifier::from_source(s))))
+            .collect();
+        let auth = crate::http::auth::Auth::new(&config.admin)?;
+        Ok(AppState {
+            config,
+            store,
+            sources,
+            ingest,
+            wake,
+            metrics,
+            shutdown,
+            readiness: tokio::sync::Mutex::new(None),
+            auth: Arc::new(auth),
+        })
+    }
 }
 
 /// Builds the router over a state; exposed so tests can drive it without a socket.

@@ -14,6 +14,8 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 use utoipa::openapi::{ContentBuilder, OpenApi as OpenApiDoc, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi, ToSchema};
 
+pub use crate::http::error::{ErrorBody, ErrorCode};
+
 /// The name of the admin bearer security scheme in the document.
 pub const ADMIN_BEARER: &str = "admin_token";
 /// The name of the dashboard's session cookie scheme in the document.
@@ -173,40 +175,6 @@ pub struct UnsupportedMediaType(pub ErrorBody);
 // ------------------------------------------------------------------ documented bodies
 
 /// The body of every error answer.
-#[derive(ToSchema)]
-#[schema(example = json!({"error": {"code": "invalid_signature", "message": "no signature matches"}}))]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(ToSchema)]
-pub struct ErrorDetail {
-    /// A stable code to act on without parsing the message.
-    pub code: ErrorCode,
-    /// A human-readable explanation.
-    pub message: String,
-}
-
-#[derive(ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    InvalidJson,
-    BadRequest,
-    MissingSignature,
-    InvalidSignature,
-    TimestampOutOfTolerance,
-    Unauthorized,
-    Csrf,
-    UnknownSource,
-    NotFound,
-    RequestTimeout,
-    Conflict,
-    PayloadTooLarge,
-    Unavailable,
-    TooManyRequests,
-    UnsupportedMediaType,
-}
-
 /// An event's state.
 #[derive(ToSchema)]
 #[serde(rename_all = "snake_case")]

@@ -63,9 +63,9 @@ pub async fn webhook(
         Ok((outcome, resp)) => (outcome, resp),
         Err(e) => {
             if !matches!(e, AppError::UnknownSource(_)) {
-                tracing::info!(source = %source, code = e.code(), error = %e, "webhook rejected");
+                tracing::info!(source = %source, code = e.code().as_str(), error = %e, "webhook rejected");
             }
-            (e.code(), e.into_response())
+            (e.code().as_str(), e.into_response())
         }
     };
     state.metrics.webhook(label, outcome, start.elapsed());
@@ -124,7 +124,7 @@ async fn accept(
     let event_id = mapping::event_id(source, &json, &raw, verified.delivery_id.as_deref());
     mapping::check_event_id(&event_id)
         .and_then(|()| mapping::check_storable(source, &json))
-        .map_err(|u| AppError::InvalidInput(u.code, u.message))?;
+        .map_err(AppError::Unstorable)?;
     let (object_id, plan) = mapping::plan(source, &json);
     let parked_reason = match &plan {
         Plan::Parked(r) => Some(r.clone()),
