@@ -20,6 +20,10 @@ use utoipa_axum::routes;
 
 use crate::http::AppState;
 use crate::http::auth::{Peer, Verdict};
+use crate::http::bodies::{
+    EventList, EventView, Imported, Mapping, MappingRequest, ReplayManyRequest, Replayed,
+    ReplayedMany,
+};
 use crate::http::error::{
     ApiBytes, ApiJson, ApiPath as Path, ApiQuery as Query, AppError, BodyLimit,
 };
@@ -111,15 +115,7 @@ pub fn rfc3339(ms: Millis) -> String {
 }
 
 pub fn summary_json(e: &EventSummary) -> Value {
-    json!({
-        "event_id": e.event_id,
-        "source": e.source,
-        "state": e.state,
-        "received_at": rfc3339(e.received_at),
-        "object_id": e.object_id,
-        "event_type": e.event_type,
-        "reason": e.reason,
-    })
+    serde_json::to_value(EventView::from(e)).unwrap_or_default()
 }
 
 fn attempt_json(a: &Attempt) -> Value {
@@ -160,7 +156,7 @@ pub fn detail_json(d: &EventDetail) -> Value {
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only events in this state.
-    #[param(inline, value_type = Option<crate::http::openapi::EventState>)]
+    #[param(inline, value_type = Option<crate::domain::EventState>)]
     pub state: Option<String>,
     /// Only events of this source.
     pub source: Option<String>,
@@ -208,7 +204,7 @@ pub fn filter_from(q: &ListQuery) -> Result<EventFilter, AppError> {
     tag = "admin",
     params(ListQuery),
     responses(
-        (status = 200, description = "A page of events; follow `next_cursor` for older ones", body = crate::http::openapi::EventList),
+        (status = 200, description = "A page of events; follow `next_cursor` for older ones", body = EventList),
         (status = 400, description = "`bad_request`: a bad state, limit or cursor", body = crate::http::openapi::ErrorBody),
         crate::http::openapi::Unauthorized,
         crate::http::openapi::TooManyRequests,
@@ -226,10 +222,10 @@ async fn list_events(
     let next_cursor = (events.len() as i64 == filter.limit)
         .then(|| events.last().map(|e| e.pk.to_string()))
         .flatten();
-    Ok(axum::Json(json!({
-        "events": events.iter().map(summary_json).collect::<Vec<_>>(),
-        "next_cursor": next_cursor,
-    }))
+    Ok(axum::Json(EventList {
+        events: events.iter().map(EventView::from).collect(),
+        next_cursor,
+    })
     .into_response())
 }
 
@@ -332,7 +328,7 @@ pub async fn replay(state: &AppState, e: &EventSummary) -> Result<(), AppError> 
     tag = "admin",
     params(("event_id" = String, Path, description = "The event id (unique per source)"), SourceQuery),
     responses(
-        (status = 202, description = "Replayed; the event's state after the replay", body = crate::http::openapi::Replayed),
+        (status = 202, description = "Replayed; the event's state after the replay", body = Replayed),
         (status = 400, description = "`bad_request`: a malformed path or query", body = crate::http::openapi::ErrorBody),
         crate::http::openapi::Unauthorized,
         crate::http::openapi::TooManyRequests,
@@ -352,20 +348,13 @@ async fn replay_event(
     let after = find_one(&state, &event_id, Some(&e.source)).await?;
     Ok((
         StatusCode::ACCEPTED,
-        axum::Json(
-            json!({"event_id": after.event_id, "source": after.source, "state": after.state}),
-        ),
+        axum::Json(Replayed {
+            event_id: after.event_id,
+            source: after.source,
+            state: after.state,
+        }),
     )
         .into_response())
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReplayMany {
-    state: Option<String>,
-    source: Option<String>,
-    limit: Option<i64>,
-    cursor: Option<String>,
 }
 
 /// Replay the events in a state (default `dead`), optionally of one source, a bounded number
@@ -378,10 +367,10 @@ struct ReplayMany {
     post,
     path = "/admin/replay",
     tag = "admin",
-    request_body(content = crate::http::openapi::ReplayManyRequest, content_type = "application/json",
+    request_body(content = ReplayManyRequest, content_type = "application/json",
         example = json!({"state": "dead", "source": "erp", "limit": 100})),
     responses(
-        (status = 202, description = "How many events this call replayed, and where the next call goes on", body = crate::http::openapi::ReplayedMany),
+        (status = 202, description = "How many events this call replayed, and where the next call goes on", body = ReplayedMany),
         (status = 400, description = "`bad_request`: not `{\"state\", \"source\", \"limit\", \"cursor\"}`, a state other than dead, parked, queued, a limit outside 1 to 500, or a cursor this API did not give", body = crate::http::openapi::ErrorBody),
         crate::http::openapi::Unauthorized,
         crate::http::openapi::TooManyRequests,
@@ -394,7 +383,7 @@ struct ReplayMany {
 )]
 async fn replay_many(
     State(state): State<Arc<AppState>>,
-    ApiJson(req): ApiJson<ReplayMany>,
+    ApiJson(req): ApiJson<ReplayManyRequest>,
 ) -> Result<Response, AppError> {
     let wanted = match req.state.as_deref() {
         None => EventState::Dead,
@@ -432,7 +421,10 @@ async fn replay_many(
         .flatten();
     Ok((
         StatusCode::ACCEPTED,
-        axum::Json(json!({"replayed": page.len(), "next_cursor": next_cursor})),
+        axum::Json(ReplayedMany {
+            replayed: page.len() as u64,
+            next_cursor,
+        }),
     )
         .into_response())
 }
@@ -461,7 +453,7 @@ fn mapping_key(source: &crate::config::SourceConfig, key: &str) -> String {
     params(("source" = String, Path, description = "A configured source name"),
         ("key" = String, Path, description = "The lead key (an email is compared ignoring case)"),),
     responses(
-        (status = 200, description = "The mapping", body = crate::http::openapi::Mapping),
+        (status = 200, description = "The mapping", body = Mapping),
         (status = 400, description = "`bad_request`: a malformed path or query", body = crate::http::openapi::ErrorBody),
         crate::http::openapi::Unauthorized,
         crate::http::openapi::TooManyRequests,
@@ -482,13 +474,7 @@ async fn get_mapping(
             "no mapping for key {key:?} in source {source}"
         )));
     }
-    Ok(axum::Json(json!({"source": source, "key": key, "lead_ids": ids.iter().map(|i| crate::mapping::id_json(i)).collect::<Vec<_>>()})).into_response())
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MappingBody {
-    lead_ids: Vec<Value>,
+    Ok(axum::Json(Mapping::new(source, key, &ids)).into_response())
 }
 
 /// Set the lead ids a key maps to.
@@ -498,10 +484,10 @@ struct MappingBody {
     tag = "admin",
     params(("source" = String, Path, description = "A configured source name"),
         ("key" = String, Path, description = "The lead key (an email is compared ignoring case)"),),
-    request_body(content = crate::http::openapi::MappingRequest, content_type = "application/json",
+    request_body(content = MappingRequest, content_type = "application/json",
         example = json!({"lead_ids": [17]})),
     responses(
-        (status = 200, description = "The mapping as stored", body = crate::http::openapi::Mapping),
+        (status = 200, description = "The mapping as stored", body = Mapping),
         (status = 400, description = "`bad_request`: not `{\"lead_ids\": [...]}` with at least one id", body = crate::http::openapi::ErrorBody),
         crate::http::openapi::PayloadTooLarge,
         crate::http::openapi::UnsupportedMediaType,
@@ -515,7 +501,7 @@ struct MappingBody {
 async fn put_mapping(
     State(state): State<Arc<AppState>>,
     Path((source, key)): Path<(String, String)>,
-    ApiJson(req): ApiJson<MappingBody>,
+    ApiJson(req): ApiJson<MappingRequest>,
 ) -> Result<Response, AppError> {
     let src = known_source(&state, &source)?;
     let key = mapping_key(src, &key);
@@ -524,7 +510,7 @@ async fn put_mapping(
         .filter(|i| !i.is_empty())
         .ok_or_else(|| AppError::BadRequest("lead_ids must be a non-empty list of ids".into()))?;
     state.store.mapping_put(&source, &key, &ids).await?;
-    Ok(axum::Json(json!({"source": source, "key": key, "lead_ids": ids.iter().map(|i| crate::mapping::id_json(i)).collect::<Vec<_>>()})).into_response())
+    Ok(axum::Json(Mapping::new(source, key, &ids)).into_response())
 }
 
 /// Remove a key's mapping.
@@ -605,7 +591,7 @@ pub fn parse_csv(text: &str) -> Result<Vec<(String, String)>, String> {
     request_body(content = String, content_type = "text/csv", description = "`key,lead_id` lines",
         example = json!("key,lead_id\nann@example.com,17\n")),
     responses(
-        (status = 200, description = "How many rows were imported", body = crate::http::openapi::Imported),
+        (status = 200, description = "How many rows were imported", body = Imported),
         (status = 400, description = "`bad_request`: not text/csv, not UTF-8, or a malformed line (named)", body = crate::http::openapi::ErrorBody),
         crate::http::openapi::PayloadTooLarge,
         crate::http::openapi::Unauthorized,
@@ -640,7 +626,7 @@ async fn import_mappings(
         .map(|(k, l)| (mapping_key(src, &k), l))
         .collect();
     let n = state.store.mapping_import(&source, &rows).await?;
-    Ok(axum::Json(json!({"imported": n})).into_response())
+    Ok(axum::Json(Imported { imported: n as u64 }).into_response())
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod bodies;
 pub mod budget;
 pub mod error;
 pub mod openapi;
@@ -23,7 +24,6 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Router};
-use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
@@ -152,10 +152,10 @@ pub(crate) const INTERNAL_MAX_CONNECTIONS: usize = 64;
     get,
     path = "/healthz",
     tag = "operations",
-    responses((status = 200, description = "The process runs", body = crate::http::openapi::Health))
+    responses((status = 200, description = "The process runs", body = bodies::Health))
 )]
 async fn healthz() -> impl IntoResponse {
-    axum::Json(json!({"status": "ok"}))
+    axum::Json(bodies::Health { status: "ok" })
 }
 
 /// Readiness: storage answers and the service is not draining.
@@ -164,21 +164,21 @@ async fn healthz() -> impl IntoResponse {
     path = "/readyz",
     tag = "operations",
     responses(
-        (status = 200, description = "Ready: storage answers and the service is not draining", body = crate::http::openapi::Readiness),
-        (status = 503, description = "Not ready; the body names each check", body = crate::http::openapi::Readiness),
+        (status = 200, description = "Ready: storage answers and the service is not draining", body = bodies::Readiness),
+        (status = 503, description = "Not ready; the body names each check", body = bodies::Readiness),
     )
 )]
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let storage = storage_check(&state).await;
     let draining = state.shutdown.is_cancelled();
     let ready = storage == "ok" && !draining;
-    let body = json!({
-        "status": if ready { "ready" } else { "not_ready" },
-        "checks": {
-            "storage": storage,
-            "accepting": if draining { "draining" } else { "ok" },
-        }
-    });
+    let body = bodies::Readiness {
+        status: if ready { "ready" } else { "not_ready" },
+        checks: bodies::ReadinessChecks {
+            storage,
+            accepting: if draining { "draining" } else { "ok" },
+        },
+    };
     let status = if ready {
         StatusCode::OK
     } else {

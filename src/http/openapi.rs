@@ -174,30 +174,6 @@ pub struct UnsupportedMediaType(pub ErrorBody);
 
 // ------------------------------------------------------------------ documented bodies
 
-/// The body of every error answer.
-/// An event's state.
-#[derive(ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum EventState {
-    /// Links pending.
-    Queued,
-    /// Every link linked.
-    Delivered,
-    /// Object id or lead missing, or no lead found: waits for an operator.
-    Parked,
-    /// At least one link is dead.
-    Dead,
-}
-
-/// A link's state.
-#[derive(ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum LinkState {
-    Pending,
-    Linked,
-    Dead,
-}
-
 /// `202`: the event is committed to storage.
 #[derive(ToSchema)]
 pub struct WebhookAccepted {
@@ -215,52 +191,6 @@ pub struct WebhookNoop {
     pub event_id: Option<String>,
     #[schema(pattern = "^(duplicate|ignored)$")]
     pub status: String,
-}
-
-#[derive(ToSchema)]
-pub struct Health {
-    #[schema(example = "ok")]
-    pub status: String,
-}
-
-#[derive(ToSchema)]
-pub struct Readiness {
-    #[schema(pattern = "^(ready|not_ready)$")]
-    pub status: String,
-    pub checks: ReadinessChecks,
-}
-
-#[derive(ToSchema)]
-pub struct ReadinessChecks {
-    /// `ok`, or `failing: ...`.
-    pub storage: String,
-    /// `ok`, or `draining` after SIGTERM.
-    pub accepting: String,
-}
-
-/// One event in a list.
-#[derive(ToSchema)]
-pub struct EventSummary {
-    pub event_id: String,
-    pub source: String,
-    pub state: EventState,
-    #[schema(format = DateTime)]
-    pub received_at: String,
-    #[schema(required = true)]
-    pub object_id: Option<String>,
-    #[schema(required = true)]
-    pub event_type: Option<String>,
-    /// Why the event is parked or dead, when it is.
-    #[schema(required = true)]
-    pub reason: Option<String>,
-}
-
-#[derive(ToSchema)]
-pub struct EventList {
-    pub events: Vec<EventSummary>,
-    /// Pass as `cursor` for the next (older) page; null on the last page.
-    #[schema(required = true)]
-    pub next_cursor: Option<String>,
 }
 
 /// One call to SprintHub.
@@ -283,7 +213,7 @@ pub struct AttemptDoc {
 pub struct LinkDoc {
     pub object_id: String,
     pub lead_id: String,
-    pub state: LinkState,
+    pub state: crate::domain::LinkState,
     #[schema(required = true, format = DateTime)]
     pub next_attempt_at: Option<String>,
     pub attempts: Vec<AttemptDoc>,
@@ -294,7 +224,7 @@ pub struct LinkDoc {
 pub struct EventDetail {
     pub event_id: String,
     pub source: String,
-    pub state: EventState,
+    pub state: crate::domain::EventState,
     #[schema(format = DateTime)]
     pub received_at: String,
     #[schema(required = true)]
@@ -311,66 +241,6 @@ pub struct EventDetail {
     /// Pass as `links_cursor` for the next page of links; null on the last page.
     #[schema(required = true)]
     pub next_links_cursor: Option<String>,
-}
-
-/// `202`: the event after the replay.
-#[derive(ToSchema)]
-pub struct Replayed {
-    pub event_id: String,
-    pub source: String,
-    pub state: EventState,
-}
-
-/// Which events `POST /admin/replay` replays.
-#[derive(ToSchema)]
-pub struct ReplayManyRequest {
-    /// Default `dead`.
-    #[schema(pattern = "^(dead|parked|queued)$")]
-    pub state: Option<String>,
-    /// Default: every source.
-    pub source: Option<String>,
-    /// Events replayed by this call, 1 to 500 (default 100).
-    #[schema(minimum = 1, maximum = 500)]
-    pub limit: Option<i64>,
-    /// The `next_cursor` of the previous call.
-    pub cursor: Option<String>,
-}
-
-#[derive(ToSchema)]
-pub struct ReplayedMany {
-    /// Events replayed by this call.
-    pub replayed: u64,
-    /// Pass as `cursor` to go on; null when every matching event has been visited.
-    #[schema(required = true)]
-    pub next_cursor: Option<String>,
-}
-
-/// A lead id: a number, or a string when it is not all digits.
-#[derive(ToSchema)]
-#[serde(untagged)]
-pub enum LeadId {
-    Number(i64),
-    Text(String),
-}
-
-#[derive(ToSchema)]
-pub struct MappingRequest {
-    /// At least one lead id.
-    #[schema(min_items = 1)]
-    pub lead_ids: Vec<LeadId>,
-}
-
-#[derive(ToSchema)]
-pub struct Mapping {
-    pub source: String,
-    /// The key as lookups compare it (emails in lower case).
-    pub key: String,
-    pub lead_ids: Vec<LeadId>,
-}
-
-#[derive(ToSchema)]
-pub struct Imported {
-    pub imported: u64,
 }
 
 /// The dashboard's login form.
