@@ -11,8 +11,8 @@
 //! `BENCH_CONNECTIONS` (64), `BENCH_PACED_RATE` (2000), `BENCH_DELIVERY_EVENTS`
 //! (5000 x BENCH_SECONDS), `BENCH_DELIVERY_CONCURRENCY` (64), `BENCH_RATE_LIMIT` (200),
 //! `BENCH_MEMORY_EVENTS` (1000000), `BENCH_PG_MEMORY_EVENTS` (same), `BENCH_MEMORY_SECONDS` (5),
-//! `BENCH_STARTUP_RUNS` (7), `BENCH_CLIENT_THREADS` (2), `BENCH_PG_URL`
-//! (postgres://postgres@127.0.0.1:5432), `BENCH_DIR` (the system temp dir), `BENCH_KEEP` (1 keeps
+//! `BENCH_STARTUP_RUNS` (7), `BENCH_CLIENT_THREADS` (2), `SPRINTLINK_TEST_PG_URL` (as the
+//! tests: postgres://postgres@127.0.0.1:5432), `BENCH_DIR` (the system temp dir), `BENCH_KEEP` (1 keeps
 //! the temp dir and databases), `BENCH_RUST_LOG` (the service's RUST_LOG, default info),
 //! `BENCH_SERVICE_BIN` (another sprintlink binary to measure, e.g. a build of the previous commit).
 
@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use common::{Backend, ERP_SECRET, TestDb};
 use sprintlink::config::Config;
 use sprintlink::signature::Verifier;
 use sprintlink::standin::StandIn;
@@ -35,29 +36,17 @@ use tokio::net::TcpStream;
 
 /// The service binary cargo built with this bench; `BENCH_SERVICE_BIN` measures another build
 /// (e.g. the previous commit's) with the same load.
+/// The integration tests' helpers (databases, the sender's secret), shared instead of copied.
+#[path = "../tests/it/common/mod.rs"]
+mod common;
+
 fn bin() -> String {
     std::env::var("BENCH_SERVICE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_sprintlink").into())
 }
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const ADMIN_TOKEN: &str = "bench-admin-token-0001";
 
 // ---------------------------------------------------------------------------------------------
 // Options
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-impl Backend {
-    fn name(self) -> &'static str {
-        match self {
-            Backend::Sqlite => "sqlite",
-            Backend::Postgres => "postgres",
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 struct Opts {
@@ -76,7 +65,6 @@ struct Opts {
     memory_seconds: f64,
     startup_runs: usize,
     client_threads: usize,
-    pg_url: String,
     dir: PathBuf,
     keep: bool,
     rust_log: String,
@@ -135,10 +123,6 @@ impl Opts {
             memory_seconds: env_or("BENCH_MEMORY_SECONDS", 5.0),
             startup_runs: env_or("BENCH_STARTUP_RUNS", 7),
             client_threads: env_or("BENCH_CLIENT_THREADS", 2),
-            pg_url: std::env::var("BENCH_PG_URL")
-                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-                .trim_end_matches('/')
-                .to_string(),
             dir,
             keep: env_or("BENCH_KEEP", 0u8) == 1,
             rust_log: std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -603,12 +587,6 @@ async fn open_loop(
 // ---------------------------------------------------------------------------------------------
 // Databases
 
-struct Db {
-    url: String,
-    /// PostgreSQL: the database to drop afterwards.
-    pg_name: Option<String>,
-}
-
 struct PhaseDir {
     path: PathBuf,
     keep: bool,
@@ -663,51 +641,15 @@ impl Env {
         })
     }
 
-    async fn fresh_db(&self, backend: Backend, dir: &Path) -> Result<Db> {
-        match backend {
-            Backend::Sqlite => Ok(Db {
-                url: format!("sqlite://{}", dir.join("sprintlink.db").display()),
-                pg_name: None,
-            }),
-            Backend::Postgres => {
-                let name = format!("sprintlink_bench_{}_{}", self.run_id, self.next());
-                let mut c = self.pg_admin().await?;
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                    .execute(&mut c)
-                    .await
-                    .context("CREATE DATABASE")?;
-                Ok(Db {
-                    url: format!("{}/{name}", self.opts.pg_url),
-                    pg_name: Some(name),
-                })
-            }
-        }
+    /// A fresh database for one service process (the tests' helper); dropped afterwards
+    /// unless `BENCH_KEEP=1`.
+    async fn fresh_db(&self, backend: Backend, dir: &Path) -> Result<TestDb> {
+        Ok(TestDb::create_in(backend, dir).await)
     }
 
-    async fn pg_admin(&self) -> Result<sqlx::PgConnection> {
-        use sqlx::Connection;
-        sqlx::PgConnection::connect(&format!("{}/postgres", self.opts.pg_url))
-            .await
-            .with_context(|| format!("connecting to {}/postgres", self.opts.pg_url))
-    }
-
-    async fn drop_db(&self, db: Db) {
-        let Some(name) = db.pg_name else { return };
+    async fn drop_db(&self, db: TestDb) {
         if self.opts.keep {
-            return;
-        }
-        let r = async {
-            let mut c = self.pg_admin().await?;
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-            )))
-            .execute(&mut c)
-            .await?;
-            anyhow::Ok(())
-        }
-        .await;
-        if let Err(e) = r {
-            eprintln!("bench: could not drop database {name}: {e:#}");
+            db.keep();
         }
     }
 }
@@ -746,7 +688,7 @@ token = "{ADMIN_TOKEN}"
 [[sources]]
 name = "erp"
 scheme = "standard-webhooks"
-secrets = ["{SECRET}"]
+secrets = ["{ERP_SECRET}"]
 event_id = "/id"
 event_type = "/type"
 accept_types = ["object.created"]
@@ -1414,7 +1356,7 @@ struct MemRun {
 }
 
 /// Starts a service on `db`, asks for /metrics and /admin/events once, samples RSS for a while.
-async fn memory_run(env: &Env, dir: &Path, db: &Db, hub: &StandIn) -> Result<MemRun> {
+async fn memory_run(env: &Env, dir: &Path, db: &TestDb, hub: &StandIn) -> Result<MemRun> {
     let o = &env.opts;
     let url = hub.url();
     let mut svc = Service::spawn(
@@ -1760,9 +1702,9 @@ async fn run(env: Arc<Env>) -> Vec<Row> {
         let b = backend.name();
         let mut g = Vec::new();
         if backend == Backend::Postgres
-            && let Err(e) = env.pg_admin().await
+            && let Err(e) = common::pg_reachable().await
         {
-            push(&mut g, &format!("{b}: connect"), Err(e));
+            push(&mut g, &format!("{b}: connect"), Err(anyhow!(e)));
             rows.append(&mut g);
             continue;
         }

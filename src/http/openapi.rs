@@ -2,8 +2,10 @@
 //!
 //! Each handler carries a `#[utoipa::path]` annotation and is registered through
 //! `utoipa_axum::routes!`, so a route cannot be served without being described (see
-//! `app::build_app`). The handlers build their JSON with `serde_json::json!`; the types below only
-//! describe those bodies, and `.ci/api-fuzz` (schemathesis) checks every answer against them.
+//! `http::build_app`). Bodies are the types of `http::bodies` and `http::error`, serialised by the
+//! handlers and described by the same types; the few still built with `json!` (the event
+//! document, the webhook answers) are described by the types below. `.ci/api-fuzz`
+//! (schemathesis) checks every answer against the document.
 
 use axum::Extension;
 use axum::body::Bytes;

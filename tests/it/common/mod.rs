@@ -60,6 +60,15 @@ pub enum Backend {
     Postgres,
 }
 
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
 fn pg_server_url() -> String {
     std::env::var("SPRINTLINK_TEST_PG_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
@@ -79,12 +88,32 @@ pub struct TestDb {
 
 enum DbKind {
     Sqlite(#[allow(dead_code)] tempfile::TempDir),
+    /// A file in a directory the caller owns (the benchmark's phase directories).
+    SqliteFile,
     Postgres { name: String },
+    /// Kept after the run (`BENCH_KEEP=1`).
+    Kept,
 }
 
 static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
 
 impl TestDb {
+    /// A database for one process of the benchmark: SQLite as `sprintlink.db` in `dir`.
+    pub async fn create_in(backend: Backend, dir: &std::path::Path) -> TestDb {
+        match backend {
+            Backend::Sqlite => TestDb {
+                url: format!("sqlite://{}", dir.join("sprintlink.db").display()),
+                kind: DbKind::SqliteFile,
+            },
+            Backend::Postgres => TestDb::create(backend).await,
+        }
+    }
+
+    /// Leaves the database in place for inspection.
+    pub fn keep(mut self) {
+        self.kind = DbKind::Kept;
+    }
+
     pub async fn create(backend: Backend) -> TestDb {
         match backend {
             Backend::Sqlite => {
@@ -118,6 +147,19 @@ impl TestDb {
             }
         }
     }
+}
+
+/// Whether the PostgreSQL server of the tests answers (the benchmark reports a row instead of
+/// panicking when it does not).
+pub async fn pg_reachable() -> Result<(), String> {
+    let server = pg_server_url();
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&format!("{server}/postgres"))
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("PostgreSQL at {server}: {e}"))
 }
 
 async fn connect_pg_admin(server: &str) -> sqlx::PgPool {
