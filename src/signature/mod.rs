@@ -113,7 +113,7 @@ pub struct SignedRequest {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CannotSign {
     #[error(
-        "this source has only whpk_ (Ed25519 public) keys: a public key verifies, it cannot sign; sign with the sender's whsk_ private key, or add a whsec_ secret"
+        "this source has only whpk_ (Ed25519 public) keys, and sprintlink cannot sign with a public key; the sender signs with its private key (or add a whsec_ secret to the source)"
     )]
     PublicKeysOnly,
     #[error("this source has no usable secret")]
