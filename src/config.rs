@@ -992,10 +992,10 @@ impl Config {
                     ));
                 }
             }
-            if s.scheme != Scheme::Unknown {
-                if let Err(lines) = s.scheme_spec() {
-                    errors.extend(lines);
-                }
+            if s.scheme != Scheme::Unknown
+                && let Err(lines) = s.scheme_spec()
+            {
+                errors.extend(lines);
             }
             if let Some(q) = s.credential_query() {
                 let mut refs: Vec<(String, &str)> =
