@@ -44,6 +44,10 @@ pub enum Command {
         /// The body to sign (default: a sample event).
         #[arg(long)]
         file: Option<PathBuf>,
+        /// The body's media type, e.g. application/x-www-form-urlencoded for a form post
+        /// (default: application/json).
+        #[arg(long, default_value = "application/json")]
+        content_type: String,
     },
     /// Apply the schema migrations the database is missing (`serve` does this too), or with
     /// `--dry-run` only list them.
@@ -153,7 +157,7 @@ pub fn check_config(flag: Option<PathBuf>) -> i32 {
 const SAMPLE_BODY: &str =
     r#"{"id":"evt_sample_1","type":"object.created","data":{"object_id":123,"lead_id":8473}}"#;
 
-pub fn sign(flag: Option<PathBuf>, source: &str, file: Option<PathBuf>) -> i32 {
+pub fn sign(flag: Option<PathBuf>, source: &str, file: Option<PathBuf>, content_type: &str) -> i32 {
     let config = match load_config(flag) {
         Ok(c) => c,
         Err(e) => {
@@ -169,8 +173,8 @@ pub fn sign(flag: Option<PathBuf>, source: &str, file: Option<PathBuf>) -> i32 {
         );
         return 1;
     };
-    let body = match file {
-        Some(p) => match std::fs::read(&p) {
+    let body = match &file {
+        Some(p) => match std::fs::read(p) {
             Ok(b) => b,
             Err(e) => {
                 eprintln!("cannot read {}: {e}", p.display());
@@ -181,23 +185,51 @@ pub fn sign(flag: Option<PathBuf>, source: &str, file: Option<PathBuf>) -> i32 {
     };
     let now = crate::store::now_ms() / 1000;
     let id = format!("msg_{:016x}", fastrand::u64(..));
-    let headers = Verifier::from_source(src).sign(&body, now, &id);
-    for (k, v) in &headers {
+    let signed = match Verifier::from_source(src).sign_request(&body, now, &id) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cannot sign for source {source:?}: {e}");
+            return 1;
+        }
+    };
+    for (k, v) in &signed.headers {
         say!("{k}: {v}");
     }
-    let port = config.server.listen.rsplit(':').next().unwrap_or("8080");
-    let mut curl = format!(
-        "curl -sS -X POST http://127.0.0.1:{port}/webhooks/{source} -H 'content-type: application/json'"
-    );
-    for (k, v) in &headers {
-        curl.push_str(&format!(" -H '{k}: {v}'"));
+    let query = (!signed.query.is_empty()).then(|| {
+        form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(&signed.query)
+            .finish()
+    });
+    if let Some(q) = &query {
+        say!("query: ?{q}");
     }
-    match std::str::from_utf8(&body) {
-        Ok(text) if !text.contains('\'') => curl.push_str(&format!(" --data-binary '{text}'")),
-        _ => curl.push_str(" --data-binary @BODY_FILE"),
+    let port = config.server.listen.rsplit(':').next().unwrap_or("8080");
+    let url = match &query {
+        Some(q) => format!("http://127.0.0.1:{port}/webhooks/{source}?{q}"),
+        None => format!("http://127.0.0.1:{port}/webhooks/{source}"),
+    };
+    let mut curl = format!(
+        "curl -sS -X POST '{url}' -H {}",
+        shell_quote(&format!("content-type: {content_type}"))
+    );
+    for (k, v) in &signed.headers {
+        curl.push_str(&format!(" -H {}", shell_quote(&format!("{k}: {v}"))));
+    }
+    match (&file, std::str::from_utf8(&body)) {
+        (Some(p), _) => curl.push_str(&format!(
+            " --data-binary {}",
+            shell_quote(&format!("@{}", p.display()))
+        )),
+        (None, Ok(text)) => curl.push_str(&format!(" --data-binary {}", shell_quote(text))),
+        (None, Err(_)) => curl.push_str(" --data-binary @BODY_FILE"),
     }
     say!("\n{curl}");
     0
+}
+
+/// A value in single quotes for a POSIX shell.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 pub async fn healthcheck(url: Option<String>, flag: Option<PathBuf>) -> i32 {

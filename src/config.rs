@@ -189,6 +189,7 @@ impl Default for LookupConfig {
     }
 }
 
+/// The `scheme` of a source: a scheme, or a preset that fills in a scheme's keys (SPEC 6.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum Scheme {
     #[serde(rename = "standard-webhooks")]
@@ -199,16 +200,77 @@ pub enum Scheme {
     Stripe,
     #[serde(rename = "hmac-sha256")]
     HmacSha256,
+    #[serde(rename = "hmac")]
+    Hmac,
+    #[serde(rename = "token")]
+    Token,
+    #[serde(rename = "basic")]
+    Basic,
+    #[serde(rename = "shopify")]
+    Shopify,
+    #[serde(rename = "woocommerce")]
+    Woocommerce,
+    #[serde(rename = "typeform")]
+    Typeform,
+    #[serde(rename = "slack")]
+    Slack,
+    #[serde(rename = "hotmart")]
+    Hotmart,
+    /// Any other name: loading reports it (with the name) and such a source verifies nothing.
+    #[serde(other)]
+    Unknown,
 }
 
 impl Scheme {
+    /// Every accepted name, in the order the README lists them.
+    pub const NAMES: &[&str] = &[
+        "standard-webhooks",
+        "github",
+        "stripe",
+        "hmac-sha256",
+        "hmac",
+        "token",
+        "basic",
+        "shopify",
+        "woocommerce",
+        "typeform",
+        "slack",
+        "hotmart",
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Scheme::StandardWebhooks => "standard-webhooks",
             Scheme::Github => "github",
             Scheme::Stripe => "stripe",
             Scheme::HmacSha256 => "hmac-sha256",
+            Scheme::Hmac => "hmac",
+            Scheme::Token => "token",
+            Scheme::Basic => "basic",
+            Scheme::Shopify => "shopify",
+            Scheme::Woocommerce => "woocommerce",
+            Scheme::Typeform => "typeform",
+            Scheme::Slack => "slack",
+            Scheme::Hotmart => "hotmart",
+            Scheme::Unknown => "unknown",
         }
+    }
+
+    /// The generic HMAC schemes and the presets built on them.
+    pub fn is_hmac(self) -> bool {
+        matches!(
+            self,
+            Scheme::Hmac
+                | Scheme::HmacSha256
+                | Scheme::Shopify
+                | Scheme::Woocommerce
+                | Scheme::Typeform
+                | Scheme::Slack
+        )
+    }
+
+    pub fn is_token(self) -> bool {
+        matches!(self, Scheme::Token | Scheme::Hotmart)
     }
 }
 
@@ -229,9 +291,20 @@ pub struct SourceConfig {
     pub secrets: Vec<Secret>,
     #[serde(default = "default_tolerance")]
     pub tolerance_seconds: u64,
+    /// hmac schemes: where the signature is (exactly one of the two).
     pub signature_header: Option<String>,
+    pub signature_query: Option<String>,
     pub encoding: Option<Encoding>,
+    /// hmac: before the encoded signature; token: before the token in `token_header`.
     pub prefix: Option<String>,
+    pub algorithm: Option<Algorithm>,
+    /// hmac: the template of what is signed (default `{body}`).
+    pub signed_content: Option<String>,
+    pub timestamp_header: Option<String>,
+    pub timestamp_unit: Option<TimestampUnit>,
+    /// token: where the token is (exactly one of the two).
+    pub token_header: Option<String>,
+    pub token_query: Option<String>,
     pub event_id: Option<String>,
     pub event_type: Option<String>,
     #[serde(default)]
@@ -254,8 +327,15 @@ impl SourceConfig {
             secrets: vec![Secret::new(secret)],
             tolerance_seconds: default_tolerance(),
             signature_header: None,
+            signature_query: None,
             encoding: None,
             prefix: None,
+            algorithm: None,
+            signed_content: None,
+            timestamp_header: None,
+            timestamp_unit: None,
+            token_header: None,
+            token_query: None,
             event_id: Some("/id".into()),
             event_type: Some("/type".into()),
             accept_types: vec!["object.created".into()],
@@ -577,9 +657,35 @@ impl Config {
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
+        // The names as written, for the line that reports an unknown scheme.
+        let scheme_names: Vec<String> = root
+            .get("sources")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .map(|t| {
+                        t.get("scheme")
+                            .and_then(|s| s.as_str())
+                            .unwrap_or_default()
+                            .to_string()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut cfg: Config = toml::Value::Table(root)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigErrors(vec![format!("config: {}", e.message())]))?;
+        for (i, source) in cfg.sources.iter_mut().enumerate() {
+            if source.scheme == Scheme::Unknown {
+                errors.push(format!(
+                    "sources.{}.scheme: unknown scheme or preset {:?}; use one of {}",
+                    source.name,
+                    scheme_names.get(i).map(String::as_str).unwrap_or_default(),
+                    Scheme::NAMES.join(", ")
+                ));
+            }
+            source.apply_preset();
+        }
         let mut warnings = warnings;
         cfg.resolve_secrets(env, &mut errors);
         cfg.validate(&mut errors, &mut warnings);
@@ -841,7 +947,10 @@ impl Config {
             }
             for (i, secret) in s.secrets.iter().enumerate() {
                 let value = secret.expose();
-                let key_len = if s.scheme == Scheme::StandardWebhooks {
+                let ed25519 = s.scheme == Scheme::StandardWebhooks && value.starts_with("whpk_");
+                let key_len = if ed25519 {
+                    Some(32)
+                } else if s.scheme == Scheme::StandardWebhooks {
                     whsec_key(value).map(|k| k.len())
                 } else {
                     Some(value.len())
@@ -854,9 +963,27 @@ impl Config {
                     errors.push(format!(
                         "{at}.secrets[{i}]: is a placeholder from an example; use a long random value"
                     ));
+                } else if ed25519 {
+                    let valid = whpk_key(value)
+                        .is_some_and(|k| ed25519_dalek::VerifyingKey::from_bytes(&k).is_ok());
+                    if !valid {
+                        errors.push(format!(
+                            "{at}.secrets[{i}]: a whpk_ key must be whpk_ followed by the base64 of a 32-byte Ed25519 public key"
+                        ));
+                    }
                 } else if key_len.is_none() {
                     errors.push(format!(
-                        "{at}.secrets[{i}]: a standard-webhooks secret must be whsec_ followed by base64"
+                        "{at}.secrets[{i}]: a standard-webhooks secret must be whsec_ followed by base64 (or whpk_ for an Ed25519 public key)"
+                    ));
+                } else if s.scheme == Scheme::Basic && !value.contains(':') {
+                    errors.push(format!(
+                        "{at}.secrets[{i}]: a basic secret is written user:password (the value is not shown)"
+                    ));
+                } else if s.scheme == Scheme::Basic
+                    && value.split_once(':').is_some_and(|(_, p)| p.is_empty())
+                {
+                    errors.push(format!(
+                        "{at}.secrets[{i}]: the password after user: is empty"
                     ));
                 } else if key_len.is_some_and(|n| n < MIN_WEBHOOK_KEY_BYTES) {
                     warnings.push(format!(
@@ -865,19 +992,36 @@ impl Config {
                     ));
                 }
             }
-            if s.scheme == Scheme::HmacSha256 {
-                if s.signature_header.as_deref().unwrap_or("").is_empty() {
-                    errors.push(format!(
-                        "{at}.signature_header: required for scheme hmac-sha256"
-                    ));
+            if s.scheme != Scheme::Unknown
+                && let Err(lines) = s.scheme_spec()
+            {
+                errors.extend(lines);
+            }
+            if let Some(q) = s.credential_query() {
+                let mut refs: Vec<(String, &str)> =
+                    vec![("object_id".into(), s.object_id.as_str())];
+                refs.extend(s.event_id.as_deref().map(|p| ("event_id".into(), p)));
+                refs.extend(s.event_type.as_deref().map(|p| ("event_type".into(), p)));
+                refs.extend(s.lead.id.as_deref().map(|p| ("lead.id".into(), p)));
+                refs.extend(s.lead.key.as_deref().map(|p| ("lead.key".into(), p)));
+                refs.extend(
+                    s.lead
+                        .create_fields
+                        .iter()
+                        .map(|(f, p)| (format!("lead.create_fields.{f}"), p.as_str())),
+                );
+                for (field, r) in refs {
+                    if r.strip_prefix("query:") == Some(q) {
+                        errors.push(format!(
+                            "{at}.{field}: query:{q} names the parameter that carries the credential, which is never stored or shown"
+                        ));
+                    }
                 }
-            } else if s.signature_header.is_some() || s.encoding.is_some() || s.prefix.is_some() {
-                errors.push(format!(
-                    "{at}: signature_header, encoding and prefix apply to scheme hmac-sha256 only"
-                ));
             }
             let check_pointer = |errors: &mut Vec<String>, field: &str, p: &str| {
-                if !(p.is_empty() || p.starts_with('/')) {
+                // `header:` and `query:` references (SPEC 6.1) are values of the request too.
+                let reference = p.starts_with("header:") || p.starts_with("query:");
+                if !(p.is_empty() || p.starts_with('/') || reference) {
                     errors.push(format!(
                         "{at}.{field}: {p:?} is not a JSON pointer (it must start with /)"
                     ));
@@ -958,6 +1102,450 @@ impl Config {
             warnings: Vec::new(),
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Schemes and presets (SPEC 6.2): the raw keys of a source parsed once into what verification
+// needs, so the request path never looks at a string key or a template again.
+
+/// hmac `algorithm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    Sha1,
+    #[default]
+    Sha256,
+    Sha512,
+}
+
+/// hmac `timestamp_unit`: what the `timestamp_header` counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum TimestampUnit {
+    #[default]
+    #[serde(rename = "s")]
+    Seconds,
+    #[serde(rename = "ms")]
+    Milliseconds,
+}
+
+/// Where a credential travels: a request header or a parameter of the webhook URL's query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialAt {
+    Header(String),
+    Query(String),
+}
+
+/// One piece of an hmac `signed_content` template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContentPart {
+    Text(String),
+    Body,
+    /// The `timestamp_header` value exactly as sent.
+    Timestamp,
+    /// A request header's value (name compared case-insensitively).
+    Header(String),
+}
+
+/// A parsed `signed_content` template: `{body}`, `{timestamp}`, `{header:NAME}` and text
+/// (`{{` and `}}` are literal braces).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedContent(Vec<ContentPart>);
+
+impl SignedContent {
+    pub fn parse(template: &str) -> Result<SignedContent, String> {
+        let mut parts = Vec::new();
+        let mut text = String::new();
+        let mut rest = template;
+        while let Some(c) = rest.chars().next() {
+            if let Some(r) = rest.strip_prefix("{{") {
+                text.push('{');
+                rest = r;
+            } else if let Some(r) = rest.strip_prefix("}}") {
+                text.push('}');
+                rest = r;
+            } else if c == '}' {
+                return Err("a lone } (write }} for a literal brace)".into());
+            } else if c == '{' {
+                let end = rest
+                    .find('}')
+                    .ok_or("a { without its } (write {{ for a literal brace)")?;
+                let name = &rest[1..end];
+                let part = match name {
+                    "body" => ContentPart::Body,
+                    "timestamp" => ContentPart::Timestamp,
+                    _ => match name.strip_prefix("header:") {
+                        Some(h) if is_header_name(h) => ContentPart::Header(h.to_string()),
+                        Some(h) => return Err(format!("{{header:{h}}} does not name a header")),
+                        None => {
+                            return Err(format!(
+                                "unknown placeholder {{{name}}}; use {{body}}, {{timestamp}} or {{header:NAME}}"
+                            ));
+                        }
+                    },
+                };
+                if !text.is_empty() {
+                    parts.push(ContentPart::Text(std::mem::take(&mut text)));
+                }
+                parts.push(part);
+                rest = &rest[end + 1..];
+            } else {
+                text.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+        if !text.is_empty() {
+            parts.push(ContentPart::Text(text));
+        }
+        Ok(SignedContent(parts))
+    }
+
+    pub fn parts(&self) -> &[ContentPart] {
+        &self.0
+    }
+
+    pub fn uses(&self, part: &ContentPart) -> bool {
+        self.0.contains(part)
+    }
+}
+
+impl Default for SignedContent {
+    fn default() -> Self {
+        SignedContent(vec![ContentPart::Body])
+    }
+}
+
+/// An HTTP header name: one or more token characters (RFC 9110).
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// A generic HMAC, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HmacSpec {
+    pub algorithm: Algorithm,
+    pub signature: CredentialAt,
+    pub encoding: Encoding,
+    pub prefix: String,
+    pub content: SignedContent,
+    /// The timestamp header and its unit; `tolerance_seconds` applies.
+    pub timestamp: Option<(String, TimestampUnit)>,
+}
+
+/// A static token, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSpec {
+    pub at: CredentialAt,
+    /// Before the token in the header, e.g. `Bearer `; empty for a query parameter.
+    pub prefix: String,
+}
+
+/// How a source's requests are authenticated, parsed once from its keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SchemeSpec {
+    StandardWebhooks,
+    Github,
+    Stripe,
+    Hmac(HmacSpec),
+    Token(TokenSpec),
+    Basic,
+}
+
+/// What a preset fills in (SPEC 6.2's table). Explicit keys win.
+struct Preset {
+    signature_header: Option<&'static str>,
+    encoding: Option<Encoding>,
+    prefix: Option<&'static str>,
+    signed_content: Option<&'static str>,
+    timestamp_header: Option<&'static str>,
+    token_header: Option<&'static str>,
+    event_id: Option<&'static str>,
+    event_type: Option<&'static str>,
+}
+
+const NO_PRESET: Preset = Preset {
+    signature_header: None,
+    encoding: None,
+    prefix: None,
+    signed_content: None,
+    timestamp_header: None,
+    token_header: None,
+    event_id: None,
+    event_type: None,
+};
+
+fn preset(scheme: Scheme) -> Option<Preset> {
+    Some(match scheme {
+        Scheme::Shopify => Preset {
+            signature_header: Some("X-Shopify-Hmac-Sha256"),
+            encoding: Some(Encoding::Base64),
+            event_id: Some("header:X-Shopify-Webhook-Id"),
+            event_type: Some("header:X-Shopify-Topic"),
+            ..NO_PRESET
+        },
+        Scheme::Woocommerce => Preset {
+            signature_header: Some("X-WC-Webhook-Signature"),
+            encoding: Some(Encoding::Base64),
+            event_id: Some("header:X-WC-Webhook-Delivery-ID"),
+            event_type: Some("header:X-WC-Webhook-Topic"),
+            ..NO_PRESET
+        },
+        Scheme::Typeform => Preset {
+            signature_header: Some("Typeform-Signature"),
+            encoding: Some(Encoding::Base64),
+            prefix: Some("sha256="),
+            event_id: Some("/event_id"),
+            event_type: Some("/event_type"),
+            ..NO_PRESET
+        },
+        // No event id reference: the id is the SHA-256 of the body (a Slack retry repeats it).
+        Scheme::Slack => Preset {
+            signature_header: Some("X-Slack-Signature"),
+            encoding: Some(Encoding::Hex),
+            prefix: Some("v0="),
+            signed_content: Some("v0:{timestamp}:{body}"),
+            timestamp_header: Some("X-Slack-Request-Timestamp"),
+            event_type: Some("/type"),
+            ..NO_PRESET
+        },
+        Scheme::Hotmart => Preset {
+            token_header: Some("X-HOTMART-HOTTOK"),
+            event_id: Some("/id"),
+            event_type: Some("/event"),
+            ..NO_PRESET
+        },
+        _ => return None,
+    })
+}
+
+fn fill(slot: &mut Option<String>, value: Option<&str>) {
+    if slot.is_none() {
+        *slot = value.map(str::to_string);
+    }
+}
+
+/// A key that is set and not empty.
+fn set(v: &Option<String>) -> Option<&str> {
+    v.as_deref().filter(|s| !s.is_empty())
+}
+
+impl SourceConfig {
+    /// Fills in the keys the source's preset implies, where they are not set explicitly:
+    /// the scheme's keys and the `event_id` / `event_type` references. Loading does this once;
+    /// a configuration built in code may call it too (it changes nothing the second time).
+    pub fn apply_preset(&mut self) {
+        let Some(p) = preset(self.scheme) else {
+            return;
+        };
+        fill(&mut self.signature_header, p.signature_header);
+        fill(&mut self.prefix, p.prefix);
+        fill(&mut self.signed_content, p.signed_content);
+        fill(&mut self.timestamp_header, p.timestamp_header);
+        fill(&mut self.token_header, p.token_header);
+        fill(&mut self.event_id, p.event_id);
+        fill(&mut self.event_type, p.event_type);
+        if self.encoding.is_none() {
+            self.encoding = p.encoding;
+        }
+    }
+
+    /// The query parameter that carries this source's credential, if any: never stored, so no
+    /// `query:` reference may name it.
+    pub fn credential_query(&self) -> Option<&str> {
+        if self.scheme.is_hmac() {
+            set(&self.signature_query)
+        } else if self.scheme.is_token() {
+            set(&self.token_query)
+        } else {
+            None
+        }
+    }
+
+    /// Parses the scheme keys (after the preset) into what verification needs, or every
+    /// problem, one line each.
+    pub fn scheme_spec(&self) -> Result<SchemeSpec, Vec<String>> {
+        let mut s = self.clone();
+        s.apply_preset();
+        let at = format!("sources.{}", s.name);
+        let mut errors = Vec::new();
+        let hmac_keys = [
+            ("signature_header", s.signature_header.is_some()),
+            ("signature_query", s.signature_query.is_some()),
+            ("encoding", s.encoding.is_some()),
+            ("algorithm", s.algorithm.is_some()),
+            ("signed_content", s.signed_content.is_some()),
+            ("timestamp_header", s.timestamp_header.is_some()),
+            ("timestamp_unit", s.timestamp_unit.is_some()),
+        ];
+        let token_keys = [
+            ("token_header", s.token_header.is_some()),
+            ("token_query", s.token_query.is_some()),
+        ];
+        let misplaced = |errors: &mut Vec<String>, keys: &[(&str, bool)], family: &str| {
+            for (key, present) in keys {
+                if *present {
+                    errors.push(format!(
+                        "{at}.{key}: applies to {family} only, not to scheme {}",
+                        s.scheme.as_str()
+                    ));
+                }
+            }
+        };
+        let spec = match s.scheme {
+            Scheme::StandardWebhooks | Scheme::Github | Scheme::Stripe | Scheme::Basic => {
+                misplaced(&mut errors, &hmac_keys, "the hmac schemes");
+                misplaced(&mut errors, &token_keys, "scheme token");
+                misplaced(
+                    &mut errors,
+                    &[("prefix", s.prefix.is_some())],
+                    "the hmac and token schemes",
+                );
+                match s.scheme {
+                    Scheme::StandardWebhooks => SchemeSpec::StandardWebhooks,
+                    Scheme::Github => SchemeSpec::Github,
+                    Scheme::Stripe => SchemeSpec::Stripe,
+                    _ => SchemeSpec::Basic,
+                }
+            }
+            scheme if scheme.is_hmac() => {
+                misplaced(&mut errors, &token_keys, "scheme token");
+                if scheme == Scheme::HmacSha256
+                    && s.algorithm.is_some_and(|a| a != Algorithm::Sha256)
+                {
+                    errors.push(format!(
+                        "{at}.algorithm: scheme hmac-sha256 is sha256; use scheme = \"hmac\" for another algorithm"
+                    ));
+                }
+                let signature = match (set(&s.signature_header), set(&s.signature_query)) {
+                    (Some(_), Some(_)) => {
+                        errors.push(format!(
+                            "{at}: signature_header and signature_query are both set; the signature is sent in one of them"
+                        ));
+                        None
+                    }
+                    (None, None) => {
+                        errors.push(format!(
+                            "{at}.signature_header: required for scheme {} (or signature_query, for a signature in the URL)",
+                            scheme.as_str()
+                        ));
+                        None
+                    }
+                    (Some(h), None) => Some(CredentialAt::Header(h.to_string())),
+                    (None, Some(q)) => Some(CredentialAt::Query(q.to_string())),
+                };
+                let content = match s.signed_content.as_deref() {
+                    None => Some(SignedContent::default()),
+                    Some(t) => match SignedContent::parse(t) {
+                        Ok(c) if !c.uses(&ContentPart::Body) => {
+                            errors.push(format!(
+                                "{at}.signed_content: must include {{body}}, or the signature would not cover the body"
+                            ));
+                            None
+                        }
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            errors.push(format!("{at}.signed_content: {e}"));
+                            None
+                        }
+                    },
+                };
+                let timestamp = match set(&s.timestamp_header) {
+                    Some(h) if is_header_name(h) => {
+                        Some((h.to_string(), s.timestamp_unit.unwrap_or_default()))
+                    }
+                    Some(_) => {
+                        errors.push(format!("{at}.timestamp_header: is not a header name"));
+                        None
+                    }
+                    None => {
+                        if content
+                            .as_ref()
+                            .is_some_and(|c| c.uses(&ContentPart::Timestamp))
+                        {
+                            errors.push(format!(
+                                "{at}.timestamp_header: required because signed_content uses {{timestamp}}"
+                            ));
+                        }
+                        if s.timestamp_unit.is_some() {
+                            errors.push(format!("{at}.timestamp_unit: needs timestamp_header"));
+                        }
+                        None
+                    }
+                };
+                match (signature, content) {
+                    (Some(signature), Some(content)) => SchemeSpec::Hmac(HmacSpec {
+                        algorithm: s.algorithm.unwrap_or_default(),
+                        signature,
+                        encoding: s.encoding.unwrap_or_default(),
+                        prefix: s.prefix.clone().unwrap_or_default(),
+                        content,
+                        timestamp,
+                    }),
+                    _ => SchemeSpec::Basic,
+                }
+            }
+            scheme if scheme.is_token() => {
+                misplaced(&mut errors, &hmac_keys, "the hmac schemes");
+                let at_where = match (set(&s.token_header), set(&s.token_query)) {
+                    (Some(_), Some(_)) => {
+                        errors.push(format!(
+                            "{at}: token_header and token_query are both set; the token is sent in one of them"
+                        ));
+                        None
+                    }
+                    (None, None) => {
+                        errors.push(format!(
+                            "{at}.token_header: required for scheme {} (or token_query, for a token in the URL)",
+                            scheme.as_str()
+                        ));
+                        None
+                    }
+                    (Some(h), None) => Some(CredentialAt::Header(h.to_string())),
+                    (None, Some(q)) => {
+                        if s.prefix.is_some() {
+                            errors.push(format!(
+                                "{at}.prefix: applies to token_header only, not to token_query"
+                            ));
+                        }
+                        Some(CredentialAt::Query(q.to_string()))
+                    }
+                };
+                match at_where {
+                    Some(at) => SchemeSpec::Token(TokenSpec {
+                        at,
+                        prefix: s.prefix.clone().unwrap_or_default(),
+                    }),
+                    None => SchemeSpec::Basic,
+                }
+            }
+            _ => {
+                errors.push(format!(
+                    "{at}.scheme: unknown scheme or preset; use one of {}",
+                    Scheme::NAMES.join(", ")
+                ));
+                SchemeSpec::Basic
+            }
+        };
+        if errors.is_empty() {
+            Ok(spec)
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// The Ed25519 public key of a `whpk_<base64>` secret: `None` unless it is 32 bytes of base64
+/// (whether the bytes are a valid point is the verifier's to say).
+pub fn whpk_key(secret: &str) -> Option<[u8; 32]> {
+    use base64::Engine;
+    let b64 = secret.strip_prefix("whpk_")?;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .ok()?
+        .try_into()
+        .ok()
 }
 
 fn valid_source_name(name: &str) -> bool {

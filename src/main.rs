@@ -11,7 +11,8 @@ fn main() {
             config,
             source,
             file,
-        } => cli::sign(config, &source, file),
+            content_type,
+        } => cli::sign(config, &source, file, &content_type),
         command => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,

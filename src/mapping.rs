@@ -568,10 +568,6 @@ mod fuzz {
             name: "s".into(),
             scheme: Scheme::Github,
             secrets: vec![Secret::new("x")],
-            tolerance_seconds: 300,
-            signature_header: None,
-            encoding: None,
-            prefix: None,
             event_id: Some(lead.clone()),
             event_type: Some(object.clone()),
             accept_types: vec![],
@@ -588,6 +584,7 @@ mod fuzz {
                     ..Default::default()
                 }
             },
+            ..SourceConfig::example("s", "x")
         }
     }
 

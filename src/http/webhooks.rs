@@ -6,19 +6,21 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::http::AppState;
 use crate::http::error::{ApiPath as Path, AppError};
 use crate::mapping::{self};
+use crate::signature::WithQuery;
 use crate::store::{IngestOutcome, NewEvent, Plan, now_ms};
 
 /// Receive a signed webhook.
 ///
-/// The signature is verified over the raw body with the source's scheme (standard-webhooks,
-/// github, stripe or hmac-sha256 with a configured header). A `202` means the event is committed
+/// The request is authenticated with the source's scheme (standard-webhooks with `v1` HMAC or
+/// `v1a` Ed25519 entries, github, stripe, hmac / hmac-sha256 with a configured header or query
+/// parameter, token, basic, or a preset: shopify, woocommerce, typeform, slack, hotmart). A `202` means the event is committed
 /// to storage; on any error nothing is stored. The signature headers (and the timestamp) are
 /// checked before the body is read, the MAC after.
 #[utoipa::path(
@@ -33,6 +35,7 @@ use crate::store::{IngestOutcome, NewEvent, Plan, now_ms};
         ("X-Hub-Signature-256" = Option<String>, Header, description = "github: `sha256=<hex>`"),
         ("X-GitHub-Delivery" = Option<String>, Header, description = "github: the delivery id; unsigned, so not the event id (the body's SHA-256 is, without an `event_id` pointer)"),
         ("Stripe-Signature" = Option<String>, Header, description = "stripe: `t=<unix>,v1=<hex>`"),
+        ("Authorization" = Option<String>, Header, description = "basic: `Basic <base64 of user:password>`"),
     ),
     request_body(content = Object, content_type = "application/json", description = "The event, as the sending system posts it"),
     responses(
@@ -50,6 +53,7 @@ use crate::store::{IngestOutcome, NewEvent, Plan, now_ms};
 pub async fn webhook(
     State(state): State<Arc<AppState>>,
     Path(source): Path<String>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -59,7 +63,7 @@ pub async fn webhook(
     } else {
         "_unknown"
     };
-    let (outcome, response) = match accept(&state, &source, &headers, body).await {
+    let (outcome, response) = match accept(&state, &source, &headers, uri.query(), body).await {
         Ok((outcome, resp)) => (outcome, resp),
         Err(e) => {
             if !matches!(e, AppError::UnknownSource(_)) {
@@ -76,6 +80,7 @@ async fn accept(
     state: &AppState,
     source_name: &str,
     headers: &HeaderMap,
+    query: Option<&str>,
     body: Body,
 ) -> Result<(&'static str, Response), AppError> {
     if state.shutdown.is_cancelled() {
@@ -88,8 +93,11 @@ async fn accept(
         .get(source_name)
         .ok_or_else(|| AppError::UnknownSource(source_name.to_string()))?;
     // The scheme's headers, and its timestamp, are checked before any of the body is read: a
-    // request that cannot be authentic holds no memory. The MAC is checked once, below.
-    verifier.precheck(headers, now_ms().div_euclid(1000))?;
+    // request that cannot be authentic holds no memory. The MAC is checked once, below. The
+    // query string may carry the credential (signature_query, token_query): it is read here
+    // and never logged or stored.
+    let request = WithQuery::new(headers, query);
+    verifier.precheck(&request, now_ms().div_euclid(1000))?;
     let max = state.config.server.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -110,7 +118,7 @@ async fn accept(
         }
     })?;
     let now = now_ms();
-    let verified = verifier.verify(headers, &raw, now.div_euclid(1000))?;
+    let verified = verifier.verify(&request, &raw, now.div_euclid(1000))?;
     let json: Value =
         serde_json::from_slice(&raw).map_err(|e| AppError::InvalidJson(e.to_string()))?;
     let event_type = mapping::event_type(source, &json);

@@ -1,6 +1,7 @@
 //! Standard Webhooks (and Svix, which sends the same scheme under `svix-*` header names):
 //! `v1,<base64 HMAC>` entries over `{id}.{timestamp}.{body}`, keyed by the base64 part of
-//! `whsec_...`.
+//! `whsec_...`, and `v1a,<base64 Ed25519 signature>` entries over the same content, checked
+//! against `whpk_...` public keys. An entry verifies when any key of its kind matches.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -23,6 +24,8 @@ pub(crate) struct Parsed<'a> {
     id: &'a str,
     ts_text: &'a str,
     candidates: Vec<Vec<u8>>,
+    /// `v1a` entries: Ed25519 signatures.
+    ed25519: Vec<ed25519_dalek::ed25519::Signature>,
 }
 
 pub(crate) fn parse<'a>(
@@ -46,18 +49,26 @@ pub(crate) fn parse<'a>(
         .filter_map(|entry| entry.strip_prefix("v1,"))
         .filter_map(|b64| STANDARD.decode(b64).ok())
         .collect();
-    if candidates.is_empty() {
+    let ed25519: Vec<_> = sig
+        .split(' ')
+        .filter_map(|entry| entry.strip_prefix("v1a,"))
+        .filter_map(|b64| STANDARD.decode(b64).ok())
+        .filter_map(|bytes| ed25519_dalek::ed25519::Signature::from_slice(&bytes).ok())
+        .collect();
+    if candidates.is_empty() && ed25519.is_empty() {
         return Err(SignatureError::Invalid);
     }
     Ok(Parsed {
         id,
         ts_text,
         candidates,
+        ed25519,
     })
 }
 
 pub fn verify(
     keys: &[Vec<u8>],
+    public_keys: &[ed25519_dalek::VerifyingKey],
     headers: &(impl HeaderLookup + ?Sized),
     body: &[u8],
     now: i64,
@@ -67,12 +78,20 @@ pub fn verify(
         id,
         ts_text,
         candidates,
+        ed25519,
     } = parse(headers, now, tolerance)?;
-    if any_matches(
-        keys,
-        &[id.as_bytes(), b".", ts_text.as_bytes(), b".", body],
-        &candidates,
-    ) {
+    let parts: [&[u8]; 5] = [id.as_bytes(), b".", ts_text.as_bytes(), b".", body];
+    let mut ok = !candidates.is_empty() && any_matches(keys, &parts, &candidates);
+    if !ok && !ed25519.is_empty() && !public_keys.is_empty() {
+        // Ed25519 hashes the whole message itself: it needs the content in one piece.
+        let message = parts.concat();
+        ok = public_keys.iter().any(|key| {
+            ed25519
+                .iter()
+                .any(|sig| key.verify_strict(&message, sig).is_ok())
+        });
+    }
+    if ok {
         Ok(Verified {
             delivery_id: Some(id.to_string()),
         })
@@ -121,7 +140,7 @@ mod tests {
         keys: &[Vec<u8>],
     ) -> Result<Verified, SignatureError> {
         let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        verify(keys, h.as_slice(), body, now, 300)
+        verify(keys, &[], h.as_slice(), body, now, 300)
     }
 
     /// The example published with the Standard Webhooks specification.
@@ -145,7 +164,7 @@ mod tests {
             ("svix-timestamp", "1614265330"),
             ("svix-signature", PUBLISHED),
         ];
-        assert!(verify(&key(), h.as_slice(), BODY, TS, 300).is_ok());
+        assert!(verify(&key(), &[], h.as_slice(), BODY, TS, 300).is_ok());
     }
 
     #[test]
@@ -201,7 +220,7 @@ mod tests {
         assert_eq!(run(&h, BODY, TS, &key()), Err(SignatureError::Invalid));
         let h: Vec<(&str, &str)> = vec![("webhook-id", "x")];
         assert_eq!(
-            verify(&key(), h.as_slice(), BODY, TS, 300),
+            verify(&key(), &[], h.as_slice(), BODY, TS, 300),
             Err(SignatureError::Missing("webhook-timestamp"))
         );
         assert_eq!(

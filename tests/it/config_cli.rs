@@ -301,3 +301,205 @@ fn the_readme_example_configuration_passes_check_config() {
     assert!(!out.contains("warning"), "{out}");
     assert!(!out.contains("DISTINCT"), "{out}");
 }
+
+/// A configuration whose one source is `source` (TOML keys of `[[sources]]`, without the lead).
+fn source_config(dir: &Path, source: &str) -> std::path::PathBuf {
+    let path = dir.join("sprintlink.toml");
+    let text = format!(
+        r#"
+[sprinthub]
+instance = "acme"
+api_token = "env:CLI_TEST_API_TOKEN"
+[[sources]]
+name = "snd"
+object_id = "/data/object_id"
+{source}
+[sources.lead]
+id = "/data/lead_id"
+"#
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn each_contradictory_or_missing_scheme_key_is_one_line() {
+    const PK_SHORT: &str = "whpk_c2hvcnQ="; // base64 of "short"
+    for (what, source, line) in [
+        (
+            "both signature places",
+            "scheme = \"hmac\"\nsecrets = [\"hmac-secret-0123456789\"]\nsignature_header = \"X-Sig\"\nsignature_query = \"sig\"",
+            "sources.snd: signature_header and signature_query are both set",
+        ),
+        (
+            "no signature place",
+            "scheme = \"hmac\"\nsecrets = [\"hmac-secret-0123456789\"]",
+            "sources.snd.signature_header: required for scheme hmac (or signature_query",
+        ),
+        (
+            "{timestamp} without timestamp_header",
+            "scheme = \"hmac\"\nsecrets = [\"hmac-secret-0123456789\"]\nsignature_header = \"X-Sig\"\nsigned_content = \"{timestamp}.{body}\"",
+            "sources.snd.timestamp_header: required because signed_content uses {timestamp}",
+        ),
+        (
+            "unknown scheme",
+            "scheme = \"shopifyy\"\nsecrets = [\"hmac-secret-0123456789\"]",
+            "sources.snd.scheme: unknown scheme or preset \"shopifyy\"; use one of standard-webhooks",
+        ),
+        (
+            "whpk_ not 32 bytes",
+            &format!("scheme = \"standard-webhooks\"\nsecrets = [\"{PK_SHORT}\"]"),
+            "sources.snd.secrets[0]: a whpk_ key must be whpk_ followed by the base64 of a 32-byte Ed25519 public key",
+        ),
+        (
+            "basic without a colon",
+            "scheme = \"basic\"\nsecrets = [\"userWITHOUTcolon-pw\"]",
+            "sources.snd.secrets[0]: a basic secret is written user:password",
+        ),
+        (
+            "token in both places",
+            "scheme = \"token\"\nsecrets = [\"token-secret-0123456789\"]\ntoken_header = \"X-Token\"\ntoken_query = \"token\"",
+            "sources.snd: token_header and token_query are both set",
+        ),
+        (
+            "token in neither place",
+            "scheme = \"token\"\nsecrets = [\"token-secret-0123456789\"]",
+            "sources.snd.token_header: required for scheme token (or token_query",
+        ),
+        (
+            "a query: reference naming the credential",
+            "scheme = \"token\"\nsecrets = [\"token-secret-0123456789\"]\ntoken_query = \"key\"\nevent_id = \"query:key\"",
+            "sources.snd.event_id: query:key names the parameter that carries the credential",
+        ),
+        (
+            "a bad template",
+            "scheme = \"hmac\"\nsecrets = [\"hmac-secret-0123456789\"]\nsignature_header = \"X-Sig\"\nsigned_content = \"{ts}.{body}\"",
+            "sources.snd.signed_content: unknown placeholder {ts}",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (code, out) = check_config(&source_config(dir.path(), source), &[]);
+        assert_eq!(code, 1, "{what}: {out}");
+        let lines: Vec<&str> = out.lines().filter(|l| l.contains(line)).collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "{what}: expected one line with {line:?} in:\n{out}"
+        );
+        // No secret value is echoed.
+        for secret in [
+            "userWITHOUTcolon-pw",
+            "hmac-secret-0123456789",
+            "token-secret-0123456789",
+        ] {
+            assert!(!out.contains(secret), "{what}: {out}");
+        }
+    }
+}
+
+#[test]
+fn every_preset_and_new_scheme_passes_check_config() {
+    let pk = "whpk_O2onvM62pC1io6jQKm8Nc2UyFXcd4kOmOsBIoYtZ2ik=";
+    for source in [
+        "scheme = \"shopify\"\nsecrets = [\"shpss_0123456789abcdef\"]".to_string(),
+        "scheme = \"woocommerce\"\nsecrets = [\"wc-secret-0123456789\"]".into(),
+        "scheme = \"typeform\"\nsecrets = [\"tf-secret-0123456789\"]".into(),
+        "scheme = \"slack\"\nsecrets = [\"slack-secret-0123456789\"]".into(),
+        "scheme = \"hotmart\"\nsecrets = [\"hottok-0123456789abc\"]".into(),
+        "scheme = \"basic\"\nsecrets = [\"erp:long-password-0123\"]".into(),
+        "scheme = \"token\"\nsecrets = [\"token-0123456789abcdef\"]\ntoken_query = \"key\"".into(),
+        "scheme = \"hmac\"\nalgorithm = \"sha512\"\nsecrets = [\"hmac-0123456789abcdef\"]\nsignature_query = \"sig\"\nsigned_content = \"{timestamp}.{header:X-Id}.{body}\"\ntimestamp_header = \"X-Ts\"\ntimestamp_unit = \"ms\"".into(),
+        format!("scheme = \"standard-webhooks\"\nsecrets = [\"{WEBHOOK}\", \"{pk}\"]"),
+        // A preset key overridden explicitly.
+        "scheme = \"shopify\"\nsecrets = [\"shpss_0123456789abcdef\"]\nsignature_header = \"X-Other\"".into(),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (code, out) = check_config(&source_config(dir.path(), &source), &[]);
+        assert_eq!(code, 0, "{source}: {out}");
+    }
+}
+
+/// Runs `sign` for the source; (exit code, output).
+fn sign(path: &Path, extra: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sprintlink"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("CLI_TEST_API_TOKEN", "api-token-value")
+        .args(["sign", "--source", "snd", "--config"])
+        .arg(path)
+        .args(extra)
+        .output()
+        .expect("run sprintlink");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn sign_refuses_a_source_with_only_public_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let pk = "whpk_O2onvM62pC1io6jQKm8Nc2UyFXcd4kOmOsBIoYtZ2ik=";
+    let path = source_config(
+        dir.path(),
+        &format!("scheme = \"standard-webhooks\"\nsecrets = [\"{pk}\"]"),
+    );
+    let (code, out) = sign(&path, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("cannot sign with a public key"), "{out}");
+    // With a whsec_ secret beside it, it signs (v1).
+    let path = source_config(
+        dir.path(),
+        &format!("scheme = \"standard-webhooks\"\nsecrets = [\"{pk}\", \"{WEBHOOK}\"]"),
+    );
+    let (code, out) = sign(&path, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("webhook-signature: v1,"), "{out}");
+}
+
+#[test]
+fn sign_prints_the_query_credential_and_a_form_content_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = source_config(
+        dir.path(),
+        "scheme = \"token\"\nsecrets = [\"tok en&0123456789\"]\ntoken_query = \"key\"",
+    );
+    let body = dir.path().join("form.txt");
+    std::fs::write(&body, "data[object_id]=5&data[lead_id]=7").unwrap();
+    let (code, out) = sign(
+        &path,
+        &[
+            "--file",
+            body.to_str().unwrap(),
+            "--content-type",
+            "application/x-www-form-urlencoded",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("query: ?key=tok+en%260123456789"), "{out}");
+    assert!(
+        out.contains("/webhooks/snd?key=tok+en%260123456789'"),
+        "{out}"
+    );
+    assert!(
+        out.contains("'content-type: application/x-www-form-urlencoded'"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("--data-binary '@{}'", body.display())),
+        "{out}"
+    );
+    // Slack: the timestamp header and the v0= signature.
+    let path = source_config(
+        dir.path(),
+        "scheme = \"slack\"\nsecrets = [\"slack-secret-0123456789\"]",
+    );
+    let (code, out) = sign(&path, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("X-Slack-Request-Timestamp: "), "{out}");
+    assert!(out.contains("X-Slack-Signature: v0="), "{out}");
+}

@@ -307,10 +307,6 @@ pub fn shop_source() -> SourceConfig {
         name: "shop".into(),
         scheme: Scheme::Github,
         secrets: vec![Secret::new(SHOP_SECRET)],
-        tolerance_seconds: 300,
-        signature_header: None,
-        encoding: None,
-        prefix: None,
         event_id: Some("/id".into()),
         event_type: None,
         accept_types: vec![],
@@ -319,6 +315,7 @@ pub fn shop_source() -> SourceConfig {
             id: Some("/lead".into()),
             ..Default::default()
         },
+        ..SourceConfig::example("shop", SHOP_SECRET)
     }
 }
 
