@@ -200,7 +200,7 @@ fn fixture_sources() -> Vec<sprintlink::config::SourceConfig> {
         event_id: None,
         event_type: None,
         accept_types: vec![],
-        object_id: "/object/id".into(),
+        object_id: Some("/object/id".into()),
         lead: LeadConfig {
             key: Some("/customer/email".into()),
             lookup: Some(LookupKind::Sprinthub),
@@ -216,7 +216,7 @@ fn fixture_sources() -> Vec<sprintlink::config::SourceConfig> {
         event_id: None,
         event_type: Some("/type".into()),
         accept_types: vec![],
-        object_id: "/data/object/id".into(),
+        object_id: Some("/data/object/id".into()),
         lead: LeadConfig {
             key: Some("/data/object/customer".into()),
             lookup: Some(LookupKind::Table),

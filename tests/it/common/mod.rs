@@ -272,7 +272,8 @@ pub fn shop_source() -> SourceConfig {
         event_id: Some("/id".into()),
         event_type: None,
         accept_types: vec![],
-        object_id: "/object".into(),
+        object_id: Some("/object".into()),
+        object: None,
         lead: LeadConfig {
             id: Some("/lead".into()),
             ..Default::default()
