@@ -723,6 +723,65 @@ fn normalize(field: LeadField, v: &str) -> String {
     }
 }
 
+/// The line `check-config --online` and `sprinthub definitions` print when the definitions
+/// could not be listed. Never holds the token.
+pub fn definitions_failure(cfg: &crate::config::Config, f: &Failure) -> String {
+    match f {
+        Failure::Auth { status, .. } => format!(
+            "sprinthub: SprintHub refused the token or the instance {:?} (HTTP {status}); check sprinthub.api_token and sprinthub.instance",
+            cfg.sprinthub.instance
+        ),
+        other => format!(
+            "sprinthub: cannot list the custom object definitions at {}: {}",
+            cfg.sprinthub.base_url,
+            other.describe()
+        ),
+    }
+}
+
+/// Every `[sources.object]` against the instance's definitions: the definition exists, each
+/// alias is one of its fields, each required field is mapped. One line per problem.
+pub fn check_definitions(cfg: &crate::config::Config, defs: &[Definition]) -> Vec<String> {
+    use crate::config::ObjectRule;
+    let mut problems = Vec::new();
+    for s in &cfg.sources {
+        let ObjectRule::Create(spec) = s.object_rule() else {
+            continue;
+        };
+        let at = format!("sources.{}.object", s.name);
+        let Some(def) = defs.iter().find(|d| d.id == spec.definition_id.as_str()) else {
+            let known: Vec<String> = defs.iter().map(|d| format!("{} ({})", d.id, d.name)).collect();
+            problems.push(format!(
+                "{at}.definition_id: instance {:?} has no custom object definition {}; it has: {}",
+                cfg.sprinthub.instance,
+                spec.definition_id,
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            ));
+            continue;
+        };
+        for alias in spec.fields.keys() {
+            if !def.fields.iter().any(|f| &f.alias == alias) {
+                let aliases: Vec<&str> = def.fields.iter().map(|f| f.alias.as_str()).collect();
+                problems.push(format!(
+                    "{at}.fields.{alias}: definition {} ({}) has no field with this alias; its aliases: {}",
+                    def.id,
+                    def.name,
+                    aliases.join(", ")
+                ));
+            }
+        }
+        for f in def.fields.iter().filter(|f| f.required) {
+            if !spec.fields.contains_key(&f.alias) {
+                problems.push(format!(
+                    "{at}.fields: definition {} ({}) requires field {} ({}), which is not mapped",
+                    def.id, def.name, f.alias, f.label
+                ));
+            }
+        }
+    }
+    problems
+}
+
 /// How long one call took, for the attempt record.
 pub fn elapsed_ms(start: Instant) -> i64 {
     start.elapsed().as_millis() as i64
