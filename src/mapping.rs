@@ -600,7 +600,8 @@ mod fuzz {
             event_id: Some(lead.clone()),
             event_type: Some(object.clone()),
             accept_types: vec![],
-            object_id: object,
+            object_id: Some(object),
+            object: None,
             lead: if key {
                 LeadConfig {
                     key: Some(lead),
@@ -631,7 +632,10 @@ mod fuzz {
             let id = event_id(&s, &body, b"raw", None);
             prop_assert!(!id.is_empty());
             if let Ok(m) = map(&s, &body) {
-                prop_assert!(!m.object_id.trim().is_empty());
+                let Object::Id(object_id) = &m.object else {
+                    panic!("a source with object_id maps to an id");
+                };
+                prop_assert!(!object_id.trim().is_empty());
                 match m.leads {
                     Leads::Ids(ids) => prop_assert!(!ids.is_empty() && ids.iter().all(|i| !i.is_empty())),
                     Leads::Key(k) => prop_assert!(!k.is_empty()),
