@@ -1255,6 +1255,44 @@ id = "/data/lead_id"
     }
 
     #[test]
+    fn object_fields_parse_into_references_and_literals() {
+        let text = BASE.replace(
+            "object_id = \"/data/object_id\"\n",
+            "[sources.object]\ndefinition_id = 42\nfields = { pedido = \"/id\", canal = { value = \"loja\" }, qtd = { value = 2 } }\n",
+        );
+        let cfg = Config::from_parts(&text, &[], &env).unwrap();
+        let ObjectRule::Create(spec) = cfg.sources[0].object_rule() else {
+            panic!("a source with [sources.object] creates its object");
+        };
+        assert_eq!(spec.definition_id.as_str(), "42");
+        assert_eq!(spec.fields["pedido"], FieldValue::Reference("/id".into()));
+        assert_eq!(
+            spec.fields["canal"],
+            FieldValue::Literal(serde_json::json!("loja"))
+        );
+        assert_eq!(spec.fields["qtd"], FieldValue::Literal(serde_json::json!(2)));
+        // A string id works too; one that cannot go in a URL path does not.
+        let named = text.replace("definition_id = 42", "definition_id = \"pedido_v2\"");
+        assert!(Config::from_parts(&named, &[], &env).is_ok());
+        for bad in ["definition_id = \"a/b\"", "definition_id = 0", "definition_id = \"\""] {
+            let t = text.replace("definition_id = 42", bad);
+            assert!(Config::from_parts(&t, &[], &env).is_err(), "{bad}");
+        }
+        let t = text.replace("{ value = 2 }", "{ val = 2 }");
+        let e = Config::from_parts(&t, &[], &env).unwrap_err().to_string();
+        assert!(e.contains("a literal ({ value = ... })"), "{e}");
+        let t = text.replace("pedido = \"/id\"", "pedido = \"id\"");
+        let e = Config::from_parts(&t, &[], &env).unwrap_err().to_string();
+        assert!(e.contains("sources.erp.object.fields.pedido"), "{e}");
+        let t = text.replace(
+            "fields = { pedido = \"/id\", canal = { value = \"loja\" }, qtd = { value = 2 } }",
+            "fields = {}",
+        );
+        let e = Config::from_parts(&t, &[], &env).unwrap_err().to_string();
+        assert!(e.contains("sources.erp.object.fields: empty"), "{e}");
+    }
+
+    #[test]
     fn loads_defaults_and_resolves_env_secret() {
         let cfg = Config::from_parts(BASE, &[], &env).unwrap();
         assert_eq!(cfg.server.listen, "0.0.0.0:8080");

@@ -892,6 +892,26 @@ mod tests {
     }
 
     #[test]
+    fn definitions_are_read_from_data_or_top_level() {
+        let def = json!({"id": 42, "name": "Pedido", "fields": [
+            {"label": "Pedido", "alias": "pedido", "type": "text", "required": true},
+            {"label": "Valor", "alias": "valor", "type": "number", "required": false},
+        ]});
+        for answer in [
+            json!({"data": {"definitions": [def.clone()]}}),
+            json!({"definitions": [def.clone()]}),
+        ] {
+            let defs = parse_definitions(&answer).unwrap();
+            assert_eq!(defs[0].id, "42");
+            assert_eq!(defs[0].fields[0].alias, "pedido");
+            assert!(defs[0].fields[0].required);
+            assert!(!defs[0].fields[1].required);
+            assert_eq!(defs[0].fields[1].kind, "number");
+        }
+        assert!(parse_definitions(&json!({"msg": "no"})).is_none());
+    }
+
+    #[test]
     fn redirects_are_their_own_class() {
         for code in [301, 302, 303, 307, 308] {
             let f = classify(StatusCode::from_u16(code).unwrap(), None, b"", None);
