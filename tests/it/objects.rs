@@ -144,6 +144,24 @@ async fn creates_the_object_from_pointer_and_literal_fields_then_links_it(b: Bac
         metric(&m, "sprintlink_object_creations_total{outcome=\"created\"}"),
         1
     );
+    // The dashboard's event page shows the object and its attempts.
+    let page = app.admin_get("/ui/events/ord_1").await;
+    assert_eq!(page.status, 200, "{}", page.text);
+    assert!(page.text.contains("id=\"object\""), "{}", page.text);
+    assert!(page.text.contains(&format!("id=\"object-id\">{id}<")), "{}", page.text);
+    // The OpenAPI document describes it.
+    let spec = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    let schemas = &spec["components"]["schemas"];
+    assert!(schemas["ObjectDoc"].is_object(), "no ObjectDoc schema");
+    assert!(schemas["EventDetail"]["properties"]["object"].is_object());
     // An event whose sender sends the object id has no object document.
     app.post_webhook("erp", &erp_event("evt_1", 5001, 8473))
         .await
