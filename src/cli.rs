@@ -363,7 +363,10 @@ async fn run_demo() -> Result<(), String> {
         definition_id: crate::config::DefinitionId::parse("42").map_err(|e| e.to_string())?,
         fields: [
             ("pedido", crate::config::FieldValue::Reference("/id".into())),
-            ("valor", crate::config::FieldValue::Reference("/total_price".into())),
+            (
+                "valor",
+                crate::config::FieldValue::Reference("/total_price".into()),
+            ),
             ("canal", crate::config::FieldValue::Literal(json!("loja"))),
         ]
         .into_iter()
@@ -403,10 +406,11 @@ async fn run_demo() -> Result<(), String> {
         ),
     ];
     let order = json!({"id": "ord_1001", "type": "orders/create", "total_price": "149.90", "customer": {"lead_id": 8475}});
-    let samples = samples
-        .iter()
-        .map(|(w, b)| (*w, "erp", b.clone()))
-        .chain([("a shop order (object created)", "loja", order)]);
+    let samples = samples.iter().map(|(w, b)| (*w, "erp", b.clone())).chain([(
+        "a shop order (object created)",
+        "loja",
+        order,
+    )]);
     let client = reqwest::Client::new();
     for (what, source, body) in samples {
         let raw = body.to_string();

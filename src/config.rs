@@ -1270,11 +1270,18 @@ id = "/data/lead_id"
             spec.fields["canal"],
             FieldValue::Literal(serde_json::json!("loja"))
         );
-        assert_eq!(spec.fields["qtd"], FieldValue::Literal(serde_json::json!(2)));
+        assert_eq!(
+            spec.fields["qtd"],
+            FieldValue::Literal(serde_json::json!(2))
+        );
         // A string id works too; one that cannot go in a URL path does not.
         let named = text.replace("definition_id = 42", "definition_id = \"pedido_v2\"");
         assert!(Config::from_parts(&named, &[], &env).is_ok());
-        for bad in ["definition_id = \"a/b\"", "definition_id = 0", "definition_id = \"\""] {
+        for bad in [
+            "definition_id = \"a/b\"",
+            "definition_id = 0",
+            "definition_id = \"\"",
+        ] {
             let t = text.replace("definition_id = 42", bad);
             assert!(Config::from_parts(&t, &[], &env).is_err(), "{bad}");
         }

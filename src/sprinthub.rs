@@ -357,7 +357,10 @@ impl SprintHubClient {
     ) -> Result<(String, Success), CreateFailure> {
         let path = format!("/customobjects/objects/{definition_id}");
         let ok = match self
-            .call(self.http.post(self.url(&path)).json(fields), LOOKUP_ANSWER_LIMIT)
+            .call(
+                self.http.post(self.url(&path)).json(fields),
+                LOOKUP_ANSWER_LIMIT,
+            )
             .await
         {
             Ok(ok) => ok,
@@ -443,7 +446,8 @@ impl SprintHubClient {
         let resp = match sent {
             Ok(r) => r,
             Err(e) => {
-                let maybe_sent = !matches!(&e, reqwest_middleware::Error::Reqwest(r) if r.is_connect());
+                let maybe_sent =
+                    !matches!(&e, reqwest_middleware::Error::Reqwest(r) if r.is_connect());
                 return Err((
                     Failure::Transient {
                         status: None,
@@ -750,12 +754,19 @@ pub fn check_definitions(cfg: &crate::config::Config, defs: &[Definition]) -> Ve
         };
         let at = format!("sources.{}.object", s.name);
         let Some(def) = defs.iter().find(|d| d.id == spec.definition_id.as_str()) else {
-            let known: Vec<String> = defs.iter().map(|d| format!("{} ({})", d.id, d.name)).collect();
+            let known: Vec<String> = defs
+                .iter()
+                .map(|d| format!("{} ({})", d.id, d.name))
+                .collect();
             problems.push(format!(
                 "{at}.definition_id: instance {:?} has no custom object definition {}; it has: {}",
                 cfg.sprinthub.instance,
                 spec.definition_id,
-                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
             ));
             continue;
         };

@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::Router;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -119,7 +119,11 @@ impl StandIn {
                             req.extensions_mut().insert(Hangup(h.clone()));
                             let app = app.clone();
                             async move {
-                                tower::ServiceExt::oneshot(app.into_service(), req.map(axum::body::Body::new)).await
+                                tower::ServiceExt::oneshot(
+                                    app.into_service(),
+                                    req.map(axum::body::Body::new),
+                                )
+                                .await
                             }
                         },
                     );

@@ -43,7 +43,12 @@ impl Creator {
     }
 
     /// One creation attempt for a claimed event, at its rate-limit `slot`, and its record.
-    pub async fn run(&self, job: ObjectJob, slot: tokio::time::Instant, shutdown: CancellationToken) {
+    pub async fn run(
+        &self,
+        job: ObjectJob,
+        slot: tokio::time::Instant,
+        shutdown: CancellationToken,
+    ) {
         let span = tracing::info_span!("create_object", event_id = %job.event_id, source = %job.source, definition_id = %job.definition_id);
         if job.lost {
             self.metrics.object_creation(CreationOutcome::Unknown);

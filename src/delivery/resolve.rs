@@ -109,17 +109,15 @@ impl Resolver {
         };
         let update = match self.resolve(&job, &mut pace).await {
             // A source that creates its object: the leads are known, the object comes next.
-            ResolveUpdate::Links(leads) => match self
-                .cfg
-                .source(&job.source)
-                .map(SourceConfig::object_rule)
-            {
-                Some(ObjectRule::Create(spec)) => ResolveUpdate::Create {
-                    definition_id: spec.definition_id.to_string(),
-                    leads,
-                },
-                _ => ResolveUpdate::Links(leads),
-            },
+            ResolveUpdate::Links(leads) => {
+                match self.cfg.source(&job.source).map(SourceConfig::object_rule) {
+                    Some(ObjectRule::Create(spec)) => ResolveUpdate::Create {
+                        definition_id: spec.definition_id.to_string(),
+                        leads,
+                    },
+                    _ => ResolveUpdate::Links(leads),
+                }
+            }
             other => other,
         };
         // An unused slot is handed back (when it is still the last one reserved).

@@ -931,7 +931,11 @@ fn object_card(o: &crate::store::ObjectDetail, now: Millis) -> String {
                 CreationOutcome::Failed => badge("failed", "b-red"),
                 CreationOutcome::Unknown => badge("unknown", "b-amber"),
             };
-            c.push_str(&item.replacen("<div class=\"t-head\">", &format!("<div class=\"t-head\">{outcome}"), 1));
+            c.push_str(&item.replacen(
+                "<div class=\"t-head\">",
+                &format!("<div class=\"t-head\">{outcome}"),
+                1,
+            ));
         }
         c.push_str("</ol>");
     }

@@ -39,4 +39,3 @@ pub(super) fn lost_attempt(at: super::Millis) -> super::ObjectAttempt {
         },
     }
 }
-

@@ -122,10 +122,7 @@ async fn migrate_command_and_a_newer_schema(b: Backend) {
         assert_eq!(lines.len(), 1, "{args:?}: {err}");
         assert!(
             lines[0].contains("schema version 99")
-                && lines[0].contains(&format!(
-                    "schema version {})",
-                    VERSIONS.last().unwrap()
-                )),
+                && lines[0].contains(&format!("schema version {})", VERSIONS.last().unwrap())),
             "{}",
             lines[0]
         );
@@ -184,7 +181,11 @@ async fn two_replicas_on_an_old_postgres_database_migrate_it_once() {
         let _ = c.kill();
         let _ = c.wait();
     }
-    assert_eq!(schema_versions(&db.url).await, VERSIONS.to_vec(), "migrated once");
+    assert_eq!(
+        schema_versions(&db.url).await,
+        VERSIONS.to_vec(),
+        "migrated once"
+    );
     use sqlx::Connection;
     let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
     let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE event_id = 'old-1'")

@@ -66,10 +66,7 @@ fn clientes() -> SourceConfig {
             lookup: Some(LookupKind::Sprinthub),
             field: Some(LeadField::Email),
             create_missing: true,
-            create_fields: BTreeMap::from([(
-                "email".to_string(),
-                "/customer/email".to_string(),
-            )]),
+            create_fields: BTreeMap::from([("email".to_string(), "/customer/email".to_string())]),
             ..Default::default()
         },
         ..loja()
@@ -128,7 +125,10 @@ async fn creates_the_object_from_pointer_and_literal_fields_then_links_it(b: Bac
         json!({"pedido": "ord_1", "valor": 149.9, "canal": "loja"})
     );
     let object = object_of(&detail);
-    let id = object["object_id"].as_str().expect("the id is stored").to_string();
+    let id = object["object_id"]
+        .as_str()
+        .expect("the id is stored")
+        .to_string();
     assert_eq!(object["state"], "created");
     assert_eq!(object["definition_id"], DEF);
     assert_eq!(outcomes(&detail), ["created"]);
@@ -148,7 +148,11 @@ async fn creates_the_object_from_pointer_and_literal_fields_then_links_it(b: Bac
     let page = app.admin_get("/ui/events/ord_1").await;
     assert_eq!(page.status, 200, "{}", page.text);
     assert!(page.text.contains("id=\"object\""), "{}", page.text);
-    assert!(page.text.contains(&format!("id=\"object-id\">{id}<")), "{}", page.text);
+    assert!(
+        page.text.contains(&format!("id=\"object-id\">{id}<")),
+        "{}",
+        page.text
+    );
     // The OpenAPI document describes it.
     let spec = app
         .client
@@ -173,21 +177,29 @@ async fn creates_the_object_from_pointer_and_literal_fields_then_links_it(b: Bac
 async fn reads_the_new_id_from_id_or_data_id(b: Backend) {
     let app = spawn(b).await;
     app.hub.set_flat_ids(true);
-    app.post_webhook("loja", &order("ord_flat", 1)).await.expect(202);
+    app.post_webhook("loja", &order("ord_flat", 1))
+        .await
+        .expect(202);
     let flat = app.wait_for_state("ord_flat", "delivered").await;
     app.hub.set_flat_ids(false);
-    app.post_webhook("loja", &order("ord_nested", 2)).await.expect(202);
+    app.post_webhook("loja", &order("ord_nested", 2))
+        .await
+        .expect(202);
     let nested = app.wait_for_state("ord_nested", "delivered").await;
     for d in [&flat, &nested] {
         assert!(object_of(d)["object_id"].as_str().is_some(), "{d}");
     }
-    assert_ne!(object_of(&flat)["object_id"], object_of(&nested)["object_id"]);
+    assert_ne!(
+        object_of(&flat)["object_id"],
+        object_of(&nested)["object_id"]
+    );
     assert_eq!(app.link_calls().len(), 2);
 }
 
 async fn finds_or_creates_the_lead_before_creating_the_object(b: Backend) {
     let app = spawn(b).await;
-    app.hub.add_lead(json!({"id": 77, "email": "ann@example.com"}));
+    app.hub
+        .add_lead(json!({"id": 77, "email": "ann@example.com"}));
     let known = json!({"id": "ord_ann", "total": 10, "customer": {"email": "Ann@Example.com"}});
     let new = json!({"id": "ord_bob", "total": 20, "customer": {"email": "bob@example.com"}});
     app.post_webhook("clientes", &known).await.expect(202);
@@ -229,12 +241,19 @@ async fn an_event_without_a_lead_is_parked_before_anything_is_created(b: Backend
         })
         .spawn()
         .await;
-    let r = app.post_webhook("loja", &json!({"id": "ord_x", "total": 1})).await;
+    let r = app
+        .post_webhook("loja", &json!({"id": "ord_x", "total": 1}))
+        .await;
     assert_eq!(r.expect(202)["status"], "parked");
     let nobody = json!({"id": "ord_y", "total": 1, "customer": {"email": "nobody@example.com"}});
     app.post_webhook("clientes", &nobody).await.expect(202);
     let parked = app.wait_for_state("ord_y", "parked").await;
-    assert!(parked["reason"].as_str().unwrap().contains("nobody@example.com"));
+    assert!(
+        parked["reason"]
+            .as_str()
+            .unwrap()
+            .contains("nobody@example.com")
+    );
     let x = app.event("ord_x").await;
     assert_eq!(x["state"], "parked");
     assert!(x["object"].is_null(), "{x}");
@@ -247,7 +266,9 @@ async fn a_503_then_a_200_creates_one_object(b: Backend) {
     let app = spawn(b).await;
     app.hub
         .script_objects([ObjectAnswer::Canned(Canned::new(503, r#"{"msg":"busy"}"#))]);
-    app.post_webhook("loja", &order("ord_2", 8473)).await.expect(202);
+    app.post_webhook("loja", &order("ord_2", 8473))
+        .await
+        .expect(202);
     let detail = app.wait_for_state("ord_2", "delivered").await;
     let statuses: Vec<u16> = app.hub.creations().iter().map(|r| r.status).collect();
     assert_eq!(statuses, [503, 200], "one refused, one created");
@@ -262,7 +283,9 @@ async fn a_400_makes_the_event_dead_with_the_attempt_recorded(b: Backend) {
         400,
         r#"{"msg":"field valor must be a number"}"#,
     ))]);
-    app.post_webhook("loja", &order("ord_3", 8473)).await.expect(202);
+    app.post_webhook("loja", &order("ord_3", 8473))
+        .await
+        .expect(202);
     let detail = app.wait_for_state("ord_3", "dead").await;
     let object = object_of(&detail);
     assert_eq!(object["state"], "dead");
@@ -294,7 +317,9 @@ async fn a_400_makes_the_event_dead_with_the_attempt_recorded(b: Backend) {
 async fn a_dropped_answer_is_marked_unknown_and_created_again(b: Backend) {
     let app = spawn(b).await;
     app.hub.script_objects([ObjectAnswer::Drop]);
-    app.post_webhook("loja", &order("ord_4", 8473)).await.expect(202);
+    app.post_webhook("loja", &order("ord_4", 8473))
+        .await
+        .expect(202);
     let detail = app.wait_for_state("ord_4", "delivered").await;
     assert_eq!(outcomes(&detail), ["unknown", "created"]);
     let lost = &object_of(&detail)["attempts"][0];
@@ -305,7 +330,10 @@ async fn a_dropped_answer_is_marked_unknown_and_created_again(b: Backend) {
     );
     // SprintHub now holds two objects for this event; only the recorded one is linked.
     assert_eq!(app.hub.creations().len(), 2);
-    let id = object_of(&detail)["object_id"].as_str().unwrap().to_string();
+    let id = object_of(&detail)["object_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let links = app.link_calls();
     assert_eq!(links.len(), 1);
     assert_eq!(links[0].body["objectId"].to_string(), id);
@@ -323,8 +351,11 @@ async fn a_dropped_answer_is_marked_unknown_and_created_again(b: Backend) {
 async fn a_replay_reuses_the_created_object(b: Backend) {
     let app = spawn(b).await;
     // The object is created; its link is refused for good.
-    app.hub.script([Canned::new(422, r#"{"msg":"lead archived"}"#)]);
-    app.post_webhook("loja", &order("ord_5", 8473)).await.expect(202);
+    app.hub
+        .script([Canned::new(422, r#"{"msg":"lead archived"}"#)]);
+    app.post_webhook("loja", &order("ord_5", 8473))
+        .await
+        .expect(202);
     let dead = app.wait_for_state("ord_5", "dead").await;
     let id = object_of(&dead)["object_id"].as_str().unwrap().to_string();
     app.replay("ord_5").await;
@@ -348,7 +379,9 @@ async fn a_restart_reuses_the_created_object(b: Backend) {
     let mut app = spawn(b).await;
     // SprintHub creates the object; every link fails for now.
     app.hub.script((0..3).map(|_| Canned::new(503, "{}")));
-    app.post_webhook("loja", &order("ord_6", 8473)).await.expect(202);
+    app.post_webhook("loja", &order("ord_6", 8473))
+        .await
+        .expect(202);
     wait_until("the object is created", TIMEOUT, async || {
         object_of(&app.event("ord_6").await)["state"] == "created"
     })
@@ -611,7 +644,10 @@ async fn kill_9_while_creating_makes_at_most_the_in_flight_objects_twice() {
         "objects kill -9: {rounds} rounds, {} orders acknowledged, all delivered; creations in flight at each kill {in_flight_at_kills:?} (total {in_flight}); {twice} orders ended with two objects ({extra} extra objects)",
         acked.len()
     );
-    assert!(acked.len() > rounds as usize, "too few orders to mean anything");
+    assert!(
+        acked.len() > rounds as usize,
+        "too few orders to mean anything"
+    );
     for id in &acked {
         assert!(per_order.contains_key(id), "{id} was never created");
     }
@@ -630,7 +666,11 @@ async fn kill_9_while_creating_makes_at_most_the_in_flight_objects_twice() {
         .await
         .map(|t| json!(t))
         .unwrap();
-    assert!(r.as_str().unwrap().contains("sprintlink_object_creations_total"));
+    assert!(
+        r.as_str()
+            .unwrap()
+            .contains("sprintlink_object_creations_total")
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -691,17 +731,25 @@ async fn sprinthub_definitions_lists_ids_aliases_types_and_required_flags() {
     hub.add_definition(pedido_definition());
     let dir = tempfile::tempdir().unwrap();
     let config = cli_config(dir.path(), &hub.url(), GOOD_OBJECT);
-    let (code, out, err) = tokio::task::spawn_blocking(move || {
-        run(&["sprinthub", "definitions"], &config)
-    })
-    .await
-    .unwrap();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || run(&["sprinthub", "definitions"], &config))
+            .await
+            .unwrap();
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("definition_id = 42"), "{out}");
     assert!(out.contains("\"Pedido\""), "{out}");
-    let pedido = out.lines().find(|l| l.trim_start().starts_with("pedido")).unwrap();
-    assert!(pedido.contains("text") && pedido.contains("required"), "{pedido}");
-    let canal = out.lines().find(|l| l.trim_start().starts_with("canal")).unwrap();
+    let pedido = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("pedido"))
+        .unwrap();
+    assert!(
+        pedido.contains("text") && pedido.contains("required"),
+        "{pedido}"
+    );
+    let canal = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("canal"))
+        .unwrap();
     assert!(canal.contains("optional"), "{canal}");
     assert!(!format!("{out}{err}").contains(CLI_TOKEN));
     let calls = hub.requests_to("/customobjects/def");
@@ -723,27 +771,35 @@ async fn check_config_online_names_each_problem_on_one_line() {
         (
             "unknown definition",
             GOOD_OBJECT.replace("definition_id = 42", "definition_id = 43"),
-            vec!["sources.loja.object.definition_id: instance \"acme\" has no custom object definition 43"],
+            vec![
+                "sources.loja.object.definition_id: instance \"acme\" has no custom object definition 43",
+            ],
         ),
         (
             "unknown alias",
             GOOD_OBJECT.replace("canal =", "kanal ="),
-            vec!["sources.loja.object.fields.kanal: definition 42 (Pedido) has no field with this alias"],
+            vec![
+                "sources.loja.object.fields.kanal: definition 42 (Pedido) has no field with this alias",
+            ],
         ),
         (
             "unmapped required field",
             GOOD_OBJECT.replace("valor = \"/total\", ", ""),
-            vec!["sources.loja.object.fields: definition 42 (Pedido) requires field valor (Valor), which is not mapped"],
+            vec![
+                "sources.loja.object.fields: definition 42 (Pedido) requires field valor (Valor), which is not mapped",
+            ],
         ),
     ];
     for (what, object, expected) in cases {
         let config = cli_config(dir.path(), &hub.url(), &object);
-        let (code, out, err) = tokio::task::spawn_blocking(move || {
-            run(&["check-config", "--online"], &config)
-        })
-        .await
-        .unwrap();
-        assert!(!format!("{out}{err}").contains(CLI_TOKEN), "{what}: token shown");
+        let (code, out, err) =
+            tokio::task::spawn_blocking(move || run(&["check-config", "--online"], &config))
+                .await
+                .unwrap();
+        assert!(
+            !format!("{out}{err}").contains(CLI_TOKEN),
+            "{what}: token shown"
+        );
         if expected.is_empty() {
             assert_eq!(code, 0, "{what}: {out}{err}");
             continue;
@@ -752,18 +808,20 @@ async fn check_config_online_names_each_problem_on_one_line() {
         let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("warning:")).collect();
         assert_eq!(lines.len(), expected.len(), "{what}: {err}");
         for (line, want) in lines.iter().zip(&expected) {
-            assert!(line.starts_with(want), "{what}: {line:?} should start with {want:?}");
+            assert!(
+                line.starts_with(want),
+                "{what}: {line:?} should start with {want:?}"
+            );
         }
     }
     // A token the instance does not accept.
     let other = StandIn::start().await.unwrap();
     other.require_token("another-token");
     let config = cli_config(dir.path(), &other.url(), GOOD_OBJECT);
-    let (code, out, err) = tokio::task::spawn_blocking(move || {
-        run(&["check-config", "--online"], &config)
-    })
-    .await
-    .unwrap();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || run(&["check-config", "--online"], &config))
+            .await
+            .unwrap();
     assert_eq!(code, 1, "{out}{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
@@ -773,10 +831,9 @@ async fn check_config_online_names_each_problem_on_one_line() {
     assert!(!format!("{out}{err}").contains(CLI_TOKEN));
     // Offline, the same configuration is valid: only --online asks SprintHub.
     let config = cli_config(dir.path(), &other.url(), GOOD_OBJECT);
-    let (code, _, err) =
-        tokio::task::spawn_blocking(move || run(&["check-config"], &config))
-            .await
-            .unwrap();
+    let (code, _, err) = tokio::task::spawn_blocking(move || run(&["check-config"], &config))
+        .await
+        .unwrap();
     assert_eq!(code, 0, "{err}");
 }
 

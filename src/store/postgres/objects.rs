@@ -41,11 +41,12 @@ fn recompute_sql() -> String {
 
 /// The id of the event's object, once created.
 pub(super) async fn created_id(tx: &mut Tx<'_>, pk: i64) -> Result<Option<String>> {
-    let id: Option<Option<String>> =
-        sqlx::query_scalar("SELECT object_id FROM objects WHERE event_pk = $1 AND state = 'created'")
-            .bind(pk)
-            .fetch_optional(&mut **tx)
-            .await?;
+    let id: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT object_id FROM objects WHERE event_pk = $1 AND state = 'created'",
+    )
+    .bind(pk)
+    .fetch_optional(&mut **tx)
+    .await?;
     Ok(id.flatten())
 }
 
@@ -187,10 +188,11 @@ pub(super) async fn complete(tx: &mut Tx<'_>, c: &ObjectCompletion, now: Millis)
         // Created is a fact, whoever holds the lease now; the first id stored stays the
         // event's object. The row lock orders two replicas' answers.
         ObjectUpdate::Created(object_id) => {
-            let row = sqlx::query("SELECT state, leads FROM objects WHERE event_pk = $1 FOR UPDATE")
-                .bind(pk)
-                .fetch_optional(&mut **tx)
-                .await?;
+            let row =
+                sqlx::query("SELECT state, leads FROM objects WHERE event_pk = $1 FOR UPDATE")
+                    .bind(pk)
+                    .fetch_optional(&mut **tx)
+                    .await?;
             let Some(row) = row else { return Ok(()) };
             let state: ObjectState = row.try_get("state")?;
             if state == ObjectState::Created {
@@ -206,12 +208,13 @@ pub(super) async fn complete(tx: &mut Tx<'_>, c: &ObjectCompletion, now: Millis)
             .execute(&mut **tx)
             .await?;
             let leads: Vec<String> = serde_json::from_str(&leads).unwrap_or_default();
-            let state: Option<String> =
-                sqlx::query_scalar("UPDATE events SET object_id = $2 WHERE id = $1 RETURNING state")
-                    .bind(pk)
-                    .bind(object_id)
-                    .fetch_optional(&mut **tx)
-                    .await?;
+            let state: Option<String> = sqlx::query_scalar(
+                "UPDATE events SET object_id = $2 WHERE id = $1 RETURNING state",
+            )
+            .bind(pk)
+            .bind(object_id)
+            .fetch_optional(&mut **tx)
+            .await?;
             // A parked event (replayed meanwhile into a plan that parks it) keeps the id for
             // its next replay, and sends nothing now.
             if state.as_deref() != Some("parked") {

@@ -67,13 +67,7 @@ pub(super) fn insert(db: &Connection, events: &[NewEvent]) -> Result<Vec<IngestO
                 definition_id,
                 leads,
             } => {
-                super::objects::want_object(
-                    db,
-                    pk,
-                    definition_id.as_str(),
-                    leads,
-                    e.received_at,
-                )?;
+                super::objects::want_object(db, pk, definition_id.as_str(), leads, e.received_at)?;
                 out.push(IngestOutcome::Queued);
                 continue;
             }

@@ -7,8 +7,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::{EVENT_STATE, attach_links};
 use crate::store::shared::{LOST_ANSWER, lost_attempt};
 use crate::store::{
-    Attempt, Millis, ObjectAttempt, ObjectCompletion, ObjectDetail, ObjectJob,
-    ObjectState, ObjectUpdate, Result,
+    Attempt, Millis, ObjectAttempt, ObjectCompletion, ObjectDetail, ObjectJob, ObjectState,
+    ObjectUpdate, Result,
 };
 
 const CLAIM: &str = "UPDATE objects SET locked_until = ?1, lease = ?2
@@ -79,8 +79,10 @@ pub(super) fn want_object(
 
 /// A parked event creates nothing until it is replayed.
 pub(super) fn hold_object(db: &Connection, pk: i64) -> Result<()> {
-    db.prepare_cached("UPDATE objects SET due_at = NULL WHERE event_pk = ?1 AND state = 'pending'")?
-        .execute(params![pk])?;
+    db.prepare_cached(
+        "UPDATE objects SET due_at = NULL WHERE event_pk = ?1 AND state = 'pending'",
+    )?
+    .execute(params![pk])?;
     Ok(())
 }
 
