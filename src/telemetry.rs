@@ -203,7 +203,7 @@ impl Metrics {
         self.attempts.render(
             &mut out,
             "sprintlink_delivery_attempts_total",
-            "Calls to SprintHub's link endpoint, by outcome.",
+            "Calls to SprintHub's link and object creation endpoints, by outcome.",
             &["outcome"],
         );
         self.lookups.render(
@@ -238,7 +238,7 @@ impl Metrics {
         if let Some(s) = stats {
             let _ = writeln!(
                 out,
-                "# HELP sprintlink_queue_depth Links and lead resolutions waiting to be done.\n# TYPE sprintlink_queue_depth gauge\nsprintlink_queue_depth {}",
+                "# HELP sprintlink_queue_depth Links, lead resolutions and object creations waiting to be done.\n# TYPE sprintlink_queue_depth gauge\nsprintlink_queue_depth {}",
                 s.queue_depth
             );
             let _ = writeln!(

@@ -926,11 +926,12 @@ fn object_card(o: &crate::store::ObjectDetail, now: Millis) -> String {
         c.push_str("<ol class=\"timeline\">");
         for a in &o.attempts {
             let item = attempt_item(&a.attempt, now);
-            let outcome = match a.outcome {
-                CreationOutcome::Created => badge("created", "b-green"),
-                CreationOutcome::Failed => badge("failed", "b-red"),
-                CreationOutcome::Unknown => badge("unknown", "b-amber"),
+            let class = match a.outcome {
+                CreationOutcome::Created => "b-green",
+                CreationOutcome::Failed => "b-red",
+                CreationOutcome::Unknown => "b-amber",
             };
+            let outcome = badge(a.outcome.as_str(), class);
             c.push_str(&item.replacen(
                 "<div class=\"t-head\">",
                 &format!("<div class=\"t-head\">{outcome}"),

@@ -27,6 +27,7 @@ both_backends!(
     a_dropped_answer_is_marked_unknown_and_created_again,
     a_replay_reuses_the_created_object,
     a_restart_reuses_the_created_object,
+    a_replay_during_the_creation_creates_nothing_more,
 );
 
 const DEF: &str = "42";
@@ -389,6 +390,27 @@ async fn a_restart_reuses_the_created_object(b: Backend) {
     app.restart().await;
     app.wait_for_state("ord_6", "delivered").await;
     assert_eq!(app.hub.creations().len(), 1);
+}
+
+async fn a_replay_during_the_creation_creates_nothing_more(b: Backend) {
+    let app = spawn(b).await;
+    app.hub.set_object_delay(Duration::from_millis(800));
+    app.post_webhook("loja", &order("ord_7", 8473))
+        .await
+        .expect(202);
+    wait_until("the creation is in flight", TIMEOUT, async || {
+        app.hub.creations_in_flight() == 1
+    })
+    .await;
+    app.replay("ord_7").await;
+    app.wait_for_state("ord_7", "delivered").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        app.hub.creations().len(),
+        1,
+        "the replay waited for the creation"
+    );
+    assert_eq!(app.link_calls().len(), 1);
 }
 
 // ---------------------------------------------------------------------------------------------

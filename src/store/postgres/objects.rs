@@ -7,8 +7,8 @@ use sqlx::{AssertSqlSafe, Row};
 use super::{EVENT_STATE, PostgresStore};
 use crate::store::shared::{LOST_ANSWER, lost_attempt};
 use crate::store::{
-    Attempt, Millis, ObjectAttempt, ObjectCompletion, ObjectDetail, ObjectJob, ObjectState,
-    ObjectUpdate, Result,
+    Attempt, EventState, Millis, ObjectAttempt, ObjectCompletion, ObjectDetail, ObjectJob,
+    ObjectState, ObjectUpdate, Result,
 };
 
 type Tx<'a> = sqlx::Transaction<'a, sqlx::Postgres>;
@@ -208,16 +208,18 @@ pub(super) async fn complete(tx: &mut Tx<'_>, c: &ObjectCompletion, now: Millis)
             .execute(&mut **tx)
             .await?;
             let leads: Vec<String> = serde_json::from_str(&leads).unwrap_or_default();
-            let state: Option<String> = sqlx::query_scalar(
-                "UPDATE events SET object_id = $2 WHERE id = $1 RETURNING state",
+            let event: Option<(EventState, Option<Millis>)> = sqlx::query_as(
+                "UPDATE events SET object_id = $2 WHERE id = $1 RETURNING state, resolve_due",
             )
             .bind(pk)
             .bind(object_id)
             .fetch_optional(&mut **tx)
             .await?;
-            // A parked event (replayed meanwhile into a plan that parks it) keeps the id for
-            // its next replay, and sends nothing now.
-            if state.as_deref() != Some("parked") {
+            // An event replayed meanwhile into a plan that parks it, or that resolves its leads
+            // again, keeps the id for that plan, and sends nothing now.
+            if let Some((state, None)) = event
+                && state != EventState::Parked
+            {
                 PostgresStore::attach_links(tx, pk, object_id, &leads, now, false).await?;
                 sqlx::query(AssertSqlSafe(recompute_sql()))
                     .bind(pk)

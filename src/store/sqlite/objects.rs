@@ -7,8 +7,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::{EVENT_STATE, attach_links};
 use crate::store::shared::{LOST_ANSWER, lost_attempt};
 use crate::store::{
-    Attempt, Millis, ObjectAttempt, ObjectCompletion, ObjectDetail, ObjectJob, ObjectState,
-    ObjectUpdate, Result,
+    Attempt, EventState, Millis, ObjectAttempt, ObjectCompletion, ObjectDetail, ObjectJob,
+    ObjectState, ObjectUpdate, Result,
 };
 
 const CLAIM: &str = "UPDATE objects SET locked_until = ?1, lease = ?2
@@ -171,13 +171,17 @@ pub(super) fn complete(db: &Connection, c: &ObjectCompletion, now: Millis) -> Re
             )?
             .execute(params![pk, object_id])?;
             let leads: Vec<String> = serde_json::from_str(&leads).unwrap_or_default();
-            let state: Option<String> = db
-                .prepare_cached("UPDATE events SET object_id = ?2 WHERE id = ?1 RETURNING state")?
-                .query_row(params![pk, object_id], |r| r.get(0))
+            let event: Option<(EventState, Option<Millis>)> = db
+                .prepare_cached(
+                    "UPDATE events SET object_id = ?2 WHERE id = ?1 RETURNING state, resolve_due",
+                )?
+                .query_row(params![pk, object_id], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
-            // A parked event (replayed meanwhile into a plan that parks it) keeps the id for
-            // its next replay, and sends nothing now.
-            if state.as_deref() != Some("parked") {
+            // An event replayed meanwhile into a plan that parks it, or that resolves its leads
+            // again, keeps the id for that plan, and sends nothing now.
+            if let Some((state, None)) = event
+                && state != EventState::Parked
+            {
                 attach_links(db, pk, object_id, &leads, now)?;
                 db.prepare_cached(&format!(
                     "UPDATE events SET state = {EVENT_STATE}, reason = NULL WHERE id = ?1"
