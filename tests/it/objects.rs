@@ -28,6 +28,7 @@ both_backends!(
     a_replay_reuses_the_created_object,
     a_restart_reuses_the_created_object,
     a_replay_during_the_creation_creates_nothing_more,
+    a_timed_out_creation_is_unknown_and_a_2xx_without_id_is_dead,
 );
 
 const DEF: &str = "42";
@@ -413,6 +414,47 @@ async fn a_replay_during_the_creation_creates_nothing_more(b: Backend) {
     assert_eq!(app.link_calls().len(), 1);
 }
 
+async fn a_timed_out_creation_is_unknown_and_a_2xx_without_id_is_dead(b: Backend) {
+    let app = spawn(b).await;
+    // Longer than sprinthub.timeout_ms (2 s): the answer is lost to a timeout.
+    app.hub.set_object_delay(Duration::from_millis(2_500));
+    app.post_webhook("loja", &order("ord_8", 8473))
+        .await
+        .expect(202);
+    wait_until("the first creation arrives", TIMEOUT, async || {
+        !app.hub.creations().is_empty()
+    })
+    .await;
+    app.hub.set_object_delay(Duration::ZERO);
+    let detail = app.wait_for_state("ord_8", "delivered").await;
+    assert_eq!(outcomes(&detail), ["unknown", "created"]);
+    assert!(
+        object_of(&detail)["attempts"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("timeout"),
+        "{detail}"
+    );
+    // A 2xx without an id: perhaps created, but nothing can be linked; not tried again.
+    app.hub
+        .script_objects([ObjectAnswer::Canned(Canned::new(201, r#"{"ok":true}"#))]);
+    app.post_webhook("loja", &order("ord_9", 8473))
+        .await
+        .expect(202);
+    let dead = app.wait_for_state("ord_9", "dead").await;
+    assert_eq!(outcomes(&dead), ["failed"]);
+    let attempt = &object_of(&dead)["attempts"][0];
+    assert_eq!(attempt["status_code"], 201);
+    assert!(
+        attempt["response_excerpt"]
+            .as_str()
+            .unwrap()
+            .contains("no id in the answer"),
+        "{attempt}"
+    );
+    assert_eq!(app.hub.creations().len(), 3);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The real binary: several replicas on one PostgreSQL database, and kill -9 while creating.
 
@@ -776,6 +818,18 @@ async fn sprinthub_definitions_lists_ids_aliases_types_and_required_flags() {
     assert!(!format!("{out}{err}").contains(CLI_TOKEN));
     let calls = hub.requests_to("/customobjects/def");
     assert_eq!(calls.len(), 1);
+    // A token the instance refuses: one line, exit 1, the token not shown.
+    let other = StandIn::start().await.unwrap();
+    other.require_token("another-token");
+    let config = cli_config(dir.path(), &other.url(), GOOD_OBJECT);
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || run(&["sprinthub", "definitions"], &config))
+            .await
+            .unwrap();
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("HTTP 401"), "{err}");
+    assert!(!format!("{out}{err}").contains(CLI_TOKEN));
     assert_eq!(
         query_param(&calls[0], "query"),
         Some("{definitions{id,name,fields{label,alias,type,required}}}")
