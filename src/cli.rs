@@ -32,6 +32,15 @@ pub enum Command {
     CheckConfig {
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Also ask SprintHub: token and instance accepted, each `definition_id` exists, each
+        /// alias in `fields` is one of its fields, each required field is mapped.
+        #[arg(long)]
+        online: bool,
+    },
+    /// Commands that ask SprintHub, for integrators.
+    Sprinthub {
+        #[command(subcommand)]
+        command: SprinthubCommand,
     },
     /// Self-contained end-to-end run on a temporary database and a local SprintHub stand-in.
     Demo,
@@ -61,6 +70,16 @@ pub enum Command {
     Healthcheck {
         #[arg(long)]
         url: Option<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SprinthubCommand {
+    /// List the instance's custom object definitions: id, name, and each field's alias, type
+    /// and whether it is required (what `[sources.object]` needs).
+    Definitions {
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -134,11 +153,26 @@ pub async fn migrate(flag: Option<PathBuf>, dry_run: bool) -> i32 {
     }
 }
 
-pub fn check_config(flag: Option<PathBuf>) -> i32 {
+pub fn check_config(flag: Option<PathBuf>, online: bool) -> i32 {
     match load_config(flag) {
         Ok(c) => {
             for w in &c.warnings {
                 eprintln!("warning: {w}");
+            }
+            if online {
+                let problems = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(online_problems(&c)),
+                    Err(e) => vec![format!("cannot start the runtime: {e}")],
+                };
+                if !problems.is_empty() {
+                    for p in &problems {
+                        eprintln!("{p}");
+                    }
+                    return 1;
+                }
             }
             say!(
                 "configuration is valid: {} source(s), storage {}",
@@ -152,6 +186,62 @@ pub fn check_config(flag: Option<PathBuf>) -> i32 {
             1
         }
     }
+}
+
+/// What SprintHub says about the configuration: one line per problem.
+async fn online_problems(c: &Config) -> Vec<String> {
+    let hub = match crate::sprinthub::SprintHubClient::new(&c.sprinthub) {
+        Ok(h) => h,
+        Err(e) => return vec![format!("sprinthub: {e}")],
+    };
+    match hub.definitions().await {
+        Ok(defs) => crate::sprinthub::check_definitions(c, &defs),
+        Err(f) => vec![crate::sprinthub::definitions_failure(c, &f)],
+    }
+}
+
+/// `sprintlink sprinthub definitions`.
+pub async fn sprinthub_definitions(flag: Option<PathBuf>) -> i32 {
+    let config = match load_config(flag) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    let hub = match crate::sprinthub::SprintHubClient::new(&config.sprinthub) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("sprinthub: {e}");
+            return 1;
+        }
+    };
+    let defs = match hub.definitions().await {
+        Ok(d) => d,
+        Err(f) => {
+            eprintln!("{}", crate::sprinthub::definitions_failure(&config, &f));
+            return 1;
+        }
+    };
+    if defs.is_empty() {
+        say!(
+            "instance {:?} has no custom object definitions",
+            config.sprinthub.instance
+        );
+    }
+    for d in &defs {
+        say!("definition_id = {}  name = {:?}", d.id, d.name);
+        for f in &d.fields {
+            say!(
+                "    {:<24} {:<12} {:<9} {}",
+                f.alias,
+                f.kind,
+                if f.required { "required" } else { "optional" },
+                f.label
+            );
+        }
+    }
+    0
 }
 
 const SAMPLE_BODY: &str =
@@ -292,6 +382,31 @@ async fn run_demo() -> Result<(), String> {
         "erp",
         "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
     ));
+    // A shop that cannot create objects itself: sprintlink creates a "Pedido" for each order.
+    hub.add_definition(json!({"id": 42, "name": "Pedido", "fields": [
+        {"label": "Pedido", "alias": "pedido", "type": "text", "required": true},
+        {"label": "Valor", "alias": "valor", "type": "number", "required": false},
+        {"label": "Canal", "alias": "canal", "type": "text", "required": false},
+    ]}));
+    let mut loja = SourceConfig::example("loja", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+    loja.accept_types = Vec::new();
+    loja.object_id = None;
+    loja.object = Some(crate::config::ObjectSpec {
+        definition_id: crate::config::DefinitionId::parse("42").map_err(|e| e.to_string())?,
+        fields: [
+            ("pedido", crate::config::FieldValue::Reference("/id".into())),
+            (
+                "valor",
+                crate::config::FieldValue::Reference("/total_price".into()),
+            ),
+            ("canal", crate::config::FieldValue::Literal(json!("loja"))),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+    });
+    loja.lead.id = Some("/customer/lead_id".into());
+    config.sources.push(loja);
     let verifier = Verifier::from_source(&config.sources[0]);
     let running = crate::app::start(config).await.map_err(|e| e.to_string())?;
     let base = format!("http://{}", running.addr);
@@ -322,12 +437,18 @@ async fn run_demo() -> Result<(), String> {
             json!({"id": "evt_4", "type": "object.updated", "data": {"object_id": 5001, "lead_id": 8473}}),
         ),
     ];
+    let order = json!({"id": "ord_1001", "type": "orders/create", "total_price": "149.90", "customer": {"lead_id": 8475}});
+    let samples = samples.iter().map(|(w, b)| (*w, "erp", b.clone())).chain([(
+        "a shop order (object created)",
+        "loja",
+        order,
+    )]);
     let client = reqwest::Client::new();
-    for (what, body) in &samples {
+    for (what, source, body) in samples {
         let raw = body.to_string();
         let now = crate::store::now_ms() / 1000;
         let mut req = client
-            .post(format!("{base}/webhooks/erp"))
+            .post(format!("{base}/webhooks/{source}"))
             .header("content-type", "application/json");
         for (k, v) in verifier.sign(
             raw.as_bytes(),
@@ -366,26 +487,33 @@ async fn run_demo() -> Result<(), String> {
     say!("\nevents as the admin API shows them:");
     for e in events.iter().rev() {
         say!(
-            "  {:<6} {:<10} object {:<5} {}",
+            "  {:<8} {:<10} object {:<5} {}",
             e["event_id"].as_str().unwrap_or(""),
             e["state"].as_str().unwrap_or(""),
             e["object_id"].as_str().unwrap_or("-"),
             e["reason"].as_str().unwrap_or("")
         );
     }
+    say!("\nwhat the SprintHub stand-in received (POST /customobjects/objects/42):");
+    for r in hub.creations() {
+        say!("  {} -> HTTP {}", r.body, r.status);
+    }
     say!("\nwhat the SprintHub stand-in received (POST /customobjects/link):");
     for r in hub.requests_to("/customobjects/link") {
         say!("  {} -> HTTP {}", r.body, r.status);
     }
     let linked = hub.linked_pairs().len();
+    let created = hub.creations().len();
     say!(
-        "\n{linked} link(s) made; the retried evt_1 was deduplicated, evt_3 is parked for an operator, evt_4 was ignored by type."
+        "\n{linked} link(s) made; {created} object created for ord_1001 and linked to its lead; the retried evt_1 was deduplicated, evt_3 is parked for an operator, evt_4 was ignored by type."
     );
     running.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
-    if linked == 3 {
+    if linked == 4 && created == 1 {
         Ok(())
     } else {
-        Err(format!("expected 3 links, SprintHub got {linked}"))
+        Err(format!(
+            "expected 4 links and 1 created object, SprintHub got {linked} and {created}"
+        ))
     }
 }

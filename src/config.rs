@@ -309,8 +309,120 @@ pub struct SourceConfig {
     pub event_type: Option<String>,
     #[serde(default)]
     pub accept_types: Vec<String>,
-    pub object_id: String,
+    /// Where the sender put the id of the object it created. Exclusive with `object`.
+    #[serde(default)]
+    pub object_id: Option<String>,
+    /// `[sources.object]`: sprintlink creates the object from the event. Exclusive with
+    /// `object_id`.
+    #[serde(default)]
+    pub object: Option<ObjectSpec>,
     pub lead: LeadConfig,
+}
+
+/// How a source's events name their custom object, one of the two (check-config refuses
+/// both and neither).
+#[derive(Debug, Clone, Copy)]
+pub enum ObjectRule<'a> {
+    /// The sender created it; the pointer says where its id is.
+    FromBody(&'a str),
+    /// sprintlink creates it.
+    Create(&'a ObjectSpec),
+}
+
+/// `[sources.object]`: the custom object sprintlink creates for each event.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectSpec {
+    pub definition_id: DefinitionId,
+    /// Field alias -> where its value comes from.
+    #[serde(default)]
+    pub fields: BTreeMap<String, FieldValue>,
+}
+
+/// A custom object definition's id, written as a number (`42`) or a string; kept as text and
+/// used in a URL path, so only `[A-Za-z0-9_-]{1,64}` is accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DefinitionId(String);
+
+impl DefinitionId {
+    pub fn parse(text: &str) -> Result<DefinitionId, String> {
+        let ok = !text.is_empty()
+            && text.len() <= 64
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if ok {
+            Ok(DefinitionId(text.to_string()))
+        } else {
+            Err(format!(
+                "{text:?} is not a definition id (a number, or 1 to 64 of A-Z a-z 0-9 _ -)"
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DefinitionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for DefinitionId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(i64),
+            Text(String),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Number(n) if n > 0 => n.to_string(),
+            Raw::Number(n) => {
+                return Err(serde::de::Error::custom(format!(
+                    "definition_id {n} is not a definition id (a positive number or a string)"
+                )));
+            }
+            Raw::Text(t) => t,
+        };
+        DefinitionId::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The value of one field of a created object.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldValue {
+    /// A value reference into the event (a JSON pointer); one that finds nothing leaves the
+    /// field out.
+    Reference(String),
+    /// `{ value = ... }`: this value, for every event.
+    Literal(serde_json::Value),
+}
+
+impl<'de> Deserialize<'de> for FieldValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Literal {
+            value: serde_json::Value,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Reference(String),
+            Literal(Literal),
+        }
+        match Raw::deserialize(d) {
+            Ok(Raw::Reference(r)) => Ok(FieldValue::Reference(r)),
+            Ok(Raw::Literal(l)) => Ok(FieldValue::Literal(l.value)),
+            Err(_) => Err(serde::de::Error::custom(
+                "a field is a value reference (\"/pointer\") or a literal ({ value = ... })",
+            )),
+        }
+    }
 }
 
 fn default_tolerance() -> u64 {
@@ -318,6 +430,16 @@ fn default_tolerance() -> u64 {
 }
 
 impl SourceConfig {
+    /// Which of `object_id` and `[sources.object]` this source uses. A validated configuration
+    /// has exactly one; `object` wins should both be set.
+    pub fn object_rule(&self) -> ObjectRule<'_> {
+        match (&self.object, &self.object_id) {
+            (Some(spec), _) => ObjectRule::Create(spec),
+            (None, Some(p)) => ObjectRule::FromBody(p),
+            (None, None) => ObjectRule::FromBody(""),
+        }
+    }
+
     /// The layout of SPEC section 3's example: Standard Webhooks, `{"id", "type": "object.created",
     /// "data": {"object_id", "lead_id"}}`. The demo and the tests start from it.
     pub fn example(name: &str, secret: &str) -> SourceConfig {
@@ -339,7 +461,8 @@ impl SourceConfig {
             event_id: Some("/id".into()),
             event_type: Some("/type".into()),
             accept_types: vec!["object.created".into()],
-            object_id: "/data/object_id".into(),
+            object_id: Some("/data/object_id".into()),
+            object: None,
             lead: LeadConfig {
                 id: Some("/data/lead_id".into()),
                 ..Default::default()
@@ -998,8 +1121,8 @@ impl Config {
                 errors.extend(lines);
             }
             if let Some(q) = s.credential_query() {
-                let mut refs: Vec<(String, &str)> =
-                    vec![("object_id".into(), s.object_id.as_str())];
+                let mut refs: Vec<(String, &str)> = Vec::new();
+                refs.extend(s.object_id.as_deref().map(|p| ("object_id".into(), p)));
                 refs.extend(s.event_id.as_deref().map(|p| ("event_id".into(), p)));
                 refs.extend(s.event_type.as_deref().map(|p| ("event_type".into(), p)));
                 refs.extend(s.lead.id.as_deref().map(|p| ("lead.id".into(), p)));
@@ -1027,7 +1150,30 @@ impl Config {
                     ));
                 }
             };
-            check_pointer(errors, "object_id", &s.object_id);
+            match (&s.object_id, &s.object) {
+                (Some(_), Some(_)) => errors.push(format!(
+                    "{at}: set either object_id (the sender created the object) or [sources.object] (sprintlink creates it), not both"
+                )),
+                (None, None) => errors.push(format!(
+                    "{at}: set object_id (where the sender put the object's id) or [sources.object] (sprintlink creates the object)"
+                )),
+                (Some(p), None) => check_pointer(errors, "object_id", p),
+                (None, Some(spec)) => {
+                    if spec.fields.is_empty() {
+                        errors.push(format!(
+                            "{at}.object.fields: empty; map the object's field aliases to values"
+                        ));
+                    }
+                    for (alias, value) in &spec.fields {
+                        if alias.trim().is_empty() {
+                            errors.push(format!("{at}.object.fields: an alias is empty"));
+                        }
+                        if let FieldValue::Reference(p) = value {
+                            check_pointer(errors, &format!("object.fields.{alias}"), p);
+                        }
+                    }
+                }
+            }
             if let Some(p) = &s.event_id {
                 check_pointer(errors, "event_id", p);
             }
@@ -1694,6 +1840,51 @@ id = "/data/lead_id"
 
     fn env(name: &str) -> Option<String> {
         (name == "TOKEN").then(|| "t0ken".to_string())
+    }
+
+    #[test]
+    fn object_fields_parse_into_references_and_literals() {
+        let text = BASE.replace(
+            "object_id = \"/data/object_id\"\n",
+            "[sources.object]\ndefinition_id = 42\nfields = { pedido = \"/id\", canal = { value = \"loja\" }, qtd = { value = 2 } }\n",
+        );
+        let cfg = Config::from_parts(&text, &[], &env).unwrap();
+        let ObjectRule::Create(spec) = cfg.sources[0].object_rule() else {
+            panic!("a source with [sources.object] creates its object");
+        };
+        assert_eq!(spec.definition_id.as_str(), "42");
+        assert_eq!(spec.fields["pedido"], FieldValue::Reference("/id".into()));
+        assert_eq!(
+            spec.fields["canal"],
+            FieldValue::Literal(serde_json::json!("loja"))
+        );
+        assert_eq!(
+            spec.fields["qtd"],
+            FieldValue::Literal(serde_json::json!(2))
+        );
+        // A string id works too; one that cannot go in a URL path does not.
+        let named = text.replace("definition_id = 42", "definition_id = \"pedido_v2\"");
+        assert!(Config::from_parts(&named, &[], &env).is_ok());
+        for bad in [
+            "definition_id = \"a/b\"",
+            "definition_id = 0",
+            "definition_id = \"\"",
+        ] {
+            let t = text.replace("definition_id = 42", bad);
+            assert!(Config::from_parts(&t, &[], &env).is_err(), "{bad}");
+        }
+        let t = text.replace("{ value = 2 }", "{ val = 2 }");
+        let e = Config::from_parts(&t, &[], &env).unwrap_err().to_string();
+        assert!(e.contains("a literal ({ value = ... })"), "{e}");
+        let t = text.replace("pedido = \"/id\"", "pedido = \"id\"");
+        let e = Config::from_parts(&t, &[], &env).unwrap_err().to_string();
+        assert!(e.contains("sources.erp.object.fields.pedido"), "{e}");
+        let t = text.replace(
+            "fields = { pedido = \"/id\", canal = { value = \"loja\" }, qtd = { value = 2 } }",
+            "fields = {}",
+        );
+        let e = Config::from_parts(&t, &[], &env).unwrap_err().to_string();
+        assert!(e.contains("sources.erp.object.fields: empty"), "{e}");
     }
 
     #[test]

@@ -65,6 +65,62 @@ impl LinkState {
     }
 }
 
+/// Where the custom object of an event that asks sprintlink to create it stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ObjectState {
+    /// Not yet created; due at `due_at`. Its links wait for it.
+    Pending,
+    /// SprintHub answered with the new object's id, which is stored: never created again.
+    Created,
+    /// SprintHub refused it for good (or retries ran out); the event is dead.
+    Dead,
+}
+
+impl ObjectState {
+    pub const ALL: [ObjectState; 3] = [
+        ObjectState::Pending,
+        ObjectState::Created,
+        ObjectState::Dead,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ObjectState::Pending => "pending",
+            ObjectState::Created => "created",
+            ObjectState::Dead => "dead",
+        }
+    }
+}
+
+/// How one object creation attempt ended, as recorded and counted
+/// (`sprintlink_object_creations_total{outcome}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CreationOutcome {
+    /// SprintHub answered with the new id.
+    Created,
+    /// SprintHub answered with a failure: nothing was created.
+    Failed,
+    /// The request may have reached SprintHub but its answer was lost (a timeout, a dropped
+    /// connection, a crash after sending): SprintHub may hold an object nobody links.
+    Unknown,
+}
+
+impl CreationOutcome {
+    pub const ALL: [CreationOutcome; 3] = [
+        CreationOutcome::Created,
+        CreationOutcome::Failed,
+        CreationOutcome::Unknown,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CreationOutcome::Created => "created",
+            CreationOutcome::Failed => "failed",
+            CreationOutcome::Unknown => "unknown",
+        }
+    }
+}
+
 /// A stored or requested state text that is not one of the states.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown state {0:?}")]
@@ -95,6 +151,8 @@ macro_rules! text_enum {
 }
 text_enum!(EventState);
 text_enum!(LinkState);
+text_enum!(ObjectState);
+text_enum!(CreationOutcome);
 
 #[cfg(test)]
 mod tests {
@@ -118,6 +176,12 @@ mod tests {
         ] {
             assert_eq!(text.parse::<LinkState>(), Ok(state));
             assert_eq!(serde_json::to_value(state).unwrap(), text);
+        }
+        for state in ObjectState::ALL {
+            assert_eq!(state.as_str().parse::<ObjectState>(), Ok(state));
+        }
+        for outcome in CreationOutcome::ALL {
+            assert_eq!(outcome.as_str().parse::<CreationOutcome>(), Ok(outcome));
         }
         assert_eq!(
             "Dead".parse::<EventState>(),

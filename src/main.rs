@@ -6,7 +6,7 @@ fn main() {
     let json_logs =
         std::env::var("SPRINTLINK_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let code = match cli.command {
-        Command::CheckConfig { config } => cli::check_config(config),
+        Command::CheckConfig { config, online } => cli::check_config(config, online),
         Command::Sign {
             config,
             source,
@@ -28,6 +28,9 @@ fn main() {
                         cli::serve(config).await
                     }
                     Command::Demo => cli::demo().await,
+                    Command::Sprinthub {
+                        command: cli::SprinthubCommand::Definitions { config },
+                    } => cli::sprinthub_definitions(config).await,
                     Command::Migrate { config, dry_run } => cli::migrate(config, dry_run).await,
                     Command::Healthcheck { url, config } => cli::healthcheck(url, config).await,
                     _ => unreachable!("handled above"),

@@ -4,7 +4,9 @@
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::config::{LeadField, LookupKind, Scheme, SourceConfig};
+use crate::config::{
+    DefinitionId, FieldValue, LeadField, LookupKind, ObjectRule, ObjectSpec, Scheme, SourceConfig,
+};
 
 /// The longest event id, event type, object id, lead id or lookup key accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
@@ -83,16 +85,15 @@ pub fn check_storable(source: &SourceConfig, body: &Value) -> Result<(), Unstora
             format!("the {what} at {p} contains a control character"),
         )
     };
-    let p = &source.object_id;
-    if body
-        .pointer(p)
-        .and_then(id_text)
-        .is_some_and(|id| has_control(&id))
+    if let ObjectRule::FromBody(p) = source.object_rule()
+        && value_at(body, p)
+            .and_then(id_text)
+            .is_some_and(|id| has_control(&id))
     {
         return Err(bad("object id", p));
     }
     if let Some(p) = &source.lead.id {
-        let dirty = match body.pointer(p) {
+        let dirty = match value_at(body, p) {
             Some(Value::Array(items)) => {
                 items.iter().filter_map(id_text).any(|id| has_control(&id))
             }
@@ -104,8 +105,7 @@ pub fn check_storable(source: &SourceConfig, body: &Value) -> Result<(), Unstora
         }
     }
     if let Some(p) = &source.lead.key
-        && body
-            .pointer(p)
+        && value_at(body, p)
             .and_then(scalar_text)
             .is_some_and(|k| has_control(k.trim()))
     {
@@ -123,11 +123,42 @@ pub enum Leads {
     Key(String),
 }
 
+/// The custom object an event is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Object {
+    /// The sender created it and sent its id.
+    Id(String),
+    /// sprintlink creates it from the event's fields, once its leads are known.
+    Create(DefinitionId),
+}
+
 /// What one event maps to. `Err` carries the reason an operator reads on a parked event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mapped {
-    pub object_id: String,
+    pub object: Object,
     pub leads: Leads,
+}
+
+/// The value a reference of the configuration names in an event: every value the mapping
+/// reads (object id, lead ids and key, lead and object fields) goes through here.
+pub fn value_at<'a>(body: &'a Value, reference: &str) -> Option<&'a Value> {
+    body.pointer(reference)
+}
+
+/// The JSON body of an object creation: each field's value (a reference that finds nothing,
+/// or finds null, leaves its field out; a literal is sent as written).
+pub fn object_fields(spec: &ObjectSpec, body: &Value) -> serde_json::Map<String, Value> {
+    let mut out = serde_json::Map::new();
+    for (alias, value) in &spec.fields {
+        let v = match value {
+            FieldValue::Reference(r) => value_at(body, r).filter(|v| !v.is_null()).cloned(),
+            FieldValue::Literal(v) => Some(v.clone()),
+        };
+        if let Some(v) = v {
+            out.insert(alias.clone(), v);
+        }
+    }
+    out
 }
 
 /// Reads the event id: the configured pointer, else the scheme's delivery id (Stripe's is the
@@ -143,7 +174,7 @@ pub fn event_id(
         .as_deref()
         .or((source.scheme == Scheme::Stripe).then_some("/id"));
     pointer
-        .and_then(|p| body.pointer(p))
+        .and_then(|p| value_at(body, p))
         .and_then(scalar_text)
         .or_else(|| delivery_id.filter(|d| !d.is_empty()).map(str::to_string))
         .unwrap_or_else(|| format!("sha256:{}", hex::encode(Sha256::digest(raw))))
@@ -154,7 +185,7 @@ pub fn event_type(source: &SourceConfig, body: &Value) -> Option<String> {
     source
         .event_type
         .as_deref()
-        .and_then(|p| body.pointer(p))
+        .and_then(|p| value_at(body, p))
         .and_then(scalar_text)
 }
 
@@ -166,37 +197,52 @@ pub fn accepts(source: &SourceConfig, event_type: Option<&str>) -> bool {
 
 /// Where the mapping sends an event: its object id (when found) and what to do next.
 pub fn plan(source: &SourceConfig, body: &Value) -> (Option<String>, crate::store::Plan) {
+    use crate::store::Plan;
     match map(source, body) {
-        Ok(m) => match m.leads {
-            Leads::Ids(ids) => (Some(m.object_id), crate::store::Plan::Links(ids)),
-            Leads::Key(_) => (Some(m.object_id), crate::store::Plan::Resolve),
+        Ok(m) => match (m.object, m.leads) {
+            (Object::Id(o), Leads::Ids(ids)) => (Some(o), Plan::Links(ids)),
+            (Object::Id(o), Leads::Key(_)) => (Some(o), Plan::Resolve),
+            (Object::Create(definition_id), Leads::Ids(leads)) => (
+                None,
+                Plan::Create {
+                    definition_id,
+                    leads,
+                },
+            ),
+            (Object::Create(_), Leads::Key(_)) => (None, Plan::Resolve),
         },
         Err(reason) => {
             // An object id over the cap is not kept: the reason says why the event is parked.
-            let object_id = body
-                .pointer(&source.object_id)
-                .and_then(id_text)
-                .filter(|id| id.len() <= MAX_ID_BYTES);
-            (object_id, crate::store::Plan::Parked(reason))
+            let object_id = match source.object_rule() {
+                ObjectRule::FromBody(p) => value_at(body, p)
+                    .and_then(id_text)
+                    .filter(|id| id.len() <= MAX_ID_BYTES),
+                ObjectRule::Create(_) => None,
+            };
+            (object_id, Plan::Parked(reason))
         }
     }
 }
 
 /// Maps the body to an object id and leads, or explains why it cannot.
 pub fn map(source: &SourceConfig, body: &Value) -> Result<Mapped, String> {
-    let object_id = body
-        .pointer(&source.object_id)
-        .and_then(id_text)
-        .ok_or_else(|| format!("object id not found at {}", source.object_id))?;
-    if object_id.len() > MAX_ID_BYTES {
-        return Err(format!(
-            "object id at {} is longer than {MAX_ID_BYTES} bytes",
-            source.object_id
-        ));
-    }
+    let object = match source.object_rule() {
+        ObjectRule::FromBody(p) => {
+            let object_id = value_at(body, p)
+                .and_then(id_text)
+                .ok_or_else(|| format!("object id not found at {p}"))?;
+            if object_id.len() > MAX_ID_BYTES {
+                return Err(format!(
+                    "object id at {p} is longer than {MAX_ID_BYTES} bytes"
+                ));
+            }
+            Object::Id(object_id)
+        }
+        ObjectRule::Create(spec) => Object::Create(spec.definition_id.clone()),
+    };
     let lead = &source.lead;
     let leads = if let Some(p) = &lead.id {
-        let ids = match body.pointer(p) {
+        let ids = match value_at(body, p) {
             Some(Value::Array(items)) => {
                 let ids: Option<Vec<String>> = items.iter().map(id_text).collect();
                 ids.ok_or_else(|| format!("lead ids at {p} are not all ids"))?
@@ -223,8 +269,7 @@ pub fn map(source: &SourceConfig, body: &Value) -> Result<Mapped, String> {
         }
         Leads::Ids(ids)
     } else if let Some(p) = &lead.key {
-        let raw = body
-            .pointer(p)
+        let raw = value_at(body, p)
             .and_then(scalar_text)
             .ok_or_else(|| format!("lead key not found at {p}"))?;
         let key = normalize_key(&raw, lead.lookup, lead.field);
@@ -240,7 +285,7 @@ pub fn map(source: &SourceConfig, body: &Value) -> Result<Mapped, String> {
     } else {
         return Err("source has no lead mapping".into());
     };
-    Ok(Mapped { object_id, leads })
+    Ok(Mapped { object, leads })
 }
 
 /// Canonical form of a lookup key: emails compare case-insensitively, phone numbers by digits.
@@ -318,7 +363,7 @@ mod tests {
         assert_eq!(
             m,
             Mapped {
-                object_id: "123".into(),
+                object: Object::Id("123".into()),
                 leads: Leads::Ids(vec!["8473".into()])
             }
         );
@@ -333,7 +378,7 @@ mod tests {
             &json!({"data": {"object_id": "obj-x", "lead_id": [2, "1", 2]}}),
         )
         .unwrap();
-        assert_eq!(m.object_id, "obj-x");
+        assert_eq!(m.object, Object::Id("obj-x".into()));
         assert_eq!(m.leads, Leads::Ids(vec!["1".into(), "2".into()]));
     }
 
@@ -571,7 +616,8 @@ mod fuzz {
             event_id: Some(lead.clone()),
             event_type: Some(object.clone()),
             accept_types: vec![],
-            object_id: object,
+            object_id: Some(object),
+            object: None,
             lead: if key {
                 LeadConfig {
                     key: Some(lead),
@@ -603,7 +649,10 @@ mod fuzz {
             let id = event_id(&s, &body, b"raw", None);
             prop_assert!(!id.is_empty());
             if let Ok(m) = map(&s, &body) {
-                prop_assert!(!m.object_id.trim().is_empty());
+                let Object::Id(object_id) = &m.object else {
+                    panic!("a source with object_id maps to an id");
+                };
+                prop_assert!(!object_id.trim().is_empty());
                 match m.leads {
                     Leads::Ids(ids) => prop_assert!(!ids.is_empty() && ids.iter().all(|i| !i.is_empty())),
                     Leads::Key(k) => prop_assert!(!k.is_empty()),

@@ -123,6 +123,84 @@ pub struct Success {
     pub excerpt: Option<String>,
     /// The parsed answer; `None` when it is not JSON or was larger than the call's bound.
     pub body: Option<Value>,
+    /// Whether the whole answer was read (not cut by the bound or a dropped connection).
+    pub complete: bool,
+}
+
+/// Why an object creation did not give an id, split by what SprintHub may now hold.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CreateFailure {
+    /// SprintHub answered, and the answer says nothing was created (or, for a 2xx without an
+    /// id, that it cannot be linked): classified like any call.
+    Answered(Failure),
+    /// The request may have reached SprintHub but no answer (or only part of one) came back:
+    /// a timeout, a connection dropped after sending. An object may exist that nobody links.
+    Lost(Failure),
+}
+
+impl CreateFailure {
+    pub fn failure(&self) -> &Failure {
+        match self {
+            CreateFailure::Answered(f) | CreateFailure::Lost(f) => f,
+        }
+    }
+}
+
+/// A custom object definition as `GET /customobjects/def` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Definition {
+    pub id: String,
+    pub name: String,
+    pub fields: Vec<DefinitionField>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefinitionField {
+    pub label: String,
+    pub alias: String,
+    pub kind: String,
+    pub required: bool,
+}
+
+/// The definitions in a `/customobjects/def` answer (`data.definitions` or `definitions`);
+/// `None` when the answer has no such list.
+pub fn parse_definitions(answer: &Value) -> Option<Vec<Definition>> {
+    let list = answer
+        .pointer("/data/definitions")
+        .or_else(|| answer.get("definitions"))?
+        .as_array()?;
+    let text = |v: Option<&Value>| match v {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => String::new(),
+    };
+    Some(
+        list.iter()
+            .map(|d| Definition {
+                id: text(d.get("id")),
+                name: text(d.get("name")),
+                fields: d
+                    .get("fields")
+                    .and_then(Value::as_array)
+                    .map(|fs| {
+                        fs.iter()
+                            .map(|f| DefinitionField {
+                                label: text(f.get("label")),
+                                alias: text(f.get("alias")),
+                                kind: text(f.get("type")),
+                                required: match f.get("required") {
+                                    Some(Value::Bool(b)) => *b,
+                                    Some(Value::String(s)) => s == "true",
+                                    Some(Value::Number(n)) => n.as_i64() == Some(1),
+                                    _ => false,
+                                },
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+            .collect(),
+    )
 }
 
 /// A lead found by search.
@@ -270,28 +348,115 @@ impl SprintHubClient {
             })
     }
 
+    /// `POST /customobjects/objects/{definition_id}` with the object's fields; the new
+    /// object's id is read from `id` or `data.id`.
+    pub async fn create_object(
+        &self,
+        definition_id: &str,
+        fields: &Value,
+    ) -> Result<(String, Success), CreateFailure> {
+        let path = format!("/customobjects/objects/{definition_id}");
+        let ok = match self
+            .call(
+                self.http.post(self.url(&path)).json(fields),
+                LOOKUP_ANSWER_LIMIT,
+            )
+            .await
+        {
+            Ok(ok) => ok,
+            Err((failure, true)) => return Err(CreateFailure::Lost(failure)),
+            Err((failure, false)) => return Err(CreateFailure::Answered(failure)),
+        };
+        let id = ok.body.as_ref().and_then(|b| {
+            b.get("id")
+                .or_else(|| b.pointer("/data/id"))
+                .and_then(crate::mapping::id_text)
+        });
+        match id {
+            Some(id) => Ok((id, ok)),
+            // A 2xx cut short: the id may have been in the part that was lost.
+            None if !ok.complete => Err(CreateFailure::Lost(Failure::Transient {
+                status: Some(ok.status),
+                retry_after: None,
+                error: "the answer was cut off before its id".into(),
+                excerpt: ok.excerpt,
+            })),
+            // Created, perhaps, but without an id nothing can be linked; trying again could
+            // create a second one.
+            None => Err(CreateFailure::Answered(Failure::Permanent {
+                status: ok.status,
+                excerpt: Some(store_safe(
+                    &format!(
+                        "object created but no id in the answer: {}",
+                        ok.excerpt.unwrap_or_default()
+                    ),
+                    EXCERPT_BYTES,
+                )),
+            })),
+        }
+    }
+
+    /// `GET /customobjects/def`: the instance's custom object definitions.
+    pub async fn definitions(&self) -> Result<Vec<Definition>, Failure> {
+        let req = self.http.get(self.url("/customobjects/def")).query(&[(
+            "query",
+            "{definitions{id,name,fields{label,alias,type,required}}}",
+        )]);
+        let ok = self
+            .call(req, LOOKUP_ANSWER_LIMIT)
+            .await
+            .map_err(|(f, _)| f)?;
+        ok.body
+            .as_ref()
+            .and_then(parse_definitions)
+            .ok_or_else(|| Failure::Transient {
+                status: Some(ok.status),
+                retry_after: None,
+                error: "the definitions answer has no definitions list".into(),
+                excerpt: ok.excerpt,
+            })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base_url, path)
+    }
+
     /// One call. At most `limit` bytes of the answer are read; the rest is left unread.
     async fn post(&self, path: &str, body: &Value, limit: usize) -> Result<Success, Failure> {
-        let url = format!("{}{}", self.base_url, path);
-        let sent = self
-            .http
-            .post(&url)
+        self.call(self.http.post(self.url(path)).json(body), limit)
+            .await
+            .map_err(|(f, _)| f)
+    }
+
+    /// Sends the request with the credentials and reads at most `limit` bytes of the answer.
+    /// A failure says whether the request may have reached SprintHub without its answer
+    /// coming back (anything but a refused connection, before a status line arrived).
+    async fn call(
+        &self,
+        req: reqwest_middleware::RequestBuilder,
+        limit: usize,
+    ) -> Result<Success, (Failure, bool)> {
+        let sent = req
             .query(&[
                 ("apitoken", self.token.expose()),
                 ("i", self.instance.as_str()),
             ])
-            .json(body)
             .send()
             .await;
         let resp = match sent {
             Ok(r) => r,
             Err(e) => {
-                return Err(Failure::Transient {
-                    status: None,
-                    retry_after: None,
-                    error: self.scrub(&describe_error(e)),
-                    excerpt: None,
-                });
+                let maybe_sent =
+                    !matches!(&e, reqwest_middleware::Error::Reqwest(r) if r.is_connect());
+                return Err((
+                    Failure::Transient {
+                        status: None,
+                        retry_after: None,
+                        error: self.scrub(&describe_error(e)),
+                        excerpt: None,
+                    },
+                    maybe_sent,
+                ));
             }
         };
         let mut resp = resp;
@@ -331,16 +496,20 @@ impl SprintHubClient {
                 status: status.as_u16(),
                 excerpt,
                 body,
+                complete,
             });
         }
         if status.is_redirection() {
-            return Err(Failure::Misdirected {
-                status: status.as_u16(),
-                location,
-                excerpt,
-            });
+            return Err((
+                Failure::Misdirected {
+                    status: status.as_u16(),
+                    location,
+                    excerpt,
+                },
+                false,
+            ));
         }
-        Err(classify(status, retry_after, &bytes, excerpt))
+        Err((classify(status, retry_after, &bytes, excerpt), false))
     }
 
     /// Removes the token from text that might quote a URL or an echo of the request. A quoted
@@ -558,6 +727,72 @@ fn normalize(field: LeadField, v: &str) -> String {
     }
 }
 
+/// The line `check-config --online` and `sprinthub definitions` print when the definitions
+/// could not be listed. Never holds the token.
+pub fn definitions_failure(cfg: &crate::config::Config, f: &Failure) -> String {
+    match f {
+        Failure::Auth { status, .. } => format!(
+            "sprinthub: SprintHub refused the token or the instance {:?} (HTTP {status}); check sprinthub.api_token and sprinthub.instance",
+            cfg.sprinthub.instance
+        ),
+        other => format!(
+            "sprinthub: cannot list the custom object definitions at {}: {}",
+            cfg.sprinthub.base_url,
+            other.describe()
+        ),
+    }
+}
+
+/// Every `[sources.object]` against the instance's definitions: the definition exists, each
+/// alias is one of its fields, each required field is mapped. One line per problem.
+pub fn check_definitions(cfg: &crate::config::Config, defs: &[Definition]) -> Vec<String> {
+    use crate::config::ObjectRule;
+    let mut problems = Vec::new();
+    for s in &cfg.sources {
+        let ObjectRule::Create(spec) = s.object_rule() else {
+            continue;
+        };
+        let at = format!("sources.{}.object", s.name);
+        let Some(def) = defs.iter().find(|d| d.id == spec.definition_id.as_str()) else {
+            let known: Vec<String> = defs
+                .iter()
+                .map(|d| format!("{} ({})", d.id, d.name))
+                .collect();
+            problems.push(format!(
+                "{at}.definition_id: instance {:?} has no custom object definition {}; it has: {}",
+                cfg.sprinthub.instance,
+                spec.definition_id,
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ));
+            continue;
+        };
+        for alias in spec.fields.keys() {
+            if !def.fields.iter().any(|f| &f.alias == alias) {
+                let aliases: Vec<&str> = def.fields.iter().map(|f| f.alias.as_str()).collect();
+                problems.push(format!(
+                    "{at}.fields.{alias}: definition {} ({}) has no field with this alias; its aliases: {}",
+                    def.id,
+                    def.name,
+                    aliases.join(", ")
+                ));
+            }
+        }
+        for f in def.fields.iter().filter(|f| f.required) {
+            if !spec.fields.contains_key(&f.alias) {
+                problems.push(format!(
+                    "{at}.fields: definition {} ({}) requires field {} ({}), which is not mapped",
+                    def.id, def.name, f.alias, f.label
+                ));
+            }
+        }
+    }
+    problems
+}
+
 /// How long one call took, for the attempt record.
 pub fn elapsed_ms(start: Instant) -> i64 {
     start.elapsed().as_millis() as i64
@@ -665,6 +900,26 @@ mod tests {
         assert!(matches!(err, Failure::Transient { status: None, .. }));
         assert!(!shown.contains("NEVER-SHOWN"), "{shown}");
         assert!(!shown.contains("apitoken"), "{shown}");
+    }
+
+    #[test]
+    fn definitions_are_read_from_data_or_top_level() {
+        let def = json!({"id": 42, "name": "Pedido", "fields": [
+            {"label": "Pedido", "alias": "pedido", "type": "text", "required": true},
+            {"label": "Valor", "alias": "valor", "type": "number", "required": false},
+        ]});
+        for answer in [
+            json!({"data": {"definitions": [def.clone()]}}),
+            json!({"definitions": [def.clone()]}),
+        ] {
+            let defs = parse_definitions(&answer).unwrap();
+            assert_eq!(defs[0].id, "42");
+            assert_eq!(defs[0].fields[0].alias, "pedido");
+            assert!(defs[0].fields[0].required);
+            assert!(!defs[0].fields[1].required);
+            assert_eq!(defs[0].fields[1].kind, "number");
+        }
+        assert!(parse_definitions(&json!({"msg": "no"})).is_none());
     }
 
     #[test]

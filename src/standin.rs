@@ -1,6 +1,8 @@
-//! A local SprintHub stand-in that speaks the contract of SPEC section 1: `POST
-//! /customobjects/link`, `/leadsadvanced` (free-text, deliberately fuzzy) and `/leads`. The demo
-//! runs against it, and so do the tests, which script its answers and read what it received.
+//! A local SprintHub stand-in that speaks the contract of SPEC sections 1 and 7: `POST
+//! /customobjects/link`, `/leadsadvanced` (free-text, deliberately fuzzy), `/leads`,
+//! `/customobjects/objects/{definition_id}` and `GET /customobjects/def`. The demo runs against
+//! it, and so do the tests, which script its answers (object creations may also be delayed or
+//! have their connection dropped after the request arrived) and read what it received.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -9,11 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 /// One request as the stand-in saw it.
 #[derive(Debug, Clone)]
@@ -48,10 +51,32 @@ impl Canned {
     }
 }
 
+/// How the stand-in answers one object creation.
+#[derive(Debug, Clone)]
+pub enum ObjectAnswer {
+    /// This answer (nothing is created unless it is a 2xx).
+    Canned(Canned),
+    /// The object is created, and the connection is closed without an answer.
+    Drop,
+}
+
+/// Closes the connection a request came on.
+#[derive(Clone)]
+struct Hangup(CancellationToken);
+
 #[derive(Default)]
 struct Inner {
     received: Mutex<Vec<Received>>,
     script: Mutex<VecDeque<Canned>>,
+    object_script: Mutex<VecDeque<ObjectAnswer>>,
+    definitions: Mutex<Vec<Value>>,
+    /// When set, only this API token is accepted.
+    token: Mutex<Option<String>>,
+    /// Object creations received whose answer has not been sent yet.
+    creating: AtomicUsize,
+    object_delay_ms: AtomicI64,
+    /// Answer creations with `{"id": N}` instead of `{"data": {"id": N}}`.
+    flat_ids: AtomicBool,
     leads: Mutex<Vec<Value>>,
     next_id: AtomicI64,
     in_flight: AtomicUsize,
@@ -74,14 +99,86 @@ impl StandIn {
             ..Default::default()
         });
         let app = Router::new()
+            .route("/customobjects/objects/{definition}", post(create_object))
+            .route("/customobjects/def", get(definitions))
             .route("/{*path}", post(handle))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        // A loop of its own rather than `axum::serve`, so that a handler can close the
+        // connection its request came on (a dropped answer).
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            use hyper_util::rt::{TokioExecutor, TokioIo};
+            while let Ok((stream, _)) = listener.accept().await {
+                let app = app.clone();
+                tokio::spawn(async move {
+                    let hangup = CancellationToken::new();
+                    let h = hangup.clone();
+                    let service = hyper::service::service_fn(
+                        move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                            req.extensions_mut().insert(Hangup(h.clone()));
+                            let app = app.clone();
+                            async move {
+                                tower::ServiceExt::oneshot(
+                                    app.into_service(),
+                                    req.map(axum::body::Body::new),
+                                )
+                                .await
+                            }
+                        },
+                    );
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = hangup.cancelled() => {}
+                    }
+                });
+            }
         });
         Ok(StandIn { addr, inner })
+    }
+
+    /// Answers the next object creations with these, in order; afterwards creations succeed.
+    pub fn script_objects(&self, answers: impl IntoIterator<Item = ObjectAnswer>) {
+        self.inner.object_script.lock().unwrap().extend(answers);
+    }
+
+    /// Each object creation waits this long before answering (after it was recorded).
+    pub fn set_object_delay(&self, d: Duration) {
+        self.inner
+            .object_delay_ms
+            .store(d.as_millis() as i64, Ordering::SeqCst);
+    }
+
+    /// Answer creations with the id at the top level (`{"id": N}`), as some instances do.
+    pub fn set_flat_ids(&self, flat: bool) {
+        self.inner.flat_ids.store(flat, Ordering::SeqCst);
+    }
+
+    /// A custom object definition `GET /customobjects/def` lists:
+    /// `{"id", "name", "fields": [{"label", "alias", "type", "required"}]}`.
+    pub fn add_definition(&self, definition: Value) {
+        self.inner.definitions.lock().unwrap().push(definition);
+    }
+
+    /// Accept only this API token (every call with another gets 401).
+    pub fn require_token(&self, token: &str) {
+        *self.inner.token.lock().unwrap() = Some(token.to_string());
+    }
+
+    /// Object creations received whose answer has not been sent (yet, or ever).
+    pub fn creations_in_flight(&self) -> usize {
+        self.inner.creating.load(Ordering::SeqCst)
+    }
+
+    /// The object creations received (whatever became of their answers).
+    pub fn creations(&self) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.path.starts_with("/customobjects/objects/"))
+            .collect()
     }
 
     pub fn url(&self) -> String {
@@ -149,8 +246,7 @@ async fn handle(
         tokio::time::sleep(Duration::from_millis(delay as u64)).await;
     }
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let authed = query.iter().any(|(k, v)| k == "apitoken" && !v.is_empty())
-        && query.iter().any(|(k, v)| k == "i" && !v.is_empty());
+    let authed = authed(&inner, &query);
     let canned = if inner.down.load(Ordering::SeqCst) {
         Canned::new(503, r#"{"msg":"maintenance"}"#)
     } else if !authed {
@@ -214,4 +310,124 @@ async fn handle(
         }
     }
     resp
+}
+
+fn authed(inner: &Inner, query: &[(String, String)]) -> bool {
+    let wanted = inner.token.lock().unwrap().clone();
+    query
+        .iter()
+        .any(|(k, v)| k == "apitoken" && !v.is_empty() && wanted.as_ref().is_none_or(|w| w == v))
+        && query.iter().any(|(k, v)| k == "i" && !v.is_empty())
+}
+
+fn json_response(canned: Canned) -> Response {
+    let mut resp = (
+        StatusCode::from_u16(canned.status).unwrap_or(StatusCode::OK),
+        canned.body,
+    )
+        .into_response();
+    resp.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    for (k, v) in canned.headers {
+        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::from_str(&v)) {
+            resp.headers_mut().insert(k, v);
+        }
+    }
+    resp
+}
+
+async fn create_object(
+    State(inner): State<Arc<Inner>>,
+    Path(definition): Path<String>,
+    Query(query): Query<Vec<(String, String)>>,
+    Extension(hangup): Extension<Hangup>,
+    body: axum::body::Bytes,
+) -> Response {
+    let path = format!("/customobjects/objects/{definition}");
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let known = {
+        let defs = inner.definitions.lock().unwrap();
+        defs.is_empty() || defs.iter().any(|d| id_text(&d["id"]) == definition)
+    };
+    let answer = if inner.down.load(Ordering::SeqCst) {
+        ObjectAnswer::Canned(Canned::new(503, r#"{"msg":"maintenance"}"#))
+    } else if !authed(&inner, &query) {
+        ObjectAnswer::Canned(Canned::new(401, r#"{"msg":"invalid token"}"#))
+    } else if !known {
+        ObjectAnswer::Canned(Canned::new(404, r#"{"msg":"definition not found"}"#))
+    } else {
+        inner
+            .object_script
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or_else(|| ObjectAnswer::Canned(Canned::new(200, "")))
+    };
+    let created = |inner: &Inner| {
+        let id = inner.next_id.fetch_add(1, Ordering::SeqCst);
+        if inner.flat_ids.load(Ordering::SeqCst) {
+            json!({"id": id, "fields": body.clone()}).to_string()
+        } else {
+            json!({"data": {"id": id, "fields": body.clone()}}).to_string()
+        }
+    };
+    let (status, canned) = match answer {
+        ObjectAnswer::Drop => {
+            created(&inner);
+            (0, None)
+        }
+        ObjectAnswer::Canned(c) if c.status == 200 && c.body.is_empty() => {
+            let text = created(&inner);
+            (200, Some(Canned::new(200, &text)))
+        }
+        ObjectAnswer::Canned(c) => (c.status, Some(c)),
+    };
+    inner.creating.fetch_add(1, Ordering::SeqCst);
+    inner.received.lock().unwrap().push(Received {
+        path,
+        query,
+        body: body.clone(),
+        at: Instant::now(),
+        status,
+    });
+    let Some(canned) = canned else {
+        // The request arrived and the object exists; the answer never leaves.
+        hangup.0.cancel();
+        std::future::pending::<()>().await;
+        unreachable!()
+    };
+    let delay = inner.object_delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay as u64)).await;
+    }
+    inner.creating.fetch_sub(1, Ordering::SeqCst);
+    json_response(canned)
+}
+
+async fn definitions(
+    State(inner): State<Arc<Inner>>,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Response {
+    let canned = if !authed(&inner, &query) {
+        Canned::new(401, r#"{"msg":"invalid token"}"#)
+    } else {
+        let defs = inner.definitions.lock().unwrap().clone();
+        Canned::new(200, &json!({"data": {"definitions": defs}}).to_string())
+    };
+    inner.received.lock().unwrap().push(Received {
+        path: "/customobjects/def".into(),
+        query,
+        body: Value::Null,
+        at: Instant::now(),
+        status: canned.status,
+    });
+    json_response(canned)
+}
+
+fn id_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        _ => String::new(),
+    }
 }

@@ -126,6 +126,7 @@ pub struct Metrics {
     links: Counters,
     attempts: Counters,
     lookups: Counters,
+    creations: Counters,
     ingest: Histogram,
     delivery: Histogram,
 }
@@ -143,6 +144,7 @@ impl Metrics {
             links: Counters::default(),
             attempts: Counters::default(),
             lookups: Counters::default(),
+            creations: Counters::default(),
             ingest: Histogram::new(),
             delivery: Histogram::new(),
         }
@@ -178,6 +180,11 @@ impl Metrics {
         self.lookups.get(&[outcome])
     }
 
+    /// One object creation attempt: created, failed, or unknown (the answer was lost).
+    pub fn object_creation(&self, outcome: crate::domain::CreationOutcome) {
+        self.creations.inc(&[outcome.as_str()]);
+    }
+
     /// The Prometheus text exposition, with storage figures read just now.
     pub fn render(&self, stats: Option<&Stats>) -> String {
         let mut out = String::with_capacity(4096);
@@ -196,13 +203,19 @@ impl Metrics {
         self.attempts.render(
             &mut out,
             "sprintlink_delivery_attempts_total",
-            "Calls to SprintHub's link endpoint, by outcome.",
+            "Calls to SprintHub's link and object creation endpoints, by outcome.",
             &["outcome"],
         );
         self.lookups.render(
             &mut out,
             "sprintlink_lead_lookups_total",
             "Lead resolutions, by outcome.",
+            &["outcome"],
+        );
+        self.creations.render(
+            &mut out,
+            "sprintlink_object_creations_total",
+            "Custom object creation attempts, by outcome (unknown: sent, answer lost).",
             &["outcome"],
         );
         let _ = writeln!(
@@ -225,7 +238,7 @@ impl Metrics {
         if let Some(s) = stats {
             let _ = writeln!(
                 out,
-                "# HELP sprintlink_queue_depth Links and lead resolutions waiting to be done.\n# TYPE sprintlink_queue_depth gauge\nsprintlink_queue_depth {}",
+                "# HELP sprintlink_queue_depth Links, lead resolutions and object creations waiting to be done.\n# TYPE sprintlink_queue_depth gauge\nsprintlink_queue_depth {}",
                 s.queue_depth
             );
             let _ = writeln!(

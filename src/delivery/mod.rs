@@ -3,6 +3,7 @@
 //! writer. Concurrency and the outbound rate are bounded per replica.
 
 pub mod backoff;
+pub mod objects;
 pub mod ratelimit;
 pub mod resolve;
 
@@ -20,6 +21,7 @@ use crate::sprinthub::{Failure, SprintHubClient};
 use crate::store::{Attempt, Completion, LinkJob, LinkUpdate, Store, now_ms};
 use crate::telemetry::Metrics;
 use backoff::{Next, after_failure};
+use objects::Creator;
 use ratelimit::RateLimiter;
 use resolve::Resolver;
 
@@ -51,6 +53,7 @@ pub struct Worker {
     wake: Arc<Notify>,
     completer: Batcher<Completion, ()>,
     resolver: Resolver,
+    creator: Creator,
     /// Jobs whose call is in progress, so a forced shutdown can hand them back.
     in_flight: Mutex<HashMap<i64, i64>>,
 }
@@ -80,7 +83,9 @@ impl Worker {
             limiter.clone(),
             metrics.clone(),
         );
+        let creator = Creator::new(store.clone(), hub.clone(), cfg.clone(), metrics.clone());
         Arc::new(Worker {
+            creator,
             store,
             hub,
             cfg,
@@ -168,6 +173,30 @@ impl Worker {
                     drop(permit);
                 });
                 started += 1;
+            }
+            // Object creations next: their links wait for them.
+            if !held.is_empty() {
+                let spare = held.len() as i64;
+                match self
+                    .store
+                    .claim_objects(now, now.saturating_add(lease_ms), spare)
+                    .await
+                {
+                    Ok(jobs) => {
+                        for job in jobs {
+                            let permit = held.pop().expect("claimed no more than the permits held");
+                            let slot = slots.next().expect("one slot per permit");
+                            let me = self.clone();
+                            let stop = shutdown.clone();
+                            tasks.spawn(async move {
+                                me.creator.run(job, slot, stop).await;
+                                drop(permit);
+                            });
+                            started += 1;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "claiming object creations failed"),
+                }
             }
             if !held.is_empty() {
                 let spare = held.len() as i64;

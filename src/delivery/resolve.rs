@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 
 use super::backoff::{Next, after_failure};
 use super::ratelimit::RateLimiter;
-use crate::config::{Config, LeadField, LookupKind, SourceConfig};
+use crate::config::{Config, LeadField, LookupKind, ObjectRule, SourceConfig};
 use crate::mapping::{self, Leads};
 use crate::sprinthub::{Failure, SprintHubClient};
 use crate::store::{ResolveJob, ResolveUpdate, Store, now_ms};
@@ -107,13 +107,25 @@ impl Resolver {
             slot: Some(slot),
             limiter: &self.limiter,
         };
-        let update = self.resolve(&job, &mut pace).await;
+        let update = match self.resolve(&job, &mut pace).await {
+            // A source that creates its object: the leads are known, the object comes next.
+            ResolveUpdate::Links(leads) => {
+                match self.cfg.source(&job.source).map(SourceConfig::object_rule) {
+                    Some(ObjectRule::Create(spec)) => ResolveUpdate::Create {
+                        definition_id: spec.definition_id.to_string(),
+                        leads,
+                    },
+                    _ => ResolveUpdate::Links(leads),
+                }
+            }
+            other => other,
+        };
         // An unused slot is handed back (when it is still the last one reserved).
         if let Some(slot) = pace.slot {
             self.limiter.release(&[slot]);
         }
         match &update {
-            ResolveUpdate::Links(ids) => {
+            ResolveUpdate::Links(ids) | ResolveUpdate::Create { leads: ids, .. } => {
                 tracing::info!(parent: &span, leads = ?ids, "lead key resolved")
             }
             ResolveUpdate::Parked(r) => tracing::warn!(parent: &span, reason = %r, "event parked"),
@@ -274,7 +286,7 @@ impl Resolver {
     ) -> Result<Vec<String>, Lookup> {
         let mut fields = Map::new();
         for (name, pointer) in &source.lead.create_fields {
-            if let Some(v) = body.pointer(pointer).filter(|v| !v.is_null()) {
+            if let Some(v) = mapping::value_at(body, pointer).filter(|v| !v.is_null()) {
                 fields.insert(name.clone(), v.clone());
             }
         }

@@ -133,6 +133,19 @@ pub fn detail_json(d: &EventDetail) -> Value {
     let body =
         serde_json::from_str::<Value>(&d.body).unwrap_or_else(|_| Value::String(d.body.clone()));
     v["body"] = body;
+    v["object"] = d.object.as_ref().map_or(Value::Null, |o| {
+        json!({
+            "object_id": o.object_id,
+            "definition_id": o.definition_id,
+            "state": o.state,
+            "next_attempt_at": o.next_attempt_at.map(rfc3339),
+            "attempts": o.attempts.iter().map(|a| {
+                let mut v = attempt_json(&a.attempt);
+                v["outcome"] = json!(a.outcome);
+                v
+            }).collect::<Vec<_>>(),
+        })
+    });
     v["next_links_cursor"] = d
         .more_links_after
         .map_or(Value::Null, |after| Value::String(after.to_string()));

@@ -10,7 +10,7 @@ use utoipa::openapi::RefOr;
 use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use utoipa::{PartialSchema, ToSchema};
 
-use crate::domain::{EventState, LinkState};
+use crate::domain::{CreationOutcome, EventState, LinkState, ObjectState};
 use crate::store::EventSummary;
 
 /// The states' schemas, made from the states themselves.
@@ -22,34 +22,39 @@ fn state_schema(values: &[&'static str], description: &str) -> RefOr<Schema> {
         .into()
 }
 
-impl PartialSchema for EventState {
-    fn schema() -> RefOr<Schema> {
-        state_schema(
-            &EventState::ALL.map(EventState::as_str),
-            "An event's state: `queued` (links pending), `delivered` (every link linked), \
-             `parked` (object id or lead missing, or no lead found: waits for an operator), \
-             `dead` (a link or the resolution failed for good).",
-        )
-    }
+/// A state's schema: its `ALL` values, under its type's name.
+macro_rules! state_schema {
+    ($ty:ident, $description:expr) => {
+        impl PartialSchema for $ty {
+            fn schema() -> RefOr<Schema> {
+                state_schema(&$ty::ALL.map($ty::as_str), $description)
+            }
+        }
+        impl ToSchema for $ty {
+            fn name() -> Cow<'static, str> {
+                stringify!($ty).into()
+            }
+        }
+    };
 }
 
-impl ToSchema for EventState {
-    fn name() -> Cow<'static, str> {
-        "EventState".into()
-    }
-}
-
-impl PartialSchema for LinkState {
-    fn schema() -> RefOr<Schema> {
-        state_schema(&LinkState::ALL.map(LinkState::as_str), "A link's state.")
-    }
-}
-
-impl ToSchema for LinkState {
-    fn name() -> Cow<'static, str> {
-        "LinkState".into()
-    }
-}
+state_schema!(
+    EventState,
+    "An event's state: `queued` (links pending), `delivered` (every link linked), \
+     `parked` (object id or lead missing, or no lead found: waits for an operator), \
+     `dead` (a link, the resolution or the object's creation failed for good)."
+);
+state_schema!(LinkState, "A link's state.");
+state_schema!(
+    ObjectState,
+    "The state of an object sprintlink creates: `pending`, `created` (its id is stored), `dead`."
+);
+state_schema!(
+    CreationOutcome,
+    "How an object creation attempt ended. `unknown`: the request may have reached SprintHub \
+     but its answer was lost (timeout, dropped connection, crash); it is tried again, so \
+     SprintHub may hold one extra, unlinked object."
+);
 
 /// `GET /healthz`.
 #[derive(Debug, Serialize, ToSchema)]

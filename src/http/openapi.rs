@@ -176,6 +176,35 @@ pub struct UnsupportedMediaType(pub ErrorBody);
 
 // ------------------------------------------------------------------ documented bodies
 
+/// One object creation attempt.
+#[derive(ToSchema)]
+pub struct ObjectAttemptDoc {
+    pub outcome: crate::domain::CreationOutcome,
+    #[schema(format = DateTime)]
+    pub at: String,
+    /// Null when no answer came (connection error, timeout, crash).
+    #[schema(required = true)]
+    pub status_code: Option<i64>,
+    #[schema(required = true)]
+    pub error: Option<String>,
+    #[schema(required = true)]
+    pub response_excerpt: Option<String>,
+    pub duration_ms: i64,
+}
+
+/// The custom object sprintlink creates for an event (sources with `[sources.object]`).
+#[derive(ToSchema)]
+pub struct ObjectDoc {
+    /// Known once SprintHub created it; the event's links use it.
+    #[schema(required = true)]
+    pub object_id: Option<String>,
+    pub definition_id: String,
+    pub state: crate::domain::ObjectState,
+    #[schema(required = true, format = DateTime)]
+    pub next_attempt_at: Option<String>,
+    pub attempts: Vec<ObjectAttemptDoc>,
+}
+
 /// `202`: the event is committed to storage.
 #[derive(ToSchema)]
 pub struct WebhookAccepted {
@@ -238,6 +267,10 @@ pub struct EventDetail {
     /// The stored body: its JSON, or the text when it is not JSON.
     #[schema(value_type = Value)]
     pub body: serde_json::Value,
+    /// The object sprintlink creates for this event; null for sources whose sender sends the
+    /// object's id.
+    #[schema(required = true)]
+    pub object: Option<ObjectDoc>,
     /// One page of the event's links (`links_limit`, 100 by default).
     pub links: Vec<LinkDoc>,
     /// Pass as `links_cursor` for the next page of links; null on the last page.

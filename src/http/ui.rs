@@ -867,6 +867,9 @@ async fn event_page(
         let _ = write!(c, "<dt>Reason</dt><dd id=\"reason\">{}</dd>", esc(r));
     }
     c.push_str("</dl></div>");
+    if let Some(o) = &detail.object {
+        c.push_str(&object_card(o, now));
+    }
     let _ = write!(c, "<h2>Links ({})</h2>", detail.links.len());
     if detail.links.is_empty() {
         c.push_str("<div class=\"card muted\">No links: the event is parked or its leads are not resolved yet.</div>");
@@ -891,6 +894,54 @@ async fn event_page(
         StatusCode::OK,
         page(&format!("Event {}", s.event_id), Tab::None, Some(&who), &c),
     )
+}
+
+/// The object sprintlink creates for the event: its id once created, and each attempt with
+/// its outcome (`unknown`: sent, answer lost).
+fn object_card(o: &crate::store::ObjectDetail, now: Millis) -> String {
+    use crate::store::{CreationOutcome, ObjectState};
+    let class = match o.state {
+        ObjectState::Pending => "b-blue",
+        ObjectState::Created => "b-green",
+        ObjectState::Dead => "b-red",
+    };
+    let mut c = format!(
+        "<h2>Object</h2><div class=\"card link\" id=\"object\"><div class=\"link-head\"><span>definition <b class=\"mono\">{}</b> → object <b class=\"mono\" id=\"object-id\">{}</b></span>{}",
+        esc(&o.definition_id),
+        esc(o.object_id.as_deref().unwrap_or("not created yet")),
+        badge(o.state.as_str(), class),
+    );
+    if let (Some(at), ObjectState::Pending) = (o.next_attempt_at, o.state) {
+        let next = if at <= now + 5_000 {
+            "due now".to_string()
+        } else {
+            relative(at, now)
+        };
+        let _ = write!(c, "<span class=\"muted\">next attempt {next}</span>");
+    }
+    c.push_str("</div>");
+    if o.attempts.is_empty() {
+        c.push_str("<div class=\"muted\">No creation attempts yet.</div>");
+    } else {
+        c.push_str("<ol class=\"timeline\">");
+        for a in &o.attempts {
+            let item = attempt_item(&a.attempt, now);
+            let class = match a.outcome {
+                CreationOutcome::Created => "b-green",
+                CreationOutcome::Failed => "b-red",
+                CreationOutcome::Unknown => "b-amber",
+            };
+            let outcome = badge(a.outcome.as_str(), class);
+            c.push_str(&item.replacen(
+                "<div class=\"t-head\">",
+                &format!("<div class=\"t-head\">{outcome}"),
+                1,
+            ));
+        }
+        c.push_str("</ol>");
+    }
+    c.push_str("</div>");
+    c
 }
 
 fn link_card(l: &LinkDetail, now: Millis) -> String {

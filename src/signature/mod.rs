@@ -348,7 +348,8 @@ mod reference_vectors {
             event_id: None,
             event_type: None,
             accept_types: vec![],
-            object_id: "/o".into(),
+            object_id: Some("/o".into()),
+            object: None,
             lead: LeadConfig::default(),
             ..SourceConfig::example("t", "")
         }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::Serialize;
 
-pub use crate::domain::{EventState, LinkState};
+pub use crate::domain::{CreationOutcome, EventState, LinkState, ObjectState};
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -162,6 +162,11 @@ pub enum Plan {
     Links(Vec<String>),
     /// The worker must first resolve the lead key.
     Resolve,
+    /// Create the custom object (of this definition), then link it to these leads.
+    Create {
+        definition_id: crate::config::DefinitionId,
+        leads: Vec<String>,
+    },
 }
 
 /// An accepted webhook, ready to be committed.
@@ -238,6 +243,66 @@ pub struct ResolveJob {
     pub first_at: Millis,
 }
 
+/// An event whose custom object must be created, claimed under `lease`.
+#[derive(Debug, Clone)]
+pub struct ObjectJob {
+    pub event_pk: i64,
+    pub lease: i64,
+    pub source: String,
+    pub event_id: String,
+    pub body: String,
+    pub definition_id: String,
+    /// Attempts so far that count toward `max_attempts` (a lost one included).
+    pub attempts: i64,
+    pub first_at: Millis,
+    /// The previous claim had sent its creation and never recorded the answer (a crash, or a
+    /// lease that ran out): the claim recorded that attempt as `unknown`.
+    pub lost: bool,
+}
+
+/// One object creation attempt: the call, and what it means for the object.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ObjectAttempt {
+    pub outcome: CreationOutcome,
+    #[serde(flatten)]
+    pub attempt: Attempt,
+}
+
+/// The new state of an object after an attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ObjectUpdate {
+    /// SprintHub created it with this id: stored, then its links are queued.
+    Created(String),
+    Retry {
+        due_at: Millis,
+        counted: bool,
+        error: String,
+    },
+    /// Refused for good; the event is dead with this reason.
+    Dead(String),
+    /// Give the job back untouched: nothing was sent (shutdown).
+    Release,
+}
+
+#[derive(Debug, Clone)]
+pub struct ObjectCompletion {
+    pub event_pk: i64,
+    pub lease: i64,
+    pub attempt: Option<ObjectAttempt>,
+    pub update: ObjectUpdate,
+}
+
+/// The custom object of an event that has sprintlink create it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ObjectDetail {
+    /// Known once SprintHub created it.
+    pub object_id: Option<String>,
+    pub definition_id: String,
+    pub state: ObjectState,
+    pub next_attempt_at: Option<Millis>,
+    pub attempts: Vec<ObjectAttempt>,
+}
+
 /// One call to SprintHub, as the admin API shows it. Never holds the API token.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Attempt {
@@ -285,6 +350,12 @@ pub enum ResolveUpdate {
     },
     /// Resolution failed for good (a permanent error, or retries exhausted).
     Dead(String),
+    /// The leads are known: create the event's object (or reuse the one created before), then
+    /// link it to them.
+    Create {
+        definition_id: String,
+        leads: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -325,6 +396,9 @@ pub struct EventDetail {
     #[serde(flatten)]
     pub summary: EventSummary,
     pub body: String,
+    /// The object sprintlink creates for this event, when its source asks for that.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub object: Option<ObjectDetail>,
     /// One page of the event's links, in the order they were first stored.
     pub links: Vec<LinkDetail>,
     /// Where the next page of links starts (`LinkPage::after`), when there is one.
@@ -414,6 +488,20 @@ pub trait Store: Send + Sync + 'static {
         update: ResolveUpdate,
         now: Millis,
     ) -> Result<()>;
+    /// Claims due object creations. A claimed row whose previous holder had sent its creation
+    /// without recording the answer gets that attempt recorded as `unknown` (`ObjectJob::lost`).
+    async fn claim_objects(
+        &self,
+        now: Millis,
+        lease_until: Millis,
+        limit: i64,
+    ) -> Result<Vec<ObjectJob>>;
+    /// Records, durably and before the call, that the creation is being sent; `false` when
+    /// the lease is no longer this job's (then nothing may be sent).
+    async fn object_sending(&self, job: &ObjectJob, now: Millis) -> Result<bool>;
+    /// Records a creation attempt and its consequence in one transaction: a new id is
+    /// committed with the event's links, before any of them is sent.
+    async fn complete_object(&self, done: &ObjectCompletion, now: Millis) -> Result<()>;
     /// When the next job falls due, if any is waiting.
     async fn next_due(&self) -> Result<Option<Millis>>;
     async fn list_events(&self, filter: &EventFilter) -> Result<Vec<EventSummary>>;

@@ -12,6 +12,8 @@ use sqlx::{AssertSqlSafe, Row};
 use super::shared::{EVENT_STATE, SUMMARY_COLUMNS, lease_token};
 use super::*;
 
+mod objects;
+
 /// States read from and bound as their text column, so a row struct holds the enum.
 macro_rules! state_column {
     ($ty:ty) => {
@@ -42,6 +44,8 @@ macro_rules! state_column {
 }
 state_column!(EventState);
 state_column!(LinkState);
+state_column!(ObjectState);
+state_column!(CreationOutcome);
 
 const CLAIM_LINKS: &str = "UPDATE links SET locked_until = $1, lease = $2
     WHERE id IN (SELECT id FROM links WHERE due_at IS NOT NULL AND due_at <= $3 AND locked_until <= $3
@@ -370,7 +374,7 @@ impl PostgresStore {
             for e in chunk {
                 let (state, reason, resolve_due) = match &e.plan {
                     Plan::Parked(r) => (EventState::Parked, Some(r.as_str()), None),
-                    Plan::Links(_) => (EventState::Queued, None, None),
+                    Plan::Links(_) | Plan::Create { .. } => (EventState::Queued, None, None),
                     Plan::Resolve => (EventState::Queued, None, Some(e.received_at)),
                 };
                 q = q
@@ -398,6 +402,8 @@ impl PostgresStore {
         // (event pk, the indexes of its pairs) for the events that ask for links.
         let mut wants: Vec<(i64, Vec<usize>)> = Vec::new();
         let mut done = HashSet::with_capacity(events.len());
+        // (event pk, definition id, leads, at) for the events whose object sprintlink creates.
+        let mut creates: Vec<(i64, &str, &[String], Millis)> = Vec::new();
         for (i, e) in events.iter().enumerate() {
             let pk = pk_of
                 .get(e.source.as_str())
@@ -409,6 +415,13 @@ impl PostgresStore {
             out[i] = match &e.plan {
                 Plan::Parked(_) => IngestOutcome::Parked,
                 Plan::Resolve => IngestOutcome::Queued,
+                Plan::Create {
+                    definition_id,
+                    leads,
+                } => {
+                    creates.push((pk, definition_id.as_str(), leads.as_slice(), e.received_at));
+                    IngestOutcome::Queued
+                }
                 Plan::Links(leads) => {
                     let obj = e.object_id.as_deref().unwrap_or_default();
                     let ix = leads
@@ -497,6 +510,9 @@ impl PostgresStore {
                 q = q.bind(*pk);
             }
             q.execute(&mut *tx).await?;
+        }
+        for (pk, definition_id, leads, at) in creates {
+            objects::want_object(&mut tx, pk, definition_id, leads, at).await?;
         }
         tx.commit().await?;
         Ok(out)
@@ -754,6 +770,18 @@ impl Store for PostgresStore {
             return Ok(());
         };
         match update {
+            ResolveUpdate::Create {
+                definition_id,
+                leads,
+            } => {
+                sqlx::query(
+                    "UPDATE events SET resolve_due = NULL, resolve_locked_until = 0 WHERE id = $1",
+                )
+                .bind(job.event_pk)
+                .execute(&mut *tx)
+                .await?;
+                objects::want_object(&mut tx, job.event_pk, &definition_id, &leads, now).await?;
+            }
             ResolveUpdate::Links(leads) => {
                 sqlx::query(
                     "UPDATE events SET resolve_due = NULL, resolve_locked_until = 0 WHERE id = $1",
@@ -815,10 +843,39 @@ impl Store for PostgresStore {
         )
         .fetch_one(&self.read)
         .await?;
-        Ok(match (links, events) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        })
+        let objects: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(CASE WHEN locked_until > due_at THEN locked_until ELSE due_at END) FROM objects WHERE due_at IS NOT NULL",
+        )
+        .fetch_one(&self.read)
+        .await?;
+        Ok([links, events, objects].into_iter().flatten().min())
+    }
+
+    async fn claim_objects(
+        &self,
+        now: Millis,
+        lease_until: Millis,
+        limit: i64,
+    ) -> Result<Vec<ObjectJob>> {
+        let lease = lease_token();
+        let mut w = self.writer().await?;
+        let mut tx = sqlx::Connection::begin(&mut *w).await?;
+        let jobs = objects::claim(&mut tx, now, lease_until, lease, limit).await?;
+        tx.commit().await?;
+        Ok(jobs)
+    }
+
+    async fn object_sending(&self, job: &ObjectJob, now: Millis) -> Result<bool> {
+        let mut w = self.writer().await?;
+        objects::sending(&mut w, job, now).await
+    }
+
+    async fn complete_object(&self, done: &ObjectCompletion, now: Millis) -> Result<()> {
+        let mut w = self.writer().await?;
+        let mut tx = sqlx::Connection::begin(&mut *w).await?;
+        objects::complete(&mut tx, done, now).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn list_events(&self, f: &EventFilter) -> Result<Vec<EventSummary>> {
@@ -935,6 +992,7 @@ impl Store for PostgresStore {
                 attempts,
             });
         }
+        let object = objects::detail(&mut tx, pk).await?;
         tx.commit().await?;
         let more_links_after = if more {
             links.last().map(|l| l.link_id)
@@ -944,6 +1002,7 @@ impl Store for PostgresStore {
         Ok(Some(EventDetail {
             summary,
             body,
+            object,
             links,
             more_links_after,
         }))
@@ -965,6 +1024,14 @@ impl Store for PostgresStore {
     ) -> Result<()> {
         let mut w = self.writer().await?;
         let mut tx = sqlx::Connection::begin(&mut *w).await?;
+        // An event whose object was created before links that object: it is never created
+        // twice. Its id stays on the event whatever the new plan.
+        let created = objects::created_id(&mut tx, pk).await?;
+        let plan = match (plan, &created) {
+            (Plan::Create { leads, .. }, Some(_)) => Plan::Links(leads),
+            (other, _) => other,
+        };
+        let object_id = object_id.or(created.as_deref());
         // Links this event no longer asks for, and that are not linked, are let go; a
         // pair no other event wants is removed with its history so it is never sent.
         let detached: Vec<i64> = sqlx::query_scalar(
@@ -1001,6 +1068,13 @@ impl Store for PostgresStore {
                     .bind(object_id)
                     .execute(&mut *tx)
                     .await?;
+                objects::hold_object(&mut tx, pk).await?;
+            }
+            Plan::Create {
+                definition_id,
+                leads,
+            } => {
+                objects::want_object(&mut tx, pk, definition_id.as_str(), &leads, now).await?;
             }
             Plan::Resolve => {
                 sqlx::query(
@@ -1012,6 +1086,7 @@ impl Store for PostgresStore {
                 .bind(object_id)
                 .execute(&mut *tx)
                 .await?;
+                objects::hold_object(&mut tx, pk).await?;
             }
             Plan::Links(leads) => {
                 sqlx::query("UPDATE events SET object_id = $2, resolve_due = NULL WHERE id = $1")
@@ -1052,7 +1127,10 @@ impl Store for PostgresStore {
             count_by("SELECT state, COUNT(*) FROM events GROUP BY state"),
             count_by("SELECT state, COUNT(*) FROM links GROUP BY state"),
             count("SELECT COUNT(*) FROM links WHERE due_at IS NOT NULL"),
-            count("SELECT COUNT(*) FROM events WHERE resolve_due IS NOT NULL"),
+            count(
+                "SELECT (SELECT COUNT(*) FROM events WHERE resolve_due IS NOT NULL)
+                      + (SELECT COUNT(*) FROM objects WHERE due_at IS NOT NULL)"
+            ),
         )?;
         Stats::from_counts(events_by_state, links_by_state, pending_links, resolving)
     }

@@ -21,3 +21,21 @@ pub(super) const SUMMARY_COLUMNS: &str =
 pub(super) fn lease_token() -> i64 {
     (fastrand::u64(1..u64::MAX) >> 1) as i64
 }
+
+/// What an operator reads on an object creation attempt whose answer never came back to be
+/// recorded.
+pub(super) const LOST_ANSWER: &str = "answer unknown: the creation was sent but its answer was never recorded (the process stopped or its lease ran out); SprintHub may hold an object that is not linked";
+
+/// The attempt a claim records for a creation found sent but never answered.
+pub(super) fn lost_attempt(at: super::Millis) -> super::ObjectAttempt {
+    super::ObjectAttempt {
+        outcome: super::CreationOutcome::Unknown,
+        attempt: super::Attempt {
+            at,
+            status_code: None,
+            error: Some(LOST_ANSWER.into()),
+            response_excerpt: None,
+            duration_ms: 0,
+        },
+    }
+}

@@ -17,5 +17,6 @@ mod delivery_hardening;
 mod integration;
 mod lead_resolution;
 mod migrations;
+mod objects;
 mod robustness;
 mod senders_schemes;

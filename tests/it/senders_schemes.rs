@@ -30,7 +30,7 @@ fn preset(
         event_id: None,
         event_type: None,
         accept_types: vec![],
-        object_id: object.into(),
+        object_id: Some(object.into()),
         lead,
         ..SourceConfig::example(name, secret)
     };

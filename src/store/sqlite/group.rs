@@ -35,7 +35,7 @@ pub(super) fn insert(db: &Connection, events: &[NewEvent]) -> Result<Vec<IngestO
     for e in events {
         let (state, reason, resolve_due) = match &e.plan {
             Plan::Parked(r) => (EventState::Parked, Some(r.as_str()), None),
-            Plan::Links(_) => (EventState::Queued, None, None),
+            Plan::Links(_) | Plan::Create { .. } => (EventState::Queued, None, None),
             Plan::Resolve => (EventState::Queued, None, Some(e.received_at)),
         };
         let inserted = insert_event.execute(params![
@@ -60,6 +60,14 @@ pub(super) fn insert(db: &Connection, events: &[NewEvent]) -> Result<Vec<IngestO
                 continue;
             }
             Plan::Resolve => {
+                out.push(IngestOutcome::Queued);
+                continue;
+            }
+            Plan::Create {
+                definition_id,
+                leads,
+            } => {
+                super::objects::want_object(db, pk, definition_id.as_str(), leads, e.received_at)?;
                 out.push(IngestOutcome::Queued);
                 continue;
             }

@@ -6,6 +6,7 @@
 
 mod checkpoint;
 mod group;
+mod objects;
 mod reads;
 mod writer;
 
@@ -44,6 +45,8 @@ macro_rules! state_column {
 }
 state_column!(EventState);
 state_column!(LinkState);
+state_column!(ObjectState);
+state_column!(CreationOutcome);
 
 const CLAIM_LINKS: &str = "UPDATE links SET locked_until = ?1, lease = ?2
     WHERE id IN (SELECT id FROM links WHERE due_at IS NOT NULL AND due_at <= ?3 AND locked_until <= ?3
@@ -587,6 +590,16 @@ impl Store for SqliteStore {
                 return Ok(());
             };
             match update {
+                ResolveUpdate::Create {
+                    definition_id,
+                    leads,
+                } => {
+                    db.prepare_cached(
+                        "UPDATE events SET resolve_due = NULL, resolve_locked_until = 0 WHERE id = ?1",
+                    )?
+                    .execute(params![pk])?;
+                    objects::want_object(db, pk, &definition_id, &leads, now)?;
+                }
                 ResolveUpdate::Links(leads) => {
                     db.prepare_cached(
                         "UPDATE events SET resolve_due = NULL, resolve_locked_until = 0 WHERE id = ?1",
@@ -639,12 +652,39 @@ impl Store for SqliteStore {
                      ELSE resolve_due END) FROM events WHERE resolve_due IS NOT NULL",
                 )?
                 .query_row([], |r| r.get(0))?;
-            Ok(match (links, events) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            })
+            let objects: Option<i64> = db
+                .prepare_cached(
+                    "SELECT MIN(CASE WHEN locked_until > due_at THEN locked_until ELSE due_at END)
+                     FROM objects WHERE due_at IS NOT NULL",
+                )?
+                .query_row([], |r| r.get(0))?;
+            Ok([links, events, objects].into_iter().flatten().min())
         })
         .await
+    }
+
+    async fn claim_objects(
+        &self,
+        now: Millis,
+        lease_until: Millis,
+        limit: i64,
+    ) -> Result<Vec<ObjectJob>> {
+        let lease = lease_token();
+        self.write_tx(move |db| objects::claim(db, now, lease_until, lease, limit))
+            .await
+    }
+
+    async fn object_sending(&self, job: &ObjectJob, now: Millis) -> Result<bool> {
+        let job = job.clone();
+        self.writer
+            .run(move |db| objects::sending(db, &job, now))
+            .await
+    }
+
+    async fn complete_object(&self, done: &ObjectCompletion, now: Millis) -> Result<()> {
+        let done = done.clone();
+        self.write_tx(move |db| objects::complete(db, &done, now))
+            .await
     }
 
     async fn list_events(&self, f: &EventFilter) -> Result<Vec<EventSummary>> {
@@ -749,6 +789,7 @@ impl Store for SqliteStore {
                     });
                 }
                 drop(attempts_of);
+                let object = objects::detail(&tx, pk)?;
                 tx.commit()?;
                 let more_links_after = if more {
                     links.last().map(|l| l.link_id)
@@ -758,6 +799,7 @@ impl Store for SqliteStore {
                 Ok(Some(EventDetail {
                     summary,
                     body,
+                    object,
                     links,
                     more_links_after,
                 }))
@@ -784,6 +826,15 @@ impl Store for SqliteStore {
     ) -> Result<()> {
         let object_id = object_id.map(str::to_string);
         self.write_tx(move |db| {
+            // An event whose object was created before links that object: it is never created
+            // twice.
+            let (object_id, plan) = match plan {
+                Plan::Create { definition_id, leads } => match objects::created_id(db, pk)? {
+                    Some(id) => (Some(id), Plan::Links(leads)),
+                    None => (object_id, Plan::Create { definition_id, leads }),
+                },
+                other => (object_id, other),
+            };
             // Links this event no longer asks for, and that are not linked, are let go; a
             // pair no other event wants is removed with its history so it is never sent.
             let detached: Vec<i64> = db
@@ -811,6 +862,11 @@ impl Store for SqliteStore {
                 // (`complete_links` removes it then, unless it was linked).
                 drop_orphan(db, link_id, Some(now))?;
             }
+            // A created object's id stays on the event whatever the new plan.
+            let object_id = match object_id {
+                Some(id) => Some(id),
+                None => objects::created_id(db, pk)?,
+            };
             match plan {
                 Plan::Parked(reason) => {
                     db.prepare_cached(
@@ -818,6 +874,7 @@ impl Store for SqliteStore {
                          resolve_due = NULL WHERE id = ?1",
                     )?
                     .execute(params![pk, reason, object_id])?;
+                    objects::hold_object(db, pk)?;
                 }
                 Plan::Resolve => {
                     db.prepare_cached(
@@ -825,6 +882,13 @@ impl Store for SqliteStore {
                          resolve_locked_until = 0, resolve_attempts = 0, resolve_first = ?2 WHERE id = ?1",
                     )?
                     .execute(params![pk, now, object_id])?;
+                    objects::hold_object(db, pk)?;
+                }
+                Plan::Create {
+                    definition_id,
+                    leads,
+                } => {
+                    objects::want_object(db, pk, definition_id.as_str(), &leads, now)?;
                 }
                 Plan::Links(leads) => {
                     db.prepare_cached(
@@ -858,7 +922,8 @@ impl Store for SqliteStore {
             self.read(|db| count(db, "SELECT COUNT(*) FROM links WHERE due_at IS NOT NULL")),
             self.read(|db| count(
                 db,
-                "SELECT COUNT(*) FROM events WHERE resolve_due IS NOT NULL"
+                "SELECT (SELECT COUNT(*) FROM events WHERE resolve_due IS NOT NULL)
+                      + (SELECT COUNT(*) FROM objects WHERE due_at IS NOT NULL)"
             )),
         )?;
         Stats::from_counts(events_by_state, links_by_state, pending_links, resolving)

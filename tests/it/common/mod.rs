@@ -90,7 +90,9 @@ enum DbKind {
     Sqlite(#[allow(dead_code)] tempfile::TempDir),
     /// A file in a directory the caller owns (the benchmark's phase directories).
     SqliteFile,
-    Postgres { name: String },
+    Postgres {
+        name: String,
+    },
     /// Kept after the run (`BENCH_KEEP=1`).
     Kept,
 }
@@ -310,7 +312,8 @@ pub fn shop_source() -> SourceConfig {
         event_id: Some("/id".into()),
         event_type: None,
         accept_types: vec![],
-        object_id: "/object".into(),
+        object_id: Some("/object".into()),
+        object: None,
         lead: LeadConfig {
             id: Some("/lead".into()),
             ..Default::default()
