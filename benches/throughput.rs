@@ -978,7 +978,9 @@ async fn prefill(
                         let id = format!("{tag}-{i}");
                         NewEvent {
                             source: "erp".into(),
-                            body: event_body(&id, object, lead),
+                            request: sprintlink::store::StoredRequest::json(event_body(
+                                &id, object, lead,
+                            )),
                             event_id: id,
                             event_type: Some("object.created".into()),
                             received_at: now,

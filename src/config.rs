@@ -64,6 +64,8 @@ pub struct ServerConfig {
     pub idle_timeout_ms: u64,
     /// HTTP/2: concurrent streams per connection.
     pub http2_max_concurrent_streams: u32,
+    /// Reverse proxies whose `X-Forwarded-For` is believed (SPEC 6.3); empty: it is ignored.
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 impl Default for ServerConfig {
@@ -79,6 +81,7 @@ impl Default for ServerConfig {
             header_read_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
             http2_max_concurrent_streams: 32,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -232,12 +235,15 @@ pub struct SourceConfig {
     pub signature_header: Option<String>,
     pub encoding: Option<Encoding>,
     pub prefix: Option<String>,
-    pub event_id: Option<String>,
-    pub event_type: Option<String>,
+    pub event_id: Option<ValueRef>,
+    pub event_type: Option<ValueRef>,
     #[serde(default)]
     pub accept_types: Vec<String>,
-    pub object_id: String,
+    pub object_id: ValueRef,
     pub lead: LeadConfig,
+    /// Only these addresses may post (SPEC 6.3); empty: any address.
+    #[serde(default)]
+    pub allow_ips: Vec<Cidr>,
 }
 
 fn default_tolerance() -> u64 {
@@ -264,6 +270,252 @@ impl SourceConfig {
                 id: Some("/data/lead_id".into()),
                 ..Default::default()
             },
+            allow_ips: Vec::new(),
+        }
+    }
+
+    /// Every value reference of the source, with the key that holds it (for messages).
+    pub fn references(&self) -> Vec<(String, &ValueRef)> {
+        let mut out: Vec<(String, &ValueRef)> = vec![("object_id".into(), &self.object_id)];
+        out.extend(self.event_id.iter().map(|r| ("event_id".into(), r)));
+        out.extend(self.event_type.iter().map(|r| ("event_type".into(), r)));
+        out.extend(self.lead.id.iter().map(|r| ("lead.id".into(), r)));
+        out.extend(self.lead.key.iter().map(|r| ("lead.key".into(), r)));
+        out.extend(
+            self.lead
+                .create_fields
+                .iter()
+                .map(|(f, r)| (format!("lead.create_fields.{f}"), r)),
+        );
+        out
+    }
+
+    /// The (lower-case) header names some `header:` reference of the source names: the
+    /// headers stored with an event, so the worker and a replay see what the request carried.
+    pub fn referenced_headers(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .references()
+            .into_iter()
+            .filter_map(|(_, r)| match r {
+                ValueRef::Header(n) => Some(n.as_str()),
+                _ => None,
+            })
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
+    /// The query parameter names some `query:` reference of the source names.
+    pub fn referenced_query(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .references()
+            .into_iter()
+            .filter_map(|(_, r)| match r {
+                ValueRef::Query(n) => Some(n.as_str()),
+                _ => None,
+            })
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
+    /// Headers that carry a credential for this source: a reference may not name them, so
+    /// they are never stored or shown.
+    pub fn credential_headers(&self) -> Vec<String> {
+        let mut names: Vec<String> = ["authorization", "proxy-authorization", "cookie"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        let scheme: &[&str] = match self.scheme {
+            Scheme::StandardWebhooks => &["webhook-signature", "svix-signature"],
+            Scheme::Github => &["x-hub-signature-256", "x-hub-signature"],
+            Scheme::Stripe => &["stripe-signature"],
+            Scheme::HmacSha256 => &[],
+        };
+        names.extend(scheme.iter().map(|n| n.to_string()));
+        names.extend(self.signature_header.iter().map(|h| h.to_ascii_lowercase()));
+        names
+    }
+
+    /// Whether `ip` may post to this source.
+    pub fn allows(&self, ip: Option<std::net::IpAddr>) -> bool {
+        self.allow_ips.is_empty()
+            || ip.is_some_and(|ip| self.allow_ips.iter().any(|c| c.contains(ip)))
+    }
+}
+
+/// Where a value of the request is read (SPEC 6.1): a JSON pointer into the parsed body
+/// (`/data/object_id`), a request header (`header:NAME`, compared case-insensitively) or a
+/// parameter of the webhook URL's query string (`query:NAME`). Parsed once, at load; a pointer
+/// that does not start with `/` is reported by the validation.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ValueRef {
+    Pointer(String),
+    /// The header name in lower case.
+    Header(String),
+    Query(String),
+}
+
+impl ValueRef {
+    pub fn parse(text: &str) -> ValueRef {
+        if let Some(name) = strip_prefix_ignore_case(text, "header:") {
+            ValueRef::Header(name.trim().to_ascii_lowercase())
+        } else if let Some(name) = strip_prefix_ignore_case(text, "query:") {
+            ValueRef::Query(name.to_string())
+        } else {
+            ValueRef::Pointer(text.to_string())
+        }
+    }
+
+    /// What is wrong with the reference, if anything.
+    fn problem(&self) -> Option<String> {
+        match self {
+            ValueRef::Pointer(p) if !(p.is_empty() || p.starts_with('/')) => Some(format!(
+                "{p:?} is not a JSON pointer (it must start with /), header:NAME or query:NAME"
+            )),
+            ValueRef::Header(n) if n.is_empty() || http_token(n).is_none() => {
+                Some(format!("{self} does not name a valid header"))
+            }
+            ValueRef::Query(n) if n.is_empty() => Some("query: needs a parameter name".into()),
+            _ => None,
+        }
+    }
+}
+
+fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = text.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &text[prefix.len()..])
+}
+
+/// The name when it is an HTTP token (RFC 9110 `tchar`s).
+fn http_token(name: &str) -> Option<&str> {
+    name.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        .then_some(name)
+}
+
+impl From<&str> for ValueRef {
+    fn from(text: &str) -> ValueRef {
+        ValueRef::parse(text)
+    }
+}
+
+impl fmt::Display for ValueRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ValueRef::Pointer(p) => f.write_str(p),
+            ValueRef::Header(n) => write!(f, "header:{n}"),
+            ValueRef::Query(n) => write!(f, "query:{n}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ValueRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|s| ValueRef::parse(&s))
+    }
+}
+
+/// An address block, `203.0.113.0/24` or `2001:db8::/32` (a bare address is one host). Parsed
+/// at load; bits past the prefix are ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is in the block. An IPv4-mapped IPv6 address counts as its IPv4 address.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Cidr, String> {
+        let bad =
+            || format!("{text:?} is not an address block like 203.0.113.0/24 or 2001:db8::/32");
+        let (addr, prefix) = match text.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text.trim(), None),
+        };
+        let addr: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
+        let addr = addr.to_canonical();
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+                p.parse::<u8>().ok().filter(|n| *n <= max).ok_or_else(bad)?
+            }
+            Some(_) => return Err(bad()),
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Every address block written in the file that does not parse, one line each naming where it
+/// is, so check-config reports them all (a failed deserialization would name only the first,
+/// and not its source).
+fn check_cidrs(root: &toml::Table, errors: &mut Vec<String>) {
+    let mut check = |at: &str, v: Option<&toml::Value>| {
+        let Some(toml::Value::Array(items)) = v else {
+            return;
+        };
+        for item in items {
+            match item {
+                toml::Value::String(s) => {
+                    if let Err(e) = s.parse::<Cidr>() {
+                        errors.push(format!("{at}: {e}"));
+                    }
+                }
+                other => errors.push(format!("{at}: {other} is not a string")),
+            }
+        }
+    };
+    if let Some(toml::Value::Table(server)) = root.get("server") {
+        check("server.trusted_proxies", server.get("trusted_proxies"));
+    }
+    if let Some(toml::Value::Array(sources)) = root.get("sources") {
+        for (i, src) in sources.iter().enumerate() {
+            let toml::Value::Table(t) = src else { continue };
+            let name = t
+                .get("name")
+                .and_then(|n| n.as_str())
+                .map_or_else(|| i.to_string(), str::to_string);
+            check(&format!("sources.{name}.allow_ips"), t.get("allow_ips"));
         }
     }
 }
@@ -296,14 +548,14 @@ impl LeadField {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LeadConfig {
-    pub id: Option<String>,
-    pub key: Option<String>,
+    pub id: Option<ValueRef>,
+    pub key: Option<ValueRef>,
     pub lookup: Option<LookupKind>,
     pub field: Option<LeadField>,
     #[serde(default)]
     pub create_missing: bool,
     #[serde(default)]
-    pub create_fields: BTreeMap<String, String>,
+    pub create_fields: BTreeMap<String, ValueRef>,
 }
 
 /// The key bytes of a `whsec_<base64>` secret (the prefix is optional, as in the reference
@@ -574,6 +826,7 @@ impl Config {
             .filter(|(name, _)| !referenced.contains(name))
             .map(|(_, warning)| warning)
             .collect();
+        check_cidrs(&root, &mut errors);
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -876,19 +1129,18 @@ impl Config {
                     "{at}: signature_header, encoding and prefix apply to scheme hmac-sha256 only"
                 ));
             }
-            let check_pointer = |errors: &mut Vec<String>, field: &str, p: &str| {
-                if !(p.is_empty() || p.starts_with('/')) {
+            let credentials = s.credential_headers();
+            for (field, r) in s.references() {
+                if let Some(problem) = r.problem() {
+                    errors.push(format!("{at}.{field}: {problem}"));
+                }
+                if let ValueRef::Header(n) = r
+                    && credentials.contains(n)
+                {
                     errors.push(format!(
-                        "{at}.{field}: {p:?} is not a JSON pointer (it must start with /)"
+                        "{at}.{field}: {r} names a credential header; it is never stored, so it cannot be a value"
                     ));
                 }
-            };
-            check_pointer(errors, "object_id", &s.object_id);
-            if let Some(p) = &s.event_id {
-                check_pointer(errors, "event_id", p);
-            }
-            if let Some(p) = &s.event_type {
-                check_pointer(errors, "event_type", p);
             }
             if !s.accept_types.is_empty() && s.event_type.is_none() {
                 errors.push(format!(
@@ -903,16 +1155,14 @@ impl Config {
                 (None, None) => errors.push(format!(
                     "{at}.lead: set id (a pointer to lead ids) or key (with lookup)"
                 )),
-                (Some(p), None) => {
-                    check_pointer(errors, "lead.id", p);
+                (Some(_), None) => {
                     if lead.lookup.is_some() || lead.create_missing {
                         errors.push(format!(
                             "{at}.lead: lookup and create_missing need key, not id"
                         ));
                     }
                 }
-                (None, Some(p)) => {
-                    check_pointer(errors, "lead.key", p);
+                (None, Some(_)) => {
                     match lead.lookup {
                         None => errors.push(format!("{at}.lead.lookup: required with key (table or sprinthub)")),
                         Some(LookupKind::Sprinthub) if lead.field.is_none() => errors.push(format!(
@@ -922,9 +1172,6 @@ impl Config {
                             "{at}.lead.create_missing: only works with lookup = \"sprinthub\""
                         )),
                         _ => {}
-                    }
-                    for (field, p) in &lead.create_fields {
-                        check_pointer(errors, &format!("lead.create_fields.{field}"), p);
                     }
                 }
             }

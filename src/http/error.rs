@@ -43,6 +43,12 @@ pub enum AppError {
     TooManyRequests(u64),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// A form or multipart body that cannot be read.
+    #[error("{0}")]
+    InvalidBody(String),
+    /// The source's `allow_ips` does not hold the sender's address.
+    #[error("{0}")]
+    ForbiddenAddress(String),
 }
 
 impl AppError {
@@ -64,6 +70,8 @@ impl AppError {
             AppError::InvalidInput(code, _) => code,
             AppError::TooManyRequests(_) => "too_many_requests",
             AppError::UnsupportedMediaType(_) => "unsupported_media_type",
+            AppError::InvalidBody(_) => "invalid_body",
+            AppError::ForbiddenAddress(_) => "forbidden_address",
         }
     }
 
@@ -81,6 +89,19 @@ impl AppError {
             AppError::InvalidInput(..) => StatusCode::BAD_REQUEST,
             AppError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             AppError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            AppError::InvalidBody(_) => StatusCode::BAD_REQUEST,
+            AppError::ForbiddenAddress(_) => StatusCode::FORBIDDEN,
+        }
+    }
+}
+
+impl From<crate::mapping::body::BodyError> for AppError {
+    fn from(e: crate::mapping::body::BodyError) -> Self {
+        use crate::mapping::body::BodyError;
+        match e {
+            BodyError::Unsupported(_) => AppError::UnsupportedMediaType(e.to_string()),
+            BodyError::Json(m) => AppError::InvalidJson(m),
+            BodyError::Form(m) => AppError::InvalidBody(m),
         }
     }
 }

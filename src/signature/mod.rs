@@ -241,6 +241,7 @@ mod reference_vectors {
             accept_types: vec![],
             object_id: "/o".into(),
             lead: LeadConfig::default(),
+            allow_ips: vec![],
         }
     }
 

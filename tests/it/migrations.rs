@@ -46,6 +46,9 @@ fn sprintlink(args: &[&str]) -> std::process::Output {
         .expect("the binary runs")
 }
 
+/// The schema versions this binary applies, in order.
+const VERSIONS: &[i64] = &[1, 3];
+
 async fn schema_versions(url: &str) -> Vec<i64> {
     use sqlx::Connection;
     if let Some(path) = url.strip_prefix("sqlite://") {
@@ -94,7 +97,7 @@ async fn migrate_command_and_a_newer_schema(b: Backend) {
     let applied = sprintlink(&["migrate", "--config", config]);
     assert!(applied.status.success(), "{applied:?}");
     assert!(String::from_utf8_lossy(&applied.stdout).contains("applied: 0001 initial"));
-    assert_eq!(schema_versions(&db.url).await, vec![1]);
+    assert_eq!(schema_versions(&db.url).await, VERSIONS);
     let again = sprintlink(&["migrate", "--config", config, "--dry-run"]);
     assert!(String::from_utf8_lossy(&again.stdout).contains("0 migration(s) pending"));
 
@@ -118,7 +121,8 @@ async fn migrate_command_and_a_newer_schema(b: Backend) {
             .collect();
         assert_eq!(lines.len(), 1, "{args:?}: {err}");
         assert!(
-            lines[0].contains("schema version 99") && lines[0].contains("schema version 1"),
+            lines[0].contains("schema version 99")
+                && lines[0].contains(&format!("schema version {}", VERSIONS[VERSIONS.len() - 1])),
             "{}",
             lines[0]
         );
@@ -177,7 +181,7 @@ async fn two_replicas_on_an_old_postgres_database_migrate_it_once() {
         let _ = c.kill();
         let _ = c.wait();
     }
-    assert_eq!(schema_versions(&db.url).await, vec![1], "migrated once");
+    assert_eq!(schema_versions(&db.url).await, VERSIONS, "migrated once");
     use sqlx::Connection;
     let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
     let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE event_id = 'old-1'")
@@ -287,7 +291,7 @@ async fn a_database_of_release_0_1_0_is_upgraded_in_place(b: Backend) {
         })
         .spawn()
         .await;
-    assert_eq!(schema_versions(&url).await, vec![1]);
+    assert_eq!(schema_versions(&url).await, VERSIONS);
 
     for e in expected["events"].as_array().unwrap() {
         let (source, id) = (
@@ -304,6 +308,17 @@ async fn a_database_of_release_0_1_0_is_upgraded_in_place(b: Backend) {
         for key in ["state", "object_id", "reason", "event_type"] {
             assert_eq!(got[key], e[key], "{source}/{id}: {key}");
         }
+        // 0.1.0 stored the body as JSON text, without a content type: it reads back as the
+        // text it was, and as the JSON the references see.
+        let text = got["body"].as_str().expect("body is the received text");
+        let parsed: serde_json::Value = serde_json::from_str(text).expect("an old body is JSON");
+        assert!(parsed.is_object(), "{source}/{id}: {text}");
+        assert_eq!(got["body_json"], parsed, "{source}/{id}: body_json");
+        assert_eq!(
+            got["content_type"],
+            serde_json::Value::Null,
+            "{source}/{id}"
+        );
         let links: Vec<_> = got["links"]
             .as_array()
             .unwrap()

@@ -277,6 +277,7 @@ pub fn shop_source() -> SourceConfig {
             id: Some("/lead".into()),
             ..Default::default()
         },
+        allow_ips: vec![],
     }
 }
 
