@@ -1488,6 +1488,104 @@ key = "/email"
     }
 
     #[test]
+    fn references_are_parsed_once_and_checked() {
+        // BASE ends in [sources.lead].
+        let text = format!("{BASE}create_fields = {{ email = \"query:mail\" }}\n");
+        let text = text.replace(
+            "object_id = \"/data/object_id\"",
+            "object_id = \"Header:X-Object-Id\"\nevent_id = \"query:id\"\nevent_type = \"header:X-Topic\"",
+        );
+        let text = text.replace(
+            "id = \"/data/lead_id\"",
+            "key = \"/c/email\"\nlookup = \"table\"",
+        );
+        let cfg = Config::from_parts(&text, &[], &env).unwrap();
+        let s = &cfg.sources[0];
+        assert_eq!(s.object_id, ValueRef::Header("x-object-id".into()));
+        assert_eq!(s.event_id, Some(ValueRef::Query("id".into())));
+        assert_eq!(s.lead.key, Some(ValueRef::Pointer("/c/email".into())));
+        assert_eq!(s.referenced_headers(), vec!["x-object-id", "x-topic"]);
+        assert_eq!(s.referenced_query(), vec!["id", "mail"]);
+        assert_eq!(s.object_id.to_string(), "header:x-object-id");
+
+        let bad = BASE
+            .replace(
+                "object_id = \"/data/object_id\"",
+                "object_id = \"header:Authorization\"\nevent_id = \"header:webhook-signature\"\nevent_type = \"header:\"",
+            )
+            .replace("id = \"/data/lead_id\"", "id = \"query:\"");
+        let errs = Config::from_parts(&bad, &[], &env).unwrap_err().0;
+        let all = errs.join("\n");
+        for needle in [
+            "sources.erp.object_id: header:authorization names a credential header",
+            "sources.erp.event_id: header:webhook-signature names a credential header",
+            "sources.erp.event_type: header: does not name a valid header",
+            "sources.erp.lead.id: query: needs a parameter name",
+        ] {
+            assert!(all.contains(needle), "missing {needle} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn address_blocks_parse_and_each_bad_one_is_a_line() {
+        let c: Cidr = "203.0.113.0/24".parse().unwrap();
+        assert!(c.contains("203.0.113.77".parse().unwrap()));
+        assert!(!c.contains("203.0.114.1".parse().unwrap()));
+        assert!(
+            c.contains("::ffff:203.0.113.1".parse().unwrap()),
+            "mapped IPv4"
+        );
+        let v6: Cidr = "2001:db8::/32".parse().unwrap();
+        assert!(v6.contains("2001:db8:ffff::1".parse().unwrap()));
+        assert!(!v6.contains("2001:db9::1".parse().unwrap()));
+        assert!(!v6.contains("203.0.113.1".parse().unwrap()));
+        let host: Cidr = "127.0.0.1".parse().unwrap();
+        assert_eq!(host.to_string(), "127.0.0.1/32");
+        assert!(host.contains("127.0.0.1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        for bad in [
+            "10.0.0.0/33",
+            "10.0.0/8",
+            "::/129",
+            "x",
+            "10.0.0.0/",
+            "10.0.0.0/+8",
+            "",
+        ] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+        let text = BASE.replace(
+            "object_id = \"/data/object_id\"",
+            "object_id = \"/data/object_id\"\nallow_ips = [\"10.0.0.0/8\", \"10.0.0.0/99\", \"nope\"]",
+        );
+        let text = format!("[server]\ntrusted_proxies = [\"fe80::/200\"]\n{text}");
+        let errs = Config::from_parts(&text, &[], &env).unwrap_err().0;
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(
+            errs[0].starts_with("server.trusted_proxies: \"fe80::/200\""),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].starts_with("sources.erp.allow_ips: \"10.0.0.0/99\""),
+            "{errs:?}"
+        );
+        assert!(
+            errs[2].starts_with("sources.erp.allow_ips: \"nope\""),
+            "{errs:?}"
+        );
+        let good = BASE.replace(
+            "object_id = \"/data/object_id\"",
+            "object_id = \"/data/object_id\"\nallow_ips = [\"10.0.0.0/8\", \"2001:db8::/32\"]",
+        );
+        let cfg = Config::from_parts(&good, &[], &env).unwrap();
+        assert_eq!(cfg.sources[0].allow_ips.len(), 2);
+        assert!(cfg.sources[0].allows(Some("10.9.9.9".parse().unwrap())));
+        assert!(!cfg.sources[0].allows(Some("127.0.0.1".parse().unwrap())));
+        assert!(!cfg.sources[0].allows(None));
+    }
+
+    #[test]
     fn unknown_keys_are_rejected() {
         let text = format!("{BASE}\n[delivery]\nmax_attempt = 3\n");
         let e = Config::from_parts(&text, &[], &env)

@@ -472,6 +472,52 @@ mod tests {
     }
 
     #[test]
+    fn header_and_query_references_read_the_stored_request() {
+        let mut s = by_id();
+        s.event_id = Some("header:X-Delivery".into());
+        s.event_type = Some("query:topic".into());
+        s.object_id = "header:x-object".into();
+        s.lead.id = Some("query:lead".into());
+        let req = StoredRequest {
+            body: br#"{"data": {}}"#.to_vec().into(),
+            content_type: None,
+            headers: [("x-delivery", "d-1"), ("x-object", "77")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .into(),
+            query: [("topic", "object.created"), ("lead", "8")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .into(),
+        };
+        let input = Input::read(&req).unwrap();
+        assert_eq!(super::event_id(&s, &input, b"x", None), "d-1");
+        assert_eq!(
+            super::event_type(&s, &input).as_deref(),
+            Some("object.created")
+        );
+        let m = super::map(&s, &input).unwrap();
+        assert_eq!(m.object_id, "77");
+        assert_eq!(m.leads, Leads::Ids(vec!["8".into()]));
+        // Nothing found: as a missing pointer, with the reference named.
+        let bare = Input::json(json!({}));
+        assert_eq!(
+            super::map(&s, &bare).unwrap_err(),
+            "object id not found at header:x-object"
+        );
+        assert!(super::event_id(&s, &bare, b"abc", None).starts_with("sha256:"));
+        // A form body reads the same way as JSON.
+        let form = StoredRequest {
+            body: b"data[object_id]=5&data[lead_id][]=1&data[lead_id][]=2"
+                .to_vec()
+                .into(),
+            content_type: Some("application/x-www-form-urlencoded".into()),
+            ..Default::default()
+        };
+        let m = super::map(&by_id(), &Input::read(&form).unwrap()).unwrap();
+        assert_eq!(m.object_id, "5");
+        assert_eq!(m.leads, Leads::Ids(vec!["1".into(), "2".into()]));
+    }
+
+    #[test]
     fn accept_types_filter() {
         let s = by_id();
         assert!(accepts(&s, Some("object.created")));

@@ -18,3 +18,4 @@ mod integration;
 mod lead_resolution;
 mod migrations;
 mod robustness;
+mod senders_bodies;
