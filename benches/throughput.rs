@@ -322,6 +322,8 @@ struct Signer {
     /// Object ids start here; connection `c`'s request `i` uses `base + c * 10_000_000 + i`.
     base: u64,
     ts: i64,
+    /// Post the event as `application/x-www-form-urlencoded` (bracketed keys) instead of JSON.
+    form: bool,
 }
 
 impl Signer {
@@ -332,18 +334,32 @@ impl Signer {
             tag: tag.into(),
             base,
             ts: store::now_ms() / 1000,
+            form: false,
         }
+    }
+
+    /// The same events as form bodies.
+    fn forms(mut self) -> Signer {
+        self.form = true;
+        self
     }
 
     fn request(&self, conn: usize, seq: usize) -> Vec<u8> {
         let object = self.base + conn as u64 * 10_000_000 + seq as u64;
-        let body = event_body(
-            &format!("{}-{conn}-{seq}", self.tag),
-            object,
-            8000 + object % 977,
-        );
+        let id = format!("{}-{conn}-{seq}", self.tag);
+        let (body, content_type) = if self.form {
+            (
+                form_body(&id, object, 8000 + object % 977),
+                "application/x-www-form-urlencoded",
+            )
+        } else {
+            (
+                event_body(&id, object, 8000 + object % 977),
+                "application/json",
+            )
+        };
         let mut req = format!(
-            "POST /webhooks/erp HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+            "POST /webhooks/erp HTTP/1.1\r\nhost: {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n",
             self.addr,
             body.len()
         );
@@ -358,6 +374,13 @@ impl Signer {
         req.push_str(&body);
         req.into_bytes()
     }
+}
+
+/// `event_body` as a PHP-style form: the same pointers read it.
+fn form_body(id: &str, object: u64, lead: u64) -> String {
+    format!(
+        "id={id}&type=object.created&data%5Bobject_id%5D={object}&data%5Blead_id%5D={lead}&data%5Bnote%5D=benchmark+event"
+    )
 }
 
 fn event_body(id: &str, object: u64, lead: u64) -> String {
@@ -920,7 +943,9 @@ async fn prefill(
                         let id = format!("{tag}-{i}");
                         NewEvent {
                             source: "erp".into(),
-                            body: event_body(&id, object, lead),
+                            request: sprintlink::store::StoredRequest::json(event_body(
+                                &id, object, lead,
+                            )),
                             event_id: id,
                             event_type: Some("object.created".into()),
                             received_at: now,
@@ -996,6 +1021,24 @@ async fn phase_ingest(
             per_conn,
         )
         .await?;
+        eprintln!(
+            "bench: {b}: POST /webhooks/erp as forms, {} connections, closed loop",
+            o.connections
+        );
+        let form_signer = Arc::new(
+            Signer::new(v, svc.addr, &format!("{}f{}", env.run_id, env.next()), 3_000_000_000)
+                .forms(),
+        );
+        let mut f = closed_loop(
+            svc.addr,
+            o.connections,
+            o.warm(),
+            o.dur(),
+            Work::Ingest(form_signer),
+            202,
+            per_conn,
+        )
+        .await?;
         let rss = rss_kb(svc.pid()).map(|r| r.1).unwrap_or(0);
         svc.stop();
         if i.built_late > 0 {
@@ -1031,6 +1074,14 @@ async fn phase_ingest(
                 "p99 < 20 ms",
                 format!("p99 {:.1} x healthz p99", ip99 / hp99),
                 Some(ip99 < 20_000.0),
+            ),
+            row(
+                b,
+                format!("form-body ingest 202/s @{} conns", o.connections),
+                format!("{} (p99 {}){}", per_s(f.rate()), ms(f.pct(0.99)), f.problems()),
+                "-",
+                format!("{:.2} x JSON ingest", f.rate() / i.rate()),
+                None,
             ),
         ];
         env.note(format!(

@@ -64,6 +64,8 @@ pub struct ServerConfig {
     pub idle_timeout_ms: u64,
     /// HTTP/2: concurrent streams per connection.
     pub http2_max_concurrent_streams: u32,
+    /// Reverse proxies whose `X-Forwarded-For` is believed (SPEC 6.3); empty: it is ignored.
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 impl Default for ServerConfig {
@@ -79,6 +81,7 @@ impl Default for ServerConfig {
             header_read_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
             http2_max_concurrent_streams: 32,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -305,26 +308,32 @@ pub struct SourceConfig {
     /// token: where the token is (exactly one of the two).
     pub token_header: Option<String>,
     pub token_query: Option<String>,
-    pub event_id: Option<String>,
-    pub event_type: Option<String>,
+    pub event_id: Option<ValueRef>,
+    pub event_type: Option<ValueRef>,
     #[serde(default)]
     pub accept_types: Vec<String>,
     /// Where the sender put the id of the object it created. Exclusive with `object`.
     #[serde(default)]
-    pub object_id: Option<String>,
+    pub object_id: Option<ValueRef>,
     /// `[sources.object]`: sprintlink creates the object from the event. Exclusive with
     /// `object_id`.
     #[serde(default)]
     pub object: Option<ObjectSpec>,
     pub lead: LeadConfig,
+    /// Only these addresses may post (SPEC 6.3); empty: any address.
+    #[serde(default)]
+    pub allow_ips: Vec<Cidr>,
 }
 
 /// How a source's events name their custom object, one of the two (check-config refuses
 /// both and neither).
+/// What a source without either key (refused by check-config) reads: nothing.
+static NO_OBJECT_ID: ValueRef = ValueRef::Pointer(String::new());
+
 #[derive(Debug, Clone, Copy)]
 pub enum ObjectRule<'a> {
-    /// The sender created it; the pointer says where its id is.
-    FromBody(&'a str),
+    /// The sender created it; the reference says where its id is.
+    FromBody(&'a ValueRef),
     /// sprintlink creates it.
     Create(&'a ObjectSpec),
 }
@@ -395,9 +404,9 @@ impl<'de> Deserialize<'de> for DefinitionId {
 /// The value of one field of a created object.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FieldValue {
-    /// A value reference into the event (a JSON pointer); one that finds nothing leaves the
-    /// field out.
-    Reference(String),
+    /// A value reference into the request (a JSON pointer, `header:` or `query:`); one that
+    /// finds nothing leaves the field out.
+    Reference(ValueRef),
     /// `{ value = ... }`: this value, for every event.
     Literal(serde_json::Value),
 }
@@ -416,7 +425,7 @@ impl<'de> Deserialize<'de> for FieldValue {
             Literal(Literal),
         }
         match Raw::deserialize(d) {
-            Ok(Raw::Reference(r)) => Ok(FieldValue::Reference(r)),
+            Ok(Raw::Reference(r)) => Ok(FieldValue::Reference(ValueRef::parse(&r))),
             Ok(Raw::Literal(l)) => Ok(FieldValue::Literal(l.value)),
             Err(_) => Err(serde::de::Error::custom(
                 "a field is a value reference (\"/pointer\") or a literal ({ value = ... })",
@@ -436,7 +445,7 @@ impl SourceConfig {
         match (&self.object, &self.object_id) {
             (Some(spec), _) => ObjectRule::Create(spec),
             (None, Some(p)) => ObjectRule::FromBody(p),
-            (None, None) => ObjectRule::FromBody(""),
+            (None, None) => ObjectRule::FromBody(&NO_OBJECT_ID),
         }
     }
 
@@ -467,6 +476,263 @@ impl SourceConfig {
                 id: Some("/data/lead_id".into()),
                 ..Default::default()
             },
+            allow_ips: Vec::new(),
+        }
+    }
+
+    /// Every value reference of the source, with the key that holds it (for messages).
+    pub fn references(&self) -> Vec<(String, &ValueRef)> {
+        let mut out: Vec<(String, &ValueRef)> = Vec::new();
+        out.extend(self.object_id.iter().map(|r| ("object_id".into(), r)));
+        if let Some(spec) = &self.object {
+            out.extend(spec.fields.iter().filter_map(|(alias, v)| match v {
+                FieldValue::Reference(r) => Some((format!("object.fields.{alias}"), r)),
+                FieldValue::Literal(_) => None,
+            }));
+        }
+        out.extend(self.event_id.iter().map(|r| ("event_id".into(), r)));
+        out.extend(self.event_type.iter().map(|r| ("event_type".into(), r)));
+        out.extend(self.lead.id.iter().map(|r| ("lead.id".into(), r)));
+        out.extend(self.lead.key.iter().map(|r| ("lead.key".into(), r)));
+        out.extend(
+            self.lead
+                .create_fields
+                .iter()
+                .map(|(f, r)| (format!("lead.create_fields.{f}"), r)),
+        );
+        out
+    }
+
+    /// The (lower-case) header names some `header:` reference of the source names: the
+    /// headers stored with an event, so the worker and a replay see what the request carried.
+    pub fn referenced_headers(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .references()
+            .into_iter()
+            .filter_map(|(_, r)| match r {
+                ValueRef::Header(n) => Some(n.as_str()),
+                _ => None,
+            })
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
+    /// The query parameter names some `query:` reference of the source names.
+    pub fn referenced_query(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .references()
+            .into_iter()
+            .filter_map(|(_, r)| match r {
+                ValueRef::Query(n) => Some(n.as_str()),
+                _ => None,
+            })
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
+    /// Headers that carry a credential for this source: a reference may not name them, so
+    /// they are never stored or shown.
+    pub fn credential_headers(&self) -> Vec<String> {
+        let mut names: Vec<String> = ["authorization", "proxy-authorization", "cookie"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        // A preset's keys count as if written out.
+        let mut s = self.clone();
+        s.apply_preset();
+        let scheme: &[&str] = match s.scheme {
+            Scheme::StandardWebhooks => &["webhook-signature", "svix-signature"],
+            Scheme::Github => &["x-hub-signature-256", "x-hub-signature"],
+            Scheme::Stripe => &["stripe-signature"],
+            _ => &[],
+        };
+        names.extend(scheme.iter().map(|n| n.to_string()));
+        names.extend(s.signature_header.iter().map(|h| h.to_ascii_lowercase()));
+        names.extend(s.token_header.iter().map(|h| h.to_ascii_lowercase()));
+        names
+    }
+
+    /// Whether `ip` may post to this source.
+    pub fn allows(&self, ip: Option<std::net::IpAddr>) -> bool {
+        self.allow_ips.is_empty()
+            || ip.is_some_and(|ip| self.allow_ips.iter().any(|c| c.contains(ip)))
+    }
+}
+
+/// Where a value of the request is read (SPEC 6.1): a JSON pointer into the parsed body
+/// (`/data/object_id`), a request header (`header:NAME`, compared case-insensitively) or a
+/// parameter of the webhook URL's query string (`query:NAME`). Parsed once, at load; a pointer
+/// that does not start with `/` is reported by the validation.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ValueRef {
+    Pointer(String),
+    /// The header name in lower case.
+    Header(String),
+    Query(String),
+}
+
+impl ValueRef {
+    pub fn parse(text: &str) -> ValueRef {
+        if let Some(name) = strip_prefix_ignore_case(text, "header:") {
+            ValueRef::Header(name.trim().to_ascii_lowercase())
+        } else if let Some(name) = strip_prefix_ignore_case(text, "query:") {
+            ValueRef::Query(name.to_string())
+        } else {
+            ValueRef::Pointer(text.to_string())
+        }
+    }
+
+    /// What is wrong with the reference, if anything.
+    fn problem(&self) -> Option<String> {
+        match self {
+            ValueRef::Pointer(p) if !(p.is_empty() || p.starts_with('/')) => Some(format!(
+                "{p:?} is not a JSON pointer (it must start with /), header:NAME or query:NAME"
+            )),
+            ValueRef::Header(n) if n.is_empty() || http_token(n).is_none() => {
+                Some(format!("{self} does not name a valid header"))
+            }
+            ValueRef::Query(n) if n.is_empty() => Some("query: needs a parameter name".into()),
+            _ => None,
+        }
+    }
+}
+
+fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = text.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &text[prefix.len()..])
+}
+
+/// The name when it is an HTTP token (RFC 9110 `tchar`s).
+fn http_token(name: &str) -> Option<&str> {
+    name.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        .then_some(name)
+}
+
+impl From<&str> for ValueRef {
+    fn from(text: &str) -> ValueRef {
+        ValueRef::parse(text)
+    }
+}
+
+impl fmt::Display for ValueRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ValueRef::Pointer(p) => f.write_str(p),
+            ValueRef::Header(n) => write!(f, "header:{n}"),
+            ValueRef::Query(n) => write!(f, "query:{n}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ValueRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|s| ValueRef::parse(&s))
+    }
+}
+
+/// An address block, `203.0.113.0/24` or `2001:db8::/32` (a bare address is one host). Parsed
+/// at load; bits past the prefix are ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is in the block. An IPv4-mapped IPv6 address counts as its IPv4 address.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Cidr, String> {
+        let bad =
+            || format!("{text:?} is not an address block like 203.0.113.0/24 or 2001:db8::/32");
+        let (addr, prefix) = match text.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text.trim(), None),
+        };
+        let addr: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
+        let addr = addr.to_canonical();
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+                p.parse::<u8>().ok().filter(|n| *n <= max).ok_or_else(bad)?
+            }
+            Some(_) => return Err(bad()),
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Every address block written in the file that does not parse, one line each naming where it
+/// is, so check-config reports them all (a failed deserialization would name only the first,
+/// and not its source).
+fn check_cidrs(root: &toml::Table, errors: &mut Vec<String>) {
+    let mut check = |at: &str, v: Option<&toml::Value>| {
+        let Some(toml::Value::Array(items)) = v else {
+            return;
+        };
+        for item in items {
+            match item {
+                toml::Value::String(s) => {
+                    if let Err(e) = s.parse::<Cidr>() {
+                        errors.push(format!("{at}: {e}"));
+                    }
+                }
+                other => errors.push(format!("{at}: {other} is not a string")),
+            }
+        }
+    };
+    if let Some(toml::Value::Table(server)) = root.get("server") {
+        check("server.trusted_proxies", server.get("trusted_proxies"));
+    }
+    if let Some(toml::Value::Array(sources)) = root.get("sources") {
+        for (i, src) in sources.iter().enumerate() {
+            let toml::Value::Table(t) = src else { continue };
+            let name = t
+                .get("name")
+                .and_then(|n| n.as_str())
+                .map_or_else(|| i.to_string(), str::to_string);
+            check(&format!("sources.{name}.allow_ips"), t.get("allow_ips"));
         }
     }
 }
@@ -499,14 +765,14 @@ impl LeadField {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LeadConfig {
-    pub id: Option<String>,
-    pub key: Option<String>,
+    pub id: Option<ValueRef>,
+    pub key: Option<ValueRef>,
     pub lookup: Option<LookupKind>,
     pub field: Option<LeadField>,
     #[serde(default)]
     pub create_missing: bool,
     #[serde(default)]
-    pub create_fields: BTreeMap<String, String>,
+    pub create_fields: BTreeMap<String, ValueRef>,
 }
 
 /// The key bytes of a `whsec_<base64>` secret (the prefix is optional, as in the reference
@@ -777,6 +1043,7 @@ impl Config {
             .filter(|(name, _)| !referenced.contains(name))
             .map(|(_, warning)| warning)
             .collect();
+        check_cidrs(&root, &mut errors);
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -1120,36 +1387,27 @@ impl Config {
             {
                 errors.extend(lines);
             }
-            if let Some(q) = s.credential_query() {
-                let mut refs: Vec<(String, &str)> = Vec::new();
-                refs.extend(s.object_id.as_deref().map(|p| ("object_id".into(), p)));
-                refs.extend(s.event_id.as_deref().map(|p| ("event_id".into(), p)));
-                refs.extend(s.event_type.as_deref().map(|p| ("event_type".into(), p)));
-                refs.extend(s.lead.id.as_deref().map(|p| ("lead.id".into(), p)));
-                refs.extend(s.lead.key.as_deref().map(|p| ("lead.key".into(), p)));
-                refs.extend(
-                    s.lead
-                        .create_fields
-                        .iter()
-                        .map(|(f, p)| (format!("lead.create_fields.{f}"), p.as_str())),
-                );
-                for (field, r) in refs {
-                    if r.strip_prefix("query:") == Some(q) {
-                        errors.push(format!(
-                            "{at}.{field}: query:{q} names the parameter that carries the credential, which is never stored or shown"
-                        ));
-                    }
+            let credentials = s.credential_headers();
+            let credential_query = s.credential_query();
+            for (field, r) in s.references() {
+                if let Some(problem) = r.problem() {
+                    errors.push(format!("{at}.{field}: {problem}"));
                 }
-            }
-            let check_pointer = |errors: &mut Vec<String>, field: &str, p: &str| {
-                // `header:` and `query:` references (SPEC 6.1) are values of the request too.
-                let reference = p.starts_with("header:") || p.starts_with("query:");
-                if !(p.is_empty() || p.starts_with('/') || reference) {
+                if let ValueRef::Query(q) = r
+                    && Some(q.as_str()) == credential_query
+                {
                     errors.push(format!(
-                        "{at}.{field}: {p:?} is not a JSON pointer (it must start with /)"
+                        "{at}.{field}: query:{q} names the parameter that carries the credential, which is never stored or shown"
                     ));
                 }
-            };
+                if let ValueRef::Header(n) = r
+                    && credentials.contains(n)
+                {
+                    errors.push(format!(
+                        "{at}.{field}: {r} names a credential header; it is never stored, so it cannot be a value"
+                    ));
+                }
+            }
             match (&s.object_id, &s.object) {
                 (Some(_), Some(_)) => errors.push(format!(
                     "{at}: set either object_id (the sender created the object) or [sources.object] (sprintlink creates it), not both"
@@ -1157,28 +1415,19 @@ impl Config {
                 (None, None) => errors.push(format!(
                     "{at}: set object_id (where the sender put the object's id) or [sources.object] (sprintlink creates the object)"
                 )),
-                (Some(p), None) => check_pointer(errors, "object_id", p),
+                (Some(_), None) => {}
                 (None, Some(spec)) => {
                     if spec.fields.is_empty() {
                         errors.push(format!(
                             "{at}.object.fields: empty; map the object's field aliases to values"
                         ));
                     }
-                    for (alias, value) in &spec.fields {
+                    for alias in spec.fields.keys() {
                         if alias.trim().is_empty() {
                             errors.push(format!("{at}.object.fields: an alias is empty"));
                         }
-                        if let FieldValue::Reference(p) = value {
-                            check_pointer(errors, &format!("object.fields.{alias}"), p);
-                        }
                     }
                 }
-            }
-            if let Some(p) = &s.event_id {
-                check_pointer(errors, "event_id", p);
-            }
-            if let Some(p) = &s.event_type {
-                check_pointer(errors, "event_type", p);
             }
             if !s.accept_types.is_empty() && s.event_type.is_none() {
                 errors.push(format!(
@@ -1193,16 +1442,14 @@ impl Config {
                 (None, None) => errors.push(format!(
                     "{at}.lead: set id (a pointer to lead ids) or key (with lookup)"
                 )),
-                (Some(p), None) => {
-                    check_pointer(errors, "lead.id", p);
+                (Some(_), None) => {
                     if lead.lookup.is_some() || lead.create_missing {
                         errors.push(format!(
                             "{at}.lead: lookup and create_missing need key, not id"
                         ));
                     }
                 }
-                (None, Some(p)) => {
-                    check_pointer(errors, "lead.key", p);
+                (None, Some(_)) => {
                     match lead.lookup {
                         None => errors.push(format!("{at}.lead.lookup: required with key (table or sprinthub)")),
                         Some(LookupKind::Sprinthub) if lead.field.is_none() => errors.push(format!(
@@ -1212,9 +1459,6 @@ impl Config {
                             "{at}.lead.create_missing: only works with lookup = \"sprinthub\""
                         )),
                         _ => {}
-                    }
-                    for (field, p) in &lead.create_fields {
-                        check_pointer(errors, &format!("lead.create_fields.{field}"), p);
                     }
                 }
             }
@@ -1490,8 +1734,12 @@ impl SourceConfig {
         fill(&mut self.signed_content, p.signed_content);
         fill(&mut self.timestamp_header, p.timestamp_header);
         fill(&mut self.token_header, p.token_header);
-        fill(&mut self.event_id, p.event_id);
-        fill(&mut self.event_type, p.event_type);
+        if self.event_id.is_none() {
+            self.event_id = p.event_id.map(ValueRef::parse);
+        }
+        if self.event_type.is_none() {
+            self.event_type = p.event_type.map(ValueRef::parse);
+        }
         if self.encoding.is_none() {
             self.encoding = p.encoding;
         }
@@ -2017,6 +2265,107 @@ key = "/email"
             assert!(all.contains(needle), "missing {needle} in:\n{all}");
         }
         assert!(errs.iter().all(|l| !l.contains('\n')));
+    }
+
+    #[test]
+    fn references_are_parsed_once_and_checked() {
+        // BASE ends in [sources.lead].
+        let text = format!("{BASE}create_fields = {{ email = \"query:mail\" }}\n");
+        let text = text.replace(
+            "object_id = \"/data/object_id\"",
+            "object_id = \"Header:X-Object-Id\"\nevent_id = \"query:id\"\nevent_type = \"header:X-Topic\"",
+        );
+        let text = text.replace(
+            "id = \"/data/lead_id\"",
+            "key = \"/c/email\"\nlookup = \"table\"",
+        );
+        let cfg = Config::from_parts(&text, &[], &env).unwrap();
+        let s = &cfg.sources[0];
+        assert_eq!(s.object_id, Some(ValueRef::Header("x-object-id".into())));
+        assert_eq!(s.event_id, Some(ValueRef::Query("id".into())));
+        assert_eq!(s.lead.key, Some(ValueRef::Pointer("/c/email".into())));
+        assert_eq!(s.referenced_headers(), vec!["x-object-id", "x-topic"]);
+        assert_eq!(s.referenced_query(), vec!["id", "mail"]);
+        assert_eq!(
+            s.object_id.as_ref().map(ValueRef::to_string).as_deref(),
+            Some("header:x-object-id")
+        );
+
+        let bad = BASE
+            .replace(
+                "object_id = \"/data/object_id\"",
+                "object_id = \"header:Authorization\"\nevent_id = \"header:webhook-signature\"\nevent_type = \"header:\"",
+            )
+            .replace("id = \"/data/lead_id\"", "id = \"query:\"");
+        let errs = Config::from_parts(&bad, &[], &env).unwrap_err().0;
+        let all = errs.join("\n");
+        for needle in [
+            "sources.erp.object_id: header:authorization names a credential header",
+            "sources.erp.event_id: header:webhook-signature names a credential header",
+            "sources.erp.event_type: header: does not name a valid header",
+            "sources.erp.lead.id: query: needs a parameter name",
+        ] {
+            assert!(all.contains(needle), "missing {needle} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn address_blocks_parse_and_each_bad_one_is_a_line() {
+        let c: Cidr = "203.0.113.0/24".parse().unwrap();
+        assert!(c.contains("203.0.113.77".parse().unwrap()));
+        assert!(!c.contains("203.0.114.1".parse().unwrap()));
+        assert!(
+            c.contains("::ffff:203.0.113.1".parse().unwrap()),
+            "mapped IPv4"
+        );
+        let v6: Cidr = "2001:db8::/32".parse().unwrap();
+        assert!(v6.contains("2001:db8:ffff::1".parse().unwrap()));
+        assert!(!v6.contains("2001:db9::1".parse().unwrap()));
+        assert!(!v6.contains("203.0.113.1".parse().unwrap()));
+        let host: Cidr = "127.0.0.1".parse().unwrap();
+        assert_eq!(host.to_string(), "127.0.0.1/32");
+        assert!(host.contains("127.0.0.1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        for bad in [
+            "10.0.0.0/33",
+            "10.0.0/8",
+            "::/129",
+            "x",
+            "10.0.0.0/",
+            "10.0.0.0/+8",
+            "",
+        ] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+        let text = BASE.replace(
+            "object_id = \"/data/object_id\"",
+            "object_id = \"/data/object_id\"\nallow_ips = [\"10.0.0.0/8\", \"10.0.0.0/99\", \"nope\"]",
+        );
+        let text = format!("[server]\ntrusted_proxies = [\"fe80::/200\"]\n{text}");
+        let errs = Config::from_parts(&text, &[], &env).unwrap_err().0;
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(
+            errs[0].starts_with("server.trusted_proxies: \"fe80::/200\""),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].starts_with("sources.erp.allow_ips: \"10.0.0.0/99\""),
+            "{errs:?}"
+        );
+        assert!(
+            errs[2].starts_with("sources.erp.allow_ips: \"nope\""),
+            "{errs:?}"
+        );
+        let good = BASE.replace(
+            "object_id = \"/data/object_id\"",
+            "object_id = \"/data/object_id\"\nallow_ips = [\"10.0.0.0/8\", \"2001:db8::/32\"]",
+        );
+        let cfg = Config::from_parts(&good, &[], &env).unwrap();
+        assert_eq!(cfg.sources[0].allow_ips.len(), 2);
+        assert!(cfg.sources[0].allows(Some("10.9.9.9".parse().unwrap())));
+        assert!(!cfg.sources[0].allows(Some("127.0.0.1".parse().unwrap())));
+        assert!(!cfg.sources[0].allows(None));
     }
 
     #[test]

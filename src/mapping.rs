@@ -1,12 +1,66 @@
 //! From a parsed webhook body to what must be linked: the event id and type, the SprintHub
 //! object id and the lead ids (or the key that resolves to them). Pure: no I/O, no HTTP.
+//! Values are read through the source's references (`/pointer`, `header:NAME`, `query:NAME`)
+//! from an [`Input`]: the body as its content type reads ([`body`]) and the request's headers
+//! and query parameters that some reference names.
+
+pub mod body;
+
+use std::collections::BTreeMap;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::config::{
     DefinitionId, FieldValue, LeadField, LookupKind, ObjectRule, ObjectSpec, Scheme, SourceConfig,
+    ValueRef,
 };
+use crate::store::StoredRequest;
+
+/// What a source's references read: the parsed body and the headers and query parameters of
+/// the request (those some reference names; the others are never kept).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Input {
+    pub body: Value,
+    /// Lower-case header names.
+    pub headers: BTreeMap<String, Value>,
+    pub query: BTreeMap<String, Value>,
+}
+
+impl Input {
+    /// A JSON body and nothing else.
+    pub fn json(body: Value) -> Input {
+        Input {
+            body,
+            ..Default::default()
+        }
+    }
+
+    /// Reads a request as stored: the body as its content type says, with its headers and
+    /// query parameters. The request path and a replay both go through here, so they see the
+    /// same values.
+    pub fn read(req: &StoredRequest) -> Result<Input, body::BodyError> {
+        let strings = |m: &BTreeMap<String, String>| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect()
+        };
+        Ok(Input {
+            body: body::parse(req.content_type.as_deref(), &req.body)?,
+            headers: strings(&req.headers),
+            query: strings(&req.query),
+        })
+    }
+
+    /// The value a reference finds, if any.
+    pub fn get(&self, r: &ValueRef) -> Option<&Value> {
+        match r {
+            ValueRef::Pointer(p) => self.body.pointer(p),
+            ValueRef::Header(n) => self.headers.get(n),
+            ValueRef::Query(n) => self.query.get(n),
+        }
+    }
+}
 
 /// The longest event id, event type, object id, lead id or lookup key accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
@@ -64,7 +118,7 @@ pub fn check_event_id(id: &str) -> Result<(), Unstorable> {
 /// (which storage cannot keep, or an operator could not read), and an event type longer than
 /// `MAX_ID_BYTES`. Values that are merely too long or too many are not refused here: `map`
 /// parks them with a reason.
-pub fn check_storable(source: &SourceConfig, body: &Value) -> Result<(), Unstorable> {
+pub fn check_storable(source: &SourceConfig, body: &Input) -> Result<(), Unstorable> {
     if let Some(t) = event_type(source, body) {
         if t.len() > MAX_ID_BYTES {
             return Err(unstorable(
@@ -79,21 +133,22 @@ pub fn check_storable(source: &SourceConfig, body: &Value) -> Result<(), Unstora
             ));
         }
     }
-    let bad = |what: &str, p: &str| {
+    let bad = |what: &str, p: &ValueRef| {
         unstorable(
             UnstorableValue::Id,
             format!("the {what} at {p} contains a control character"),
         )
     };
     if let ObjectRule::FromBody(p) = source.object_rule()
-        && value_at(body, p)
+        && body
+            .get(p)
             .and_then(id_text)
             .is_some_and(|id| has_control(&id))
     {
         return Err(bad("object id", p));
     }
     if let Some(p) = &source.lead.id {
-        let dirty = match value_at(body, p) {
+        let dirty = match body.get(p) {
             Some(Value::Array(items)) => {
                 items.iter().filter_map(id_text).any(|id| has_control(&id))
             }
@@ -105,7 +160,8 @@ pub fn check_storable(source: &SourceConfig, body: &Value) -> Result<(), Unstora
         }
     }
     if let Some(p) = &source.lead.key
-        && value_at(body, p)
+        && body
+            .get(p)
             .and_then(scalar_text)
             .is_some_and(|k| has_control(k.trim()))
     {
@@ -139,19 +195,13 @@ pub struct Mapped {
     pub leads: Leads,
 }
 
-/// The value a reference of the configuration names in an event: every value the mapping
-/// reads (object id, lead ids and key, lead and object fields) goes through here.
-pub fn value_at<'a>(body: &'a Value, reference: &str) -> Option<&'a Value> {
-    body.pointer(reference)
-}
-
 /// The JSON body of an object creation: each field's value (a reference that finds nothing,
 /// or finds null, leaves its field out; a literal is sent as written).
-pub fn object_fields(spec: &ObjectSpec, body: &Value) -> serde_json::Map<String, Value> {
+pub fn object_fields(spec: &ObjectSpec, body: &Input) -> serde_json::Map<String, Value> {
     let mut out = serde_json::Map::new();
     for (alias, value) in &spec.fields {
         let v = match value {
-            FieldValue::Reference(r) => value_at(body, r).filter(|v| !v.is_null()).cloned(),
+            FieldValue::Reference(r) => body.get(r).filter(|v| !v.is_null()).cloned(),
             FieldValue::Literal(v) => Some(v.clone()),
         };
         if let Some(v) = v {
@@ -165,27 +215,28 @@ pub fn object_fields(spec: &ObjectSpec, body: &Value) -> serde_json::Map<String,
 /// body's `id`), else the SHA-256 of the body, so identical bodies deduplicate.
 pub fn event_id(
     source: &SourceConfig,
-    body: &Value,
+    body: &Input,
     raw: &[u8],
     delivery_id: Option<&str>,
 ) -> String {
+    let stripe_id = ValueRef::Pointer("/id".into());
     let pointer = source
         .event_id
-        .as_deref()
-        .or((source.scheme == Scheme::Stripe).then_some("/id"));
+        .as_ref()
+        .or((source.scheme == Scheme::Stripe).then_some(&stripe_id));
     pointer
-        .and_then(|p| value_at(body, p))
+        .and_then(|p| body.get(p))
         .and_then(scalar_text)
         .or_else(|| delivery_id.filter(|d| !d.is_empty()).map(str::to_string))
         .unwrap_or_else(|| format!("sha256:{}", hex::encode(Sha256::digest(raw))))
 }
 
 /// The event's type, when the source names where it is.
-pub fn event_type(source: &SourceConfig, body: &Value) -> Option<String> {
+pub fn event_type(source: &SourceConfig, body: &Input) -> Option<String> {
     source
         .event_type
-        .as_deref()
-        .and_then(|p| value_at(body, p))
+        .as_ref()
+        .and_then(|p| body.get(p))
         .and_then(scalar_text)
 }
 
@@ -196,7 +247,7 @@ pub fn accepts(source: &SourceConfig, event_type: Option<&str>) -> bool {
 }
 
 /// Where the mapping sends an event: its object id (when found) and what to do next.
-pub fn plan(source: &SourceConfig, body: &Value) -> (Option<String>, crate::store::Plan) {
+pub fn plan(source: &SourceConfig, body: &Input) -> (Option<String>, crate::store::Plan) {
     use crate::store::Plan;
     match map(source, body) {
         Ok(m) => match (m.object, m.leads) {
@@ -214,7 +265,8 @@ pub fn plan(source: &SourceConfig, body: &Value) -> (Option<String>, crate::stor
         Err(reason) => {
             // An object id over the cap is not kept: the reason says why the event is parked.
             let object_id = match source.object_rule() {
-                ObjectRule::FromBody(p) => value_at(body, p)
+                ObjectRule::FromBody(p) => body
+                    .get(p)
                     .and_then(id_text)
                     .filter(|id| id.len() <= MAX_ID_BYTES),
                 ObjectRule::Create(_) => None,
@@ -225,10 +277,11 @@ pub fn plan(source: &SourceConfig, body: &Value) -> (Option<String>, crate::stor
 }
 
 /// Maps the body to an object id and leads, or explains why it cannot.
-pub fn map(source: &SourceConfig, body: &Value) -> Result<Mapped, String> {
+pub fn map(source: &SourceConfig, body: &Input) -> Result<Mapped, String> {
     let object = match source.object_rule() {
         ObjectRule::FromBody(p) => {
-            let object_id = value_at(body, p)
+            let object_id = body
+                .get(p)
                 .and_then(id_text)
                 .ok_or_else(|| format!("object id not found at {p}"))?;
             if object_id.len() > MAX_ID_BYTES {
@@ -242,7 +295,7 @@ pub fn map(source: &SourceConfig, body: &Value) -> Result<Mapped, String> {
     };
     let lead = &source.lead;
     let leads = if let Some(p) = &lead.id {
-        let ids = match value_at(body, p) {
+        let ids = match body.get(p) {
             Some(Value::Array(items)) => {
                 let ids: Option<Vec<String>> = items.iter().map(id_text).collect();
                 ids.ok_or_else(|| format!("lead ids at {p} are not all ids"))?
@@ -269,7 +322,8 @@ pub fn map(source: &SourceConfig, body: &Value) -> Result<Mapped, String> {
         }
         Leads::Ids(ids)
     } else if let Some(p) = &lead.key {
-        let raw = value_at(body, p)
+        let raw = body
+            .get(p)
             .and_then(scalar_text)
             .ok_or_else(|| format!("lead key not found at {p}"))?;
         let key = normalize_key(&raw, lead.lookup, lead.field);
@@ -341,6 +395,20 @@ mod tests {
     use super::*;
     use crate::config::LeadConfig;
     use serde_json::json;
+
+    // The scenarios below read JSON bodies only: these wrap a body in an `Input`.
+    fn map(s: &SourceConfig, v: &Value) -> Result<Mapped, String> {
+        super::map(s, &Input::json(v.clone()))
+    }
+    fn event_id(s: &SourceConfig, v: &Value, raw: &[u8], d: Option<&str>) -> String {
+        super::event_id(s, &Input::json(v.clone()), raw, d)
+    }
+    fn event_type(s: &SourceConfig, v: &Value) -> Option<String> {
+        super::event_type(s, &Input::json(v.clone()))
+    }
+    fn check_storable(s: &SourceConfig, v: &Value) -> Result<(), Unstorable> {
+        super::check_storable(s, &Input::json(v.clone()))
+    }
 
     fn source(lead: LeadConfig) -> SourceConfig {
         SourceConfig {
@@ -454,6 +522,52 @@ mod tests {
             event_id(&stripe, &json!({"id": "evt_s"}), b"x", None),
             "evt_s"
         );
+    }
+
+    #[test]
+    fn header_and_query_references_read_the_stored_request() {
+        let mut s = by_id();
+        s.event_id = Some("header:X-Delivery".into());
+        s.event_type = Some("query:topic".into());
+        s.object_id = Some("header:x-object".into());
+        s.lead.id = Some("query:lead".into());
+        let req = StoredRequest {
+            body: br#"{"data": {}}"#.to_vec().into(),
+            content_type: None,
+            headers: [("x-delivery", "d-1"), ("x-object", "77")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .into(),
+            query: [("topic", "object.created"), ("lead", "8")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .into(),
+        };
+        let input = Input::read(&req).unwrap();
+        assert_eq!(super::event_id(&s, &input, b"x", None), "d-1");
+        assert_eq!(
+            super::event_type(&s, &input).as_deref(),
+            Some("object.created")
+        );
+        let m = super::map(&s, &input).unwrap();
+        assert_eq!(m.object, Object::Id("77".into()));
+        assert_eq!(m.leads, Leads::Ids(vec!["8".into()]));
+        // Nothing found: as a missing pointer, with the reference named.
+        let bare = Input::json(json!({}));
+        assert_eq!(
+            super::map(&s, &bare).unwrap_err(),
+            "object id not found at header:x-object"
+        );
+        assert!(super::event_id(&s, &bare, b"abc", None).starts_with("sha256:"));
+        // A form body reads the same way as JSON.
+        let form = StoredRequest {
+            body: b"data[object_id]=5&data[lead_id][]=1&data[lead_id][]=2"
+                .to_vec()
+                .into(),
+            content_type: Some("application/x-www-form-urlencoded".into()),
+            ..Default::default()
+        };
+        let m = super::map(&by_id(), &Input::read(&form).unwrap()).unwrap();
+        assert_eq!(m.object, Object::Id("5".into()));
+        assert_eq!(m.leads, Leads::Ids(vec!["1".into(), "2".into()]));
     }
 
     #[test]
@@ -613,20 +727,20 @@ mod fuzz {
             name: "s".into(),
             scheme: Scheme::Github,
             secrets: vec![Secret::new("x")],
-            event_id: Some(lead.clone()),
-            event_type: Some(object.clone()),
+            event_id: Some(lead.as_str().into()),
+            event_type: Some(object.as_str().into()),
             accept_types: vec![],
-            object_id: Some(object),
+            object_id: Some(object.as_str().into()),
             object: None,
             lead: if key {
                 LeadConfig {
-                    key: Some(lead),
+                    key: Some(lead.as_str().into()),
                     lookup: Some(LookupKind::Table),
                     ..Default::default()
                 }
             } else {
                 LeadConfig {
-                    id: Some(lead),
+                    id: Some(lead.as_str().into()),
                     ..Default::default()
                 }
             },
@@ -645,6 +759,7 @@ mod fuzz {
             key in any::<bool>(),
         ) {
             let s = source(object, lead, key);
+            let body = Input::json(body);
             let _ = event_type(&s, &body);
             let id = event_id(&s, &body, b"raw", None);
             prop_assert!(!id.is_empty());

@@ -1,10 +1,8 @@
 //! What the admin API and the dashboard both do to stored events: find one by its id, and
 //! replay it with today's configuration. No HTTP here: callers turn the errors into answers.
 
-use serde_json::Value;
-
 use crate::config::SourceConfig;
-use crate::mapping;
+use crate::mapping::{self, Input};
 use crate::store::{EventSummary, Plan, Store, StoreError, now_ms};
 
 /// Why `find_one` found no single event.
@@ -42,16 +40,17 @@ pub async fn replay(
     source: Option<&SourceConfig>,
     e: &EventSummary,
 ) -> Result<(), StoreError> {
-    let body = store.event_body(e.pk).await?.unwrap_or_default();
-    let (object_id, plan) = match (source, serde_json::from_str::<Value>(&body)) {
-        (Some(source), Ok(json)) => mapping::plan(source, &json),
+    let request = store.event_request(e.pk).await?.unwrap_or_default();
+    // The stored bytes, read as their content type says: exactly what the request carried.
+    let (object_id, plan) = match (source, Input::read(&request)) {
+        (Some(source), Ok(input)) => mapping::plan(source, &input),
         (None, _) => (
             e.object_id.clone(),
             Plan::Parked(format!("source {:?} is no longer configured", e.source)),
         ),
         (_, Err(err)) => (
             e.object_id.clone(),
-            Plan::Parked(format!("stored body is not JSON: {err}")),
+            Plan::Parked(format!("the stored body cannot be read: {err}")),
         ),
     };
     store

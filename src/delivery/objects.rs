@@ -103,12 +103,12 @@ impl Creator {
                 ));
             }
         };
-        let body: Value = match serde_json::from_str(&job.body) {
+        let body = match mapping::Input::read(&job.request) {
             Ok(v) => v,
             Err(e) => {
                 return Some((
                     None,
-                    ObjectUpdate::Dead(format!("stored body is not JSON: {e}")),
+                    ObjectUpdate::Dead(format!("the stored body cannot be read: {e}")),
                 ));
             }
         };

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use super::backoff::{Next, after_failure};
 use super::ratelimit::RateLimiter;
 use crate::config::{Config, LeadField, LookupKind, ObjectRule, SourceConfig};
-use crate::mapping::{self, Leads};
+use crate::mapping::{self, Input, Leads};
 use crate::sprinthub::{Failure, SprintHubClient};
 use crate::store::{ResolveJob, ResolveUpdate, Store, now_ms};
 use crate::telemetry::Metrics;
@@ -148,9 +148,9 @@ impl Resolver {
                 job.source
             ));
         };
-        let body: Value = match serde_json::from_str(&job.body) {
+        let body = match Input::read(&job.request) {
             Ok(v) => v,
-            Err(e) => return ResolveUpdate::Parked(format!("stored body is not JSON: {e}")),
+            Err(e) => return ResolveUpdate::Parked(format!("the stored body cannot be read: {e}")),
         };
         let mapped = match mapping::map(source, &body) {
             Ok(m) => m,
@@ -230,7 +230,7 @@ impl Resolver {
         source: &SourceConfig,
         field: LeadField,
         key: &str,
-        body: &Value,
+        body: &Input,
         pace: &mut Pace<'_>,
     ) -> Result<Vec<String>, Lookup> {
         let create = source.lead.create_missing;
@@ -281,12 +281,12 @@ impl Resolver {
         source: &SourceConfig,
         field: LeadField,
         key: &str,
-        body: &Value,
+        body: &Input,
         pace: &mut Pace<'_>,
     ) -> Result<Vec<String>, Lookup> {
         let mut fields = Map::new();
-        for (name, pointer) in &source.lead.create_fields {
-            if let Some(v) = mapping::value_at(body, pointer).filter(|v| !v.is_null()) {
+        for (name, reference) in &source.lead.create_fields {
+            if let Some(v) = body.get(reference).filter(|v| !v.is_null()) {
                 fields.insert(name.clone(), v.clone());
             }
         }

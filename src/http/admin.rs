@@ -130,9 +130,9 @@ fn attempt_json(a: &Attempt) -> Value {
 
 pub fn detail_json(d: &EventDetail) -> Value {
     let mut v = summary_json(&d.summary);
-    let body =
-        serde_json::from_str::<Value>(&d.body).unwrap_or_else(|_| Value::String(d.body.clone()));
-    v["body"] = body;
+    v["body"] = Value::String(d.request.body_text());
+    v["content_type"] = d.request.content_type.clone().into();
+    v["body_json"] = crate::mapping::Input::read(&d.request).map_or(Value::Null, |i| i.body);
     v["object"] = d.object.as_ref().map_or(Value::Null, |o| {
         json!({
             "object_id": o.object_id,

@@ -32,6 +32,8 @@ pub enum ErrorCode {
     UnsupportedMediaType,
     TooManyRequests,
     Unavailable,
+    InvalidBody,
+    ForbiddenAddress,
 }
 
 impl ErrorCode {
@@ -56,6 +58,8 @@ impl ErrorCode {
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::TooManyRequests => "too_many_requests",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::InvalidBody => "invalid_body",
+            ErrorCode::ForbiddenAddress => "forbidden_address",
         }
     }
 }
@@ -97,6 +101,12 @@ pub enum AppError {
     TooManyRequests(u64),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// A form or multipart body that cannot be read.
+    #[error("{0}")]
+    InvalidBody(String),
+    /// The source's `allow_ips` does not hold the sender's address.
+    #[error("{0}")]
+    ForbiddenAddress(String),
 }
 
 impl AppError {
@@ -125,6 +135,8 @@ impl AppError {
             },
             AppError::TooManyRequests(_) => ErrorCode::TooManyRequests,
             AppError::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
+            AppError::InvalidBody(_) => ErrorCode::InvalidBody,
+            AppError::ForbiddenAddress(_) => ErrorCode::ForbiddenAddress,
         }
     }
 
@@ -142,6 +154,19 @@ impl AppError {
             AppError::Unstorable(_) => StatusCode::BAD_REQUEST,
             AppError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             AppError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            AppError::InvalidBody(_) => StatusCode::BAD_REQUEST,
+            AppError::ForbiddenAddress(_) => StatusCode::FORBIDDEN,
+        }
+    }
+}
+
+impl From<crate::mapping::body::BodyError> for AppError {
+    fn from(e: crate::mapping::body::BodyError) -> Self {
+        use crate::mapping::body::BodyError;
+        match e {
+            BodyError::Unsupported(_) => AppError::UnsupportedMediaType(e.to_string()),
+            BodyError::Json(m) => AppError::InvalidJson(m),
+            BodyError::Form(m) => AppError::InvalidBody(m),
         }
     }
 }
@@ -405,6 +430,8 @@ mod tests {
             ErrorCode::UnsupportedMediaType => AppError::UnsupportedMediaType(t()),
             ErrorCode::TooManyRequests => AppError::TooManyRequests(1),
             ErrorCode::Unavailable => AppError::Unavailable(t()),
+            ErrorCode::InvalidBody => AppError::InvalidBody(t()),
+            ErrorCode::ForbiddenAddress => AppError::ForbiddenAddress(t()),
         }
     }
 
@@ -419,7 +446,7 @@ mod tests {
             .iter()
             .map(|v| v.as_str().unwrap().to_string())
             .collect();
-        assert!(documented.len() >= 19, "{documented:?}");
+        assert!(documented.len() >= 21, "{documented:?}");
         for text in &documented {
             let code: ErrorCode = serde_json::from_value(serde_json::json!(text)).unwrap();
             let e = producer(code);

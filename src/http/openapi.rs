@@ -264,9 +264,17 @@ pub struct EventDetail {
     pub event_type: Option<String>,
     #[schema(required = true)]
     pub reason: Option<String>,
-    /// The stored body: its JSON, or the text when it is not JSON.
-    #[schema(value_type = Value)]
-    pub body: serde_json::Value,
+    /// The body as received, as text (bytes that are not UTF-8 shown as U+FFFD). Release
+    /// 0.1.0 showed the parsed JSON here; that is now `body_json`.
+    pub body: String,
+    /// The request's `Content-Type`; null when it had none (read as JSON).
+    #[schema(required = true)]
+    pub content_type: Option<String>,
+    /// What the references saw: the parsed JSON body, or the object a form or multipart body
+    /// reads as (a file part as `{filename, content_type, size}`); null when the stored body
+    /// cannot be read with today's parser.
+    #[schema(value_type = Value, required = true)]
+    pub body_json: serde_json::Value,
     /// The object sprintlink creates for this event; null for sources whose sender sends the
     /// object's id.
     #[schema(required = true)]

@@ -885,11 +885,17 @@ async fn event_page(
             detail.links.len()
         );
     }
-    let body = serde_json::from_str::<serde_json::Value>(&detail.body)
-        .ok()
-        .and_then(|v| serde_json::to_string_pretty(&v).ok())
-        .unwrap_or_else(|| detail.body.clone());
-    let _ = write!(c, "<h2>Body</h2><pre id=\"body\">{}</pre>", esc(&body));
+    // The body exactly as received (bytes that are not UTF-8 as U+FFFD), with its type.
+    let _ = write!(
+        c,
+        "<h2>Body</h2><p class=\"muted\">Content-Type: <code id=\"content-type\">{}</code></p><pre id=\"body\">{}</pre>",
+        esc(detail
+            .request
+            .content_type
+            .as_deref()
+            .unwrap_or("none (read as JSON)")),
+        esc(&detail.request.body_text())
+    );
     html(
         StatusCode::OK,
         page(&format!("Event {}", s.event_id), Tab::None, Some(&who), &c),

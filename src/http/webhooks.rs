@@ -1,28 +1,34 @@
 //! `POST /webhooks/{source}`: one verify, one parse, and a commit shared with the requests that
 //! arrive at the same time. Nothing is acknowledged before it is durable.
 
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::extract::{ConnectInfo, Extension, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde_json::json;
 
+use crate::config::{Cidr, SourceConfig};
 use crate::http::AppState;
 use crate::http::error::{ApiPath as Path, AppError};
-use crate::mapping::{self};
+use crate::mapping::{self, Input, body::Kind};
 use crate::signature::WithQuery;
-use crate::store::{IngestOutcome, NewEvent, Plan, now_ms};
+use crate::store::{IngestOutcome, NewEvent, Plan, StoredRequest, now_ms};
 
 /// Receive a signed webhook.
 ///
 /// The request is authenticated with the source's scheme (standard-webhooks with `v1` HMAC or
 /// `v1a` Ed25519 entries, github, stripe, hmac / hmac-sha256 with a configured header or query
-/// parameter, token, basic, or a preset: shopify, woocommerce, typeform, slack, hotmart). A `202` means the event is committed
-/// to storage; on any error nothing is stored. The signature headers (and the timestamp) are
-/// checked before the body is read, the MAC after.
+/// parameter, token, basic, or a preset: shopify, woocommerce, typeform, slack, hotmart). A
+/// `202` means the event is committed to storage; on any error nothing is stored. The sender's
+/// address (`allow_ips`), the signature headers (and the timestamp) and the content type are
+/// checked before the body is read, the MAC after. The body may be JSON (`application/json`,
+/// `+json`, or no `Content-Type`), `application/x-www-form-urlencoded` or
+/// `multipart/form-data`; it is stored byte for byte.
 #[utoipa::path(
     post,
     path = "/webhooks/{source}",
@@ -37,14 +43,20 @@ use crate::store::{IngestOutcome, NewEvent, Plan, now_ms};
         ("Stripe-Signature" = Option<String>, Header, description = "stripe: `t=<unix>,v1=<hex>`"),
         ("Authorization" = Option<String>, Header, description = "basic: `Basic <base64 of user:password>`"),
     ),
-    request_body(content = Object, content_type = "application/json", description = "The event, as the sending system posts it"),
+    request_body(description = "The event, as the sending system posts it", content(
+        (Object = "application/json"),
+        (Object = "application/x-www-form-urlencoded"),
+        (Object = "multipart/form-data"),
+    )),
     responses(
         (status = 202, description = "Committed to storage: `queued`, or `parked` with a reason", body = crate::http::openapi::WebhookAccepted),
         (status = 200, description = "`duplicate` (this source already has the event id) or `ignored` (type not accepted); nothing new stored", body = crate::http::openapi::WebhookNoop),
-        (status = 400, description = "`invalid_json`; `invalid_event_id` (longer than 256 bytes or a control character), `invalid_event_type` (the same) or `invalid_id` (an object id, lead id or lookup key with a control character); or `bad_request` when the body could not be read. Nothing is stored", body = crate::http::openapi::ErrorBody),
+        (status = 400, description = "`invalid_json`; `invalid_body` (a form or multipart body that cannot be read: a key both a value and a group, more than 1000 fields, nesting deeper than 16, a broken multipart body); `invalid_event_id` (longer than 256 bytes or a control character), `invalid_event_type` (the same) or `invalid_id` (an object id, lead id or lookup key with a control character); or `bad_request` when the body could not be read. Nothing is stored", body = crate::http::openapi::ErrorBody),
         (status = 401, description = "`missing_signature`, `invalid_signature` or `timestamp_out_of_tolerance`", body = crate::http::openapi::ErrorBody),
+        (status = 403, description = "`forbidden_address`: the sender's address is not in the source's `allow_ips`", body = crate::http::openapi::ErrorBody),
         (status = 404, description = "`unknown_source`", body = crate::http::openapi::ErrorBody),
         (status = 413, description = "`payload_too_large`: more than `server.max_body_bytes`", body = crate::http::openapi::ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: a `Content-Type` other than JSON, a form or multipart/form-data", body = crate::http::openapi::ErrorBody),
         (status = 503, description = "`unavailable`: storage down, shutting down, or too many request bodies being received at once (`server.max_buffered_bytes`); retry", body = crate::http::openapi::ErrorBody,
             headers(("Retry-After" = String, description = "Seconds to wait"))),
     ),
@@ -53,7 +65,8 @@ use crate::store::{IngestOutcome, NewEvent, Plan, now_ms};
 pub async fn webhook(
     State(state): State<Arc<AppState>>,
     Path(source): Path<String>,
-    uri: Uri,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -63,7 +76,11 @@ pub async fn webhook(
     } else {
         "_unknown"
     };
-    let (outcome, response) = match accept(&state, &source, &headers, uri.query(), body).await {
+    let from = Sender {
+        peer: peer.map(|Extension(ConnectInfo(a))| a.ip()),
+        query: query.as_deref(),
+    };
+    let (outcome, response) = match accept(&state, &source, &headers, from, body).await {
         Ok((outcome, resp)) => (outcome, resp),
         Err(e) => {
             if !matches!(e, AppError::UnknownSource(_)) {
@@ -76,11 +93,18 @@ pub async fn webhook(
     response
 }
 
+/// Where a request came from: the TCP peer and the URL's query string.
+#[derive(Clone, Copy)]
+struct Sender<'a> {
+    peer: Option<IpAddr>,
+    query: Option<&'a str>,
+}
+
 async fn accept(
     state: &AppState,
     source_name: &str,
     headers: &HeaderMap,
-    query: Option<&str>,
+    from: Sender<'_>,
     body: Body,
 ) -> Result<(&'static str, Response), AppError> {
     if state.shutdown.is_cancelled() {
@@ -92,12 +116,28 @@ async fn accept(
         .sources
         .get(source_name)
         .ok_or_else(|| AppError::UnknownSource(source_name.to_string()))?;
+    if !source.allow_ips.is_empty() {
+        let client = client_address(from.peer, headers, &state.config.server.trusted_proxies);
+        if !source.allows(client) {
+            return Err(AppError::ForbiddenAddress(match client {
+                Some(ip) => format!("{ip} may not post to this source"),
+                None => "the sender's address is unknown, and this source has allow_ips".into(),
+            }));
+        }
+    }
     // The scheme's headers, and its timestamp, are checked before any of the body is read: a
     // request that cannot be authentic holds no memory. The MAC is checked once, below. The
     // query string may carry the credential (signature_query, token_query): it is read here
     // and never logged or stored.
-    let request = WithQuery::new(headers, query);
-    verifier.precheck(&request, now_ms().div_euclid(1000))?;
+    let signed = WithQuery::new(headers, from.query);
+    verifier.precheck(&signed, now_ms().div_euclid(1000))?;
+    let content_type = match headers.get(header::CONTENT_TYPE) {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| {
+            AppError::UnsupportedMediaType("the Content-Type is not readable text".into())
+        })?),
+    };
+    Kind::of(content_type)?;
     let max = state.config.server.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -118,9 +158,14 @@ async fn accept(
         }
     })?;
     let now = now_ms();
-    let verified = verifier.verify(&request, &raw, now.div_euclid(1000))?;
-    let json: Value =
-        serde_json::from_slice(&raw).map_err(|e| AppError::InvalidJson(e.to_string()))?;
+    let verified = verifier.verify(&signed, &raw, now.div_euclid(1000))?;
+    let request = StoredRequest {
+        content_type: content_type.map(str::to_string),
+        headers: referenced_headers(source, headers),
+        query: referenced_query(source, from.query),
+        body: raw,
+    };
+    let json = Input::read(&request)?;
     let event_type = mapping::event_type(source, &json);
     if !mapping::accepts(source, event_type.as_deref()) {
         tracing::debug!(source = %source.name, event_type = ?event_type, "event type ignored");
@@ -129,7 +174,12 @@ async fn accept(
             (StatusCode::OK, axum::Json(json!({"status": "ignored"}))).into_response(),
         ));
     }
-    let event_id = mapping::event_id(source, &json, &raw, verified.delivery_id.as_deref());
+    let event_id = mapping::event_id(
+        source,
+        &json,
+        &request.body,
+        verified.delivery_id.as_deref(),
+    );
     mapping::check_event_id(&event_id)
         .and_then(|()| mapping::check_storable(source, &json))
         .map_err(AppError::Unstorable)?;
@@ -143,8 +193,7 @@ async fn accept(
         event_id: event_id.clone(),
         event_type,
         received_at: now,
-        // The body passed JSON parsing, so it is UTF-8.
-        body: String::from_utf8_lossy(&raw).into_owned(),
+        request,
         object_id,
         plan,
     };
@@ -178,4 +227,150 @@ async fn accept(
         }
     };
     Ok((answer.0, (answer.1, axum::Json(answer.2)).into_response()))
+}
+
+/// The headers some `header:` reference of the source names, as the request carried them (the
+/// first value of each; one that is not text is left out, as if missing).
+fn referenced_headers(source: &SourceConfig, headers: &HeaderMap) -> BTreeMap<String, String> {
+    source
+        .referenced_headers()
+        .into_iter()
+        .filter_map(|name| {
+            let value = headers.get(name)?.to_str().ok()?;
+            Some((name.to_string(), value.to_string()))
+        })
+        .collect()
+}
+
+/// The query parameters some `query:` reference of the source names (the first value of
+/// each). No other parameter is kept: a credential in the URL is never stored.
+fn referenced_query(source: &SourceConfig, query: Option<&str>) -> BTreeMap<String, String> {
+    let names = source.referenced_query();
+    let mut out = BTreeMap::new();
+    let Some(query) = query.filter(|_| !names.is_empty()) else {
+        return out;
+    };
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if let Some(name) = names.iter().find(|n| **n == k) {
+            out.entry(name.to_string())
+                .or_insert_with(|| v.into_owned());
+        }
+    }
+    out
+}
+
+/// The sender's address (SPEC 6.3): the TCP peer, unless the peer is a trusted proxy; then
+/// the right-most `X-Forwarded-For` address that is not itself a trusted proxy (all of them
+/// trusted: the left-most). `None` when it cannot be known: no peer, or an entry that is not
+/// an address where the walk needs it.
+pub fn client_address(
+    peer: Option<IpAddr>,
+    headers: &HeaderMap,
+    trusted: &[Cidr],
+) -> Option<IpAddr> {
+    let peer = peer?.to_canonical();
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+    if !is_trusted(peer) {
+        return Some(peer);
+    }
+    let mut hops: Vec<&str> = Vec::new();
+    for v in headers.get_all("x-forwarded-for") {
+        hops.extend(
+            v.to_str()
+                .ok()?
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty()),
+        );
+    }
+    let mut last = peer;
+    for hop in hops.iter().rev() {
+        let ip = forwarded_ip(hop)?;
+        if !is_trusted(ip) {
+            return Some(ip);
+        }
+        last = ip;
+    }
+    Some(last)
+}
+
+/// One `X-Forwarded-For` entry: `203.0.113.7`, `203.0.113.7:4711`, `2001:db8::1` or
+/// `[2001:db8::1]:4711`.
+fn forwarded_ip(hop: &str) -> Option<IpAddr> {
+    hop.parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .or_else(|| {
+            hop.strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .and_then(|h| h.parse().ok())
+        })
+        .map(|ip: IpAddr| ip.to_canonical())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn xff(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append("x-forwarded-for", v.parse().unwrap());
+        }
+        h
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_peer_counts_unless_it_is_a_trusted_proxy() {
+        let trusted: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap(), "::1".parse().unwrap()];
+        let h = xff(&["198.51.100.1, 203.0.113.9"]);
+        // Not trusted, or nothing trusted: the header is ignored.
+        assert_eq!(
+            client_address(Some(ip("192.0.2.1")), &h, &trusted),
+            Some(ip("192.0.2.1"))
+        );
+        assert_eq!(
+            client_address(Some(ip("10.1.1.1")), &h, &[]),
+            Some(ip("10.1.1.1"))
+        );
+        // Trusted: the right-most entry that is not a proxy.
+        assert_eq!(
+            client_address(Some(ip("10.1.1.1")), &h, &trusted),
+            Some(ip("203.0.113.9"))
+        );
+        let chain = xff(&["198.51.100.1", "203.0.113.9, 10.2.2.2", "::1"]);
+        assert_eq!(
+            client_address(Some(ip("10.1.1.1")), &chain, &trusted),
+            Some(ip("203.0.113.9"))
+        );
+        // Every entry a proxy: the left-most. No header: the peer.
+        let proxies = xff(&["10.3.3.3, 10.2.2.2"]);
+        assert_eq!(
+            client_address(Some(ip("10.1.1.1")), &proxies, &trusted),
+            Some(ip("10.3.3.3"))
+        );
+        assert_eq!(
+            client_address(Some(ip("10.1.1.1")), &HeaderMap::new(), &trusted),
+            Some(ip("10.1.1.1"))
+        );
+        // Ports, brackets and mapped addresses.
+        let ported = xff(&["[2001:db8::7]:443, 203.0.113.9:8080"]);
+        assert_eq!(
+            client_address(Some(ip("::ffff:10.0.0.1")), &ported, &trusted),
+            Some(ip("203.0.113.9"))
+        );
+        let v6 = xff(&["[2001:db8::7]:443"]);
+        assert_eq!(
+            client_address(Some(ip("10.0.0.1")), &v6, &trusted),
+            Some(ip("2001:db8::7"))
+        );
+        // Garbage where the walk needs an address: unknown.
+        let junk = xff(&["203.0.113.9, unknown"]);
+        assert_eq!(client_address(Some(ip("10.0.0.1")), &junk, &trusted), None);
+        assert_eq!(client_address(None, &h, &trusted), None);
+    }
 }

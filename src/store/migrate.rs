@@ -22,6 +22,11 @@ pub(super) const SQLITE: &[Migration] = &[
         sql: include_str!("../../migrations/sqlite/0001_initial.sql"),
     },
     Migration {
+        version: 3,
+        name: "request_bytes",
+        sql: include_str!("../../migrations/sqlite/0003_request_bytes.sql"),
+    },
+    Migration {
         version: 4,
         name: "objects",
         sql: include_str!("../../migrations/sqlite/0004_objects.sql"),
@@ -33,6 +38,11 @@ pub(super) const POSTGRES: &[Migration] = &[
         version: 1,
         name: "initial",
         sql: include_str!("../../migrations/postgres/0001_initial.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "request_bytes",
+        sql: include_str!("../../migrations/postgres/0003_request_bytes.sql"),
     },
     Migration {
         version: 4,

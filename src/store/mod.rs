@@ -169,6 +169,60 @@ pub enum Plan {
     },
 }
 
+/// A webhook request as stored (SPEC 6.4): the body byte for byte, its `Content-Type`, and
+/// the headers and query parameters some reference of its source names; nothing else, so no
+/// credential is kept. A replay and the worker read the event from this alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredRequest {
+    pub body: bytes::Bytes,
+    pub content_type: Option<String>,
+    /// Lower-case header name -> value.
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub query: std::collections::BTreeMap<String, String>,
+}
+
+impl StoredRequest {
+    /// A JSON body without headers (what release 0.1.0 stored, and what tests post).
+    pub fn json(body: impl Into<bytes::Bytes>) -> StoredRequest {
+        StoredRequest {
+            body: body.into(),
+            ..Default::default()
+        }
+    }
+
+    /// The body as text, bytes that are not UTF-8 as U+FFFD: what an operator reads.
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// A map as the JSON text of its column; `None` (NULL) when empty, so JSON events cost
+    /// nothing more to store.
+    pub(crate) fn map_text(m: &std::collections::BTreeMap<String, String>) -> Option<String> {
+        (!m.is_empty()).then(|| serde_json::to_string(m).unwrap_or_default())
+    }
+
+    /// The request from its columns. A row written before version 3 has no `raw_body`: its
+    /// `body` text is the JSON it received.
+    pub(crate) fn from_columns(
+        raw_body: Option<Vec<u8>>,
+        body_text: String,
+        content_type: Option<String>,
+        headers: Option<String>,
+        query: Option<String>,
+    ) -> StoredRequest {
+        let map = |t: Option<String>| {
+            t.and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default()
+        };
+        StoredRequest {
+            body: raw_body.unwrap_or_else(|| body_text.into_bytes()).into(),
+            content_type,
+            headers: map(headers),
+            query: map(query),
+        }
+    }
+}
+
 /// An accepted webhook, ready to be committed.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
@@ -176,28 +230,34 @@ pub struct NewEvent {
     pub event_id: String,
     pub event_type: Option<String>,
     pub received_at: Millis,
-    pub body: String,
+    pub request: StoredRequest,
     pub object_id: Option<String>,
     pub plan: Plan,
 }
 
 impl NewEvent {
-    /// Whether a text that describes the event (not an id) holds a NUL character.
+    /// Whether a text that describes the event (not an id) holds a NUL character. The body is
+    /// stored as bytes and may hold anything; header and query values are stored as JSON text,
+    /// which escapes NUL.
     fn has_nul(&self) -> bool {
         let reason = match &self.plan {
             Plan::Parked(r) => r.as_str(),
             _ => "",
         };
-        [self.event_type.as_deref().unwrap_or(""), &self.body, reason]
-            .iter()
-            .any(|t| t.contains('\0'))
+        [
+            self.event_type.as_deref().unwrap_or(""),
+            self.request.content_type.as_deref().unwrap_or(""),
+            reason,
+        ]
+        .iter()
+        .any(|t| t.contains('\0'))
     }
 
     /// The same event with NUL in its descriptive texts replaced by U+FFFD.
     fn without_nul(&self) -> NewEvent {
         let mut e = self.clone();
         e.event_type = e.event_type.map(|t| without_nul(&t));
-        e.body = without_nul(&e.body);
+        e.request.content_type = e.request.content_type.map(|t| without_nul(&t));
         if let Plan::Parked(r) = &e.plan {
             e.plan = Plan::Parked(without_nul(r));
         }
@@ -238,7 +298,7 @@ pub struct ResolveJob {
     pub lease: i64,
     pub source: String,
     pub event_id: String,
-    pub body: String,
+    pub request: StoredRequest,
     pub attempts: i64,
     pub first_at: Millis,
 }
@@ -250,7 +310,7 @@ pub struct ObjectJob {
     pub lease: i64,
     pub source: String,
     pub event_id: String,
-    pub body: String,
+    pub request: StoredRequest,
     pub definition_id: String,
     /// Attempts so far that count toward `max_attempts` (a lost one included).
     pub attempts: i64,
@@ -395,7 +455,8 @@ pub struct LinkDetail {
 pub struct EventDetail {
     #[serde(flatten)]
     pub summary: EventSummary,
-    pub body: String,
+    #[serde(skip)]
+    pub request: StoredRequest,
     /// The object sprintlink creates for this event, when its source asks for that.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub object: Option<ObjectDetail>,
@@ -508,7 +569,8 @@ pub trait Store: Send + Sync + 'static {
     /// Events with this id (one per source at most), optionally of one source.
     async fn find_events(&self, event_id: &str, source: Option<&str>) -> Result<Vec<EventSummary>>;
     async fn event_detail(&self, pk: i64, links: LinkPage) -> Result<Option<EventDetail>>;
-    async fn event_body(&self, pk: i64) -> Result<Option<String>>;
+    /// The stored request of an event: what a replay maps.
+    async fn event_request(&self, pk: i64) -> Result<Option<StoredRequest>>;
     /// Applies a fresh plan to an existing event: every link not yet linked is due now.
     async fn replay(&self, pk: i64, object_id: Option<&str>, plan: Plan, now: Millis)
     -> Result<()>;

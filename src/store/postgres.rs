@@ -54,7 +54,22 @@ const CLAIM_LINKS: &str = "UPDATE links SET locked_until = $1, lease = $2
 const CLAIM_RESOLVES: &str = "UPDATE events SET resolve_locked_until = $1, resolve_lease = $2
     WHERE id IN (SELECT id FROM events WHERE resolve_due IS NOT NULL AND resolve_due <= $3
                  AND resolve_locked_until <= $3 ORDER BY resolve_due LIMIT $4 FOR UPDATE SKIP LOCKED)
-    RETURNING id, source, event_id, body, resolve_attempts, resolve_first";
+    RETURNING id, source, event_id, raw_body, body, content_type, request_headers, request_query,
+              resolve_attempts, resolve_first";
+
+/// The columns of a `StoredRequest`, as `request_of` reads them.
+const REQUEST_COLUMNS: &str = "raw_body, body, content_type, request_headers, request_query";
+
+/// The stored request of a row holding `REQUEST_COLUMNS`.
+fn request_of(r: &sqlx::postgres::PgRow) -> std::result::Result<StoredRequest, sqlx::Error> {
+    Ok(StoredRequest::from_columns(
+        r.try_get("raw_body")?,
+        r.try_get("body")?,
+        r.try_get("content_type")?,
+        r.try_get("request_headers")?,
+        r.try_get("request_query")?,
+    ))
+}
 
 /// Creates the pair, or finds it (the no-op update takes the row lock, which orders this
 /// against a concurrent completion of the same pair) and says in which state it is.
@@ -153,11 +168,12 @@ impl MultiRow {
 static INSERT_EVENTS: MultiRow = MultiRow::new(
     || {
         "INSERT INTO events
-    (source, event_id, event_type, received_at, object_id, state, reason, body, resolve_due, resolve_first)
+    (source, event_id, event_type, received_at, object_id, state, reason, body, raw_body,
+     content_type, request_headers, request_query, resolve_due, resolve_first)
     VALUES "
             .into()
     },
-    "({}, {}, {}, {}, {}, {}, {}, {}, {}, {})",
+    "({}, {}, {}, {}, {}, {}, {}, '', {}, {}, {}, {}, {}, {})",
     " ON CONFLICT (source, event_id) DO NOTHING RETURNING id, source, event_id",
 );
 
@@ -385,7 +401,10 @@ impl PostgresStore {
                     .bind(&e.object_id)
                     .bind(state)
                     .bind(reason)
-                    .bind(&e.body)
+                    .bind(&e.request.body[..])
+                    .bind(&e.request.content_type)
+                    .bind(StoredRequest::map_text(&e.request.headers))
+                    .bind(StoredRequest::map_text(&e.request.query))
                     .bind(resolve_due)
                     .bind(e.received_at);
             }
@@ -741,7 +760,7 @@ impl Store for PostgresStore {
                     lease,
                     source: r.try_get("source")?,
                     event_id: r.try_get("event_id")?,
-                    body: r.try_get("body")?,
+                    request: request_of(r)?,
                     attempts: r.try_get("resolve_attempts")?,
                     first_at: r.try_get("resolve_first")?,
                 })
@@ -940,13 +959,13 @@ impl Store for PostgresStore {
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .await?;
         let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {SUMMARY_COLUMNS}, body FROM events WHERE id = $1"
+            "SELECT {SUMMARY_COLUMNS}, {REQUEST_COLUMNS} FROM events WHERE id = $1"
         )))
         .bind(pk)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else { return Ok(None) };
-        let body: String = row.try_get("body")?;
+        let request = request_of(&row)?;
         let summary = summary(&row)?;
         // One row more than the page, to know whether another page follows.
         let mut link_rows = sqlx::query(
@@ -1001,18 +1020,21 @@ impl Store for PostgresStore {
         };
         Ok(Some(EventDetail {
             summary,
-            body,
+            request,
             object,
             links,
             more_links_after,
         }))
     }
 
-    async fn event_body(&self, pk: i64) -> Result<Option<String>> {
-        Ok(sqlx::query_scalar("SELECT body FROM events WHERE id = $1")
-            .bind(pk)
-            .fetch_optional(&self.read)
-            .await?)
+    async fn event_request(&self, pk: i64) -> Result<Option<StoredRequest>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {REQUEST_COLUMNS} FROM events WHERE id = $1"
+        )))
+        .bind(pk)
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row.as_ref().map(request_of).transpose()?)
     }
 
     async fn replay(
@@ -1322,7 +1344,7 @@ mod tests {
             assert_eq!(small.concat(), items);
         }
         assert_eq!(INSERT_EVENTS.sql(4).matches("($").count(), 4);
-        assert!(INSERT_EVENTS.sql(4).contains("$40)"));
+        assert!(INSERT_EVENTS.sql(4).contains("$52)"));
         assert!(
             UPSERT_LINKS
                 .sql(4)

@@ -12,7 +12,7 @@ fn ev(id: &str, obj: Option<&str>, plan: Plan) -> NewEvent {
         event_id: id.into(),
         event_type: Some("object.created".into()),
         received_at: 1_000,
-        body: format!(r#"{{"id":"{id}"}}"#),
+        request: StoredRequest::json(format!(r#"{{"id":"{id}"}}"#)),
         object_id: obj.map(str::to_string),
         plan,
     }

@@ -62,7 +62,9 @@ async fn happy_path_links_the_exact_body(b: Backend) {
     assert_eq!(detail["event_id"], "evt_1");
     assert_eq!(detail["source"], "erp");
     assert_eq!(detail["object_id"], "123");
-    assert_eq!(detail["body"], erp_event("evt_1", 123, 8473));
+    assert_eq!(detail["body_json"], erp_event("evt_1", 123, 8473));
+    assert_eq!(detail["body"], erp_event("evt_1", 123, 8473).to_string());
+    assert_eq!(detail["content_type"], "application/json");
     let received_at = parse_rfc3339(detail["received_at"].as_str().unwrap());
     assert!(
         (unix_ms() - received_at).abs() < 60_000,

@@ -54,8 +54,8 @@ async fn spawn(
             );
             new.lead.create_missing = true;
             new.lead.create_fields = BTreeMap::from([
-                ("email".to_string(), "/data/customer/email".to_string()),
-                ("firstname".to_string(), "/data/customer/name".to_string()),
+                ("email".to_string(), "/data/customer/email".into()),
+                ("firstname".to_string(), "/data/customer/name".into()),
             ]);
             c.sources.push(new);
         })

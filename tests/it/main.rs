@@ -19,4 +19,5 @@ mod lead_resolution;
 mod migrations;
 mod objects;
 mod robustness;
+mod senders_bodies;
 mod senders_schemes;

@@ -68,7 +68,7 @@ fn clientes() -> SourceConfig {
             lookup: Some(LookupKind::Sprinthub),
             field: Some(LeadField::Email),
             create_missing: true,
-            create_fields: BTreeMap::from([("email".to_string(), "/customer/email".to_string())]),
+            create_fields: BTreeMap::from([("email".to_string(), "/customer/email".into())]),
             ..Default::default()
         },
         ..loja()

@@ -312,7 +312,7 @@ async fn postgres_nul_in_one_event_never_fails_another() {
     .await;
     let typed = app.event("typed-1").await;
     assert!(
-        typed["body"]["data"]["note"]
+        typed["body_json"]["data"]["note"]
             .as_str()
             .is_some_and(|b| b.contains("inside")),
         "{typed}"

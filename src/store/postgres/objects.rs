@@ -142,16 +142,19 @@ pub(super) async fn claim(
             .execute(&mut **tx)
             .await?;
         }
-        let e = sqlx::query("SELECT source, event_id, body FROM events WHERE id = $1")
-            .bind(pk)
-            .fetch_one(&mut **tx)
-            .await?;
+        let e = sqlx::query(
+            "SELECT source, event_id, raw_body, body, content_type, request_headers, request_query
+             FROM events WHERE id = $1",
+        )
+        .bind(pk)
+        .fetch_one(&mut **tx)
+        .await?;
         jobs.push(ObjectJob {
             event_pk: pk,
             lease,
             source: e.try_get("source")?,
             event_id: e.try_get("event_id")?,
-            body: e.try_get("body")?,
+            request: super::request_of(&e)?,
             definition_id: r.try_get("definition_id")?,
             attempts: attempts + i64::from(lost),
             first_at: r.try_get("first_at")?,

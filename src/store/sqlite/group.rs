@@ -5,11 +5,14 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{ATTACH, RECOMPUTE_FOR_LINK, REVIVE_LINK};
-use crate::store::{EventState, IngestOutcome, LinkState, NewEvent, Plan, Result, StoreError};
+use crate::store::{
+    EventState, IngestOutcome, LinkState, NewEvent, Plan, Result, StoreError, StoredRequest,
+};
 
 const INSERT_EVENT: &str = "INSERT INTO events
-    (source, event_id, event_type, received_at, object_id, state, reason, body, resolve_due, resolve_first)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?4)
+    (source, event_id, event_type, received_at, object_id, state, reason, body, raw_body,
+     content_type, request_headers, request_query, resolve_due, resolve_first)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, '', ?8, ?9, ?10, ?11, ?12, ?4)
     ON CONFLICT (source, event_id) DO NOTHING";
 
 /// A pair that does not exist yet; one that does is found by `FIND_PAIR` (no write).
@@ -46,7 +49,10 @@ pub(super) fn insert(db: &Connection, events: &[NewEvent]) -> Result<Vec<IngestO
             e.object_id,
             state,
             reason,
-            e.body,
+            &e.request.body[..],
+            e.request.content_type,
+            StoredRequest::map_text(&e.request.headers),
+            StoredRequest::map_text(&e.request.query),
             resolve_due,
         ])?;
         if inserted == 0 {

@@ -48,6 +48,20 @@ state_column!(LinkState);
 state_column!(ObjectState);
 state_column!(CreationOutcome);
 
+/// The columns of a `StoredRequest`, in the order `request_at` reads them.
+const REQUEST_COLUMNS: &str = "raw_body, body, content_type, request_headers, request_query";
+
+/// The stored request in the five columns from `at` on (`REQUEST_COLUMNS`).
+fn request_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<StoredRequest> {
+    Ok(StoredRequest::from_columns(
+        r.get(at)?,
+        r.get(at + 1)?,
+        r.get(at + 2)?,
+        r.get(at + 3)?,
+        r.get(at + 4)?,
+    ))
+}
+
 const CLAIM_LINKS: &str = "UPDATE links SET locked_until = ?1, lease = ?2
     WHERE id IN (SELECT id FROM links WHERE due_at IS NOT NULL AND due_at <= ?3 AND locked_until <= ?3
                  ORDER BY due_at LIMIT ?4)
@@ -56,7 +70,8 @@ const CLAIM_LINKS: &str = "UPDATE links SET locked_until = ?1, lease = ?2
 const CLAIM_RESOLVES: &str = "UPDATE events SET resolve_locked_until = ?1, resolve_lease = ?2
     WHERE id IN (SELECT id FROM events WHERE resolve_due IS NOT NULL AND resolve_due <= ?3
                  AND resolve_locked_until <= ?3 ORDER BY resolve_due LIMIT ?4)
-    RETURNING id, source, event_id, body, resolve_attempts, resolve_first";
+    RETURNING id, source, event_id, raw_body, body, content_type, request_headers, request_query,
+              resolve_attempts, resolve_first";
 
 /// `(source, event_id)` of the events a link serves, oldest first. Each event is looked up by
 /// primary key.
@@ -561,9 +576,9 @@ impl Store for SqliteStore {
                         lease,
                         source: r.get(1)?,
                         event_id: r.get(2)?,
-                        body: r.get(3)?,
-                        attempts: r.get(4)?,
-                        first_at: r.get(5)?,
+                        request: request_at(r, 3)?,
+                        attempts: r.get(8)?,
+                        first_at: r.get(9)?,
                     })
                 })?;
                 Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -736,9 +751,9 @@ impl Store for SqliteStore {
                 let tx = conn.transaction()?;
                 let row = tx
                     .prepare_cached(&format!(
-                        "SELECT {SUMMARY_COLUMNS}, body FROM events WHERE id = ?1"
+                        "SELECT {SUMMARY_COLUMNS}, {REQUEST_COLUMNS} FROM events WHERE id = ?1"
                     ))?
-                    .query_row(params![pk], |r| Ok((summary(r)?, r.get::<_, String>(8)?)))
+                    .query_row(params![pk], |r| Ok((summary(r)?, request_at(r, 8)?)))
                     .optional()?;
                 let Some((summary, body)) = row else {
                     return Ok(None);
@@ -798,7 +813,7 @@ impl Store for SqliteStore {
                 };
                 Ok(Some(EventDetail {
                     summary,
-                    body,
+                    request: body,
                     object,
                     links,
                     more_links_after,
@@ -807,11 +822,13 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn event_body(&self, pk: i64) -> Result<Option<String>> {
+    async fn event_request(&self, pk: i64) -> Result<Option<StoredRequest>> {
         self.read(move |db| {
             Ok(db
-                .prepare_cached("SELECT body FROM events WHERE id = ?1")?
-                .query_row(params![pk], |r| r.get(0))
+                .prepare_cached(&format!(
+                    "SELECT {REQUEST_COLUMNS} FROM events WHERE id = ?1"
+                ))?
+                .query_row(params![pk], |r| request_at(r, 0))
                 .optional()?)
         })
         .await

@@ -118,15 +118,20 @@ pub(super) fn claim(
             )?
             .execute(params![pk, LOST_ANSWER])?;
         }
-        let (source, event_id, body): (String, String, String) = db
-            .prepare_cached("SELECT source, event_id, body FROM events WHERE id = ?1")?
-            .query_row(params![pk], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        let (source, event_id, request): (String, String, crate::store::StoredRequest) = db
+            .prepare_cached(
+                "SELECT source, event_id, raw_body, body, content_type, request_headers, request_query
+                 FROM events WHERE id = ?1",
+            )?
+            .query_row(params![pk], |r| {
+                Ok((r.get(0)?, r.get(1)?, super::request_at(r, 2)?))
+            })?;
         jobs.push(ObjectJob {
             event_pk: pk,
             lease,
             source,
             event_id,
-            body,
+            request,
             definition_id,
             attempts: attempts + i64::from(lost),
             first_at,

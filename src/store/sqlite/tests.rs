@@ -9,7 +9,10 @@ fn event(n: usize) -> NewEvent {
         event_id: format!("evt-{n}"),
         event_type: None,
         received_at: 1_000,
-        body: format!(r#"{{"id":"evt-{n}","padding":"{}"}}"#, "x".repeat(500)),
+        request: StoredRequest::json(format!(
+            r#"{{"id":"evt-{n}","padding":"{}"}}"#,
+            "x".repeat(500)
+        )),
         object_id: Some(format!("obj-{n}")),
         plan: Plan::Links(vec![format!("lead-{n}")]),
     }
