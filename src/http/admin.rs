@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use subtle::ConstantTimeEq;
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
@@ -21,14 +21,14 @@ use utoipa_axum::routes;
 use crate::http::AppState;
 use crate::http::auth::{Peer, Verdict};
 use crate::http::bodies::{
-    EventList, EventView, Imported, Mapping, MappingRequest, ReplayManyRequest, Replayed,
-    ReplayedMany,
+    EventDocument, EventList, EventView, Imported, Mapping, MappingRequest, ReplayManyRequest,
+    Replayed, ReplayedMany,
 };
 use crate::http::error::{
     ApiBytes, ApiJson, ApiPath as Path, ApiQuery as Query, AppError, BodyLimit,
 };
 use crate::operations::FindError;
-use crate::store::{Attempt, EventDetail, EventFilter, EventState, EventSummary, LinkPage, Millis};
+use crate::store::{EventFilter, EventState, EventSummary, LinkPage, Millis};
 
 /// `POST /admin/replay`: events per call by default, and at most.
 const REPLAY_LIMIT_DEFAULT: i64 = 100;
@@ -112,57 +112,6 @@ pub fn rfc3339(ms: Millis) -> String {
         (rem % 3600) / 60,
         rem % 60
     )
-}
-
-pub fn summary_json(e: &EventSummary) -> Value {
-    serde_json::to_value(EventView::from(e)).unwrap_or_default()
-}
-
-fn attempt_json(a: &Attempt) -> Value {
-    json!({
-        "at": rfc3339(a.at),
-        "status_code": a.status_code,
-        "error": a.error,
-        "response_excerpt": a.response_excerpt,
-        "duration_ms": a.duration_ms,
-    })
-}
-
-pub fn detail_json(d: &EventDetail) -> Value {
-    let mut v = summary_json(&d.summary);
-    v["body"] = Value::String(d.request.body_text());
-    v["content_type"] = d.request.content_type.clone().into();
-    v["body_json"] = crate::mapping::Input::read(&d.request).map_or(Value::Null, |i| i.body);
-    v["object"] = d.object.as_ref().map_or(Value::Null, |o| {
-        json!({
-            "object_id": o.object_id,
-            "definition_id": o.definition_id,
-            "state": o.state,
-            "next_attempt_at": o.next_attempt_at.map(rfc3339),
-            "attempts": o.attempts.iter().map(|a| {
-                let mut v = attempt_json(&a.attempt);
-                v["outcome"] = json!(a.outcome);
-                v
-            }).collect::<Vec<_>>(),
-        })
-    });
-    v["next_links_cursor"] = d
-        .more_links_after
-        .map_or(Value::Null, |after| Value::String(after.to_string()));
-    v["links"] = d
-        .links
-        .iter()
-        .map(|l| {
-            json!({
-                "object_id": l.object_id,
-                "lead_id": l.lead_id,
-                "state": l.state,
-                "next_attempt_at": l.next_attempt_at.map(rfc3339),
-                "attempts": l.attempts.iter().map(attempt_json).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    v
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -299,7 +248,7 @@ pub async fn find_one(
     tag = "admin",
     params(("event_id" = String, Path, description = "The event id (unique per source)"), EventQuery),
     responses(
-        (status = 200, description = "The event, with one page of its links (`next_links_cursor` names the next)", body = crate::http::openapi::EventDetail),
+        (status = 200, description = "The event, with one page of its links (`next_links_cursor` names the next)", body = EventDocument),
         (status = 400, description = "`bad_request`: a malformed path or query", body = crate::http::openapi::ErrorBody),
         crate::http::openapi::Unauthorized,
         crate::http::openapi::TooManyRequests,
@@ -321,7 +270,7 @@ async fn get_event(
         .event_detail(e.pk, page)
         .await?
         .ok_or_else(|| AppError::NotFound(format!("no event with id {event_id:?}")))?;
-    Ok(axum::Json(detail_json(&detail)).into_response())
+    Ok(axum::Json(EventDocument::from(&detail)).into_response())
 }
 
 /// Maps the stored event again with today's configuration and queues every link not linked.

@@ -11,7 +11,8 @@ use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use utoipa::{PartialSchema, ToSchema};
 
 use crate::domain::{CreationOutcome, EventState, LinkState, ObjectState};
-use crate::store::EventSummary;
+use crate::http::admin::rfc3339;
+use crate::store::{Attempt, EventDetail, EventSummary, LinkDetail, ObjectAttempt, ObjectDetail};
 
 /// The states' schemas, made from the states themselves.
 fn state_schema(values: &[&'static str], description: &str) -> RefOr<Schema> {
@@ -81,6 +82,7 @@ pub struct ReadinessChecks {
 
 /// One event in a list.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(as = EventSummary)]
 pub struct EventView {
     pub event_id: String,
     pub source: String,
@@ -102,10 +104,166 @@ impl From<&EventSummary> for EventView {
             event_id: e.event_id.clone(),
             source: e.source.clone(),
             state: e.state,
-            received_at: crate::http::admin::rfc3339(e.received_at),
+            received_at: rfc3339(e.received_at),
             object_id: e.object_id.clone(),
             event_type: e.event_type.clone(),
             reason: e.reason.clone(),
+        }
+    }
+}
+
+/// One call to SprintHub.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = AttemptDoc)]
+pub struct AttemptView {
+    #[schema(format = DateTime)]
+    pub at: String,
+    /// Null when no answer came (connection error, timeout).
+    #[schema(required = true)]
+    pub status_code: Option<i64>,
+    #[schema(required = true)]
+    pub error: Option<String>,
+    /// The first 2 KiB of SprintHub's answer.
+    #[schema(required = true)]
+    pub response_excerpt: Option<String>,
+    pub duration_ms: i64,
+}
+
+impl From<&Attempt> for AttemptView {
+    fn from(a: &Attempt) -> Self {
+        AttemptView {
+            at: rfc3339(a.at),
+            status_code: a.status_code,
+            error: a.error.clone(),
+            response_excerpt: a.response_excerpt.clone(),
+            duration_ms: a.duration_ms,
+        }
+    }
+}
+
+/// One (object, lead) pair of an event, with its attempts.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = LinkDoc)]
+pub struct LinkView {
+    pub object_id: String,
+    pub lead_id: String,
+    pub state: LinkState,
+    #[schema(required = true, format = DateTime)]
+    pub next_attempt_at: Option<String>,
+    pub attempts: Vec<AttemptView>,
+}
+
+impl From<&LinkDetail> for LinkView {
+    fn from(l: &LinkDetail) -> Self {
+        LinkView {
+            object_id: l.object_id.clone(),
+            lead_id: l.lead_id.clone(),
+            state: l.state,
+            next_attempt_at: l.next_attempt_at.map(rfc3339),
+            attempts: l.attempts.iter().map(AttemptView::from).collect(),
+        }
+    }
+}
+
+/// One object creation attempt.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = ObjectAttemptDoc)]
+pub struct ObjectAttemptView {
+    pub outcome: CreationOutcome,
+    #[serde(flatten)]
+    pub attempt: AttemptView,
+}
+
+impl From<&ObjectAttempt> for ObjectAttemptView {
+    fn from(a: &ObjectAttempt) -> Self {
+        ObjectAttemptView {
+            outcome: a.outcome,
+            attempt: AttemptView::from(&a.attempt),
+        }
+    }
+}
+
+/// The custom object sprintlink creates for an event (sources with `[sources.object]`).
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = ObjectDoc)]
+pub struct ObjectView {
+    /// Known once SprintHub created it; the event's links use it.
+    #[schema(required = true)]
+    pub object_id: Option<String>,
+    pub definition_id: String,
+    pub state: ObjectState,
+    #[schema(required = true, format = DateTime)]
+    pub next_attempt_at: Option<String>,
+    pub attempts: Vec<ObjectAttemptView>,
+}
+
+impl From<&ObjectDetail> for ObjectView {
+    fn from(o: &ObjectDetail) -> Self {
+        ObjectView {
+            object_id: o.object_id.clone(),
+            definition_id: o.definition_id.clone(),
+            state: o.state,
+            next_attempt_at: o.next_attempt_at.map(rfc3339),
+            attempts: o.attempts.iter().map(ObjectAttemptView::from).collect(),
+        }
+    }
+}
+
+/// `GET /admin/events/{event_id}`: an event with its body, links and every attempt.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = EventDetail)]
+pub struct EventDocument {
+    pub event_id: String,
+    pub source: String,
+    pub state: EventState,
+    #[schema(format = DateTime)]
+    pub received_at: String,
+    #[schema(required = true)]
+    pub object_id: Option<String>,
+    #[schema(required = true)]
+    pub event_type: Option<String>,
+    /// Why the event is parked or dead, when it is.
+    #[schema(required = true)]
+    pub reason: Option<String>,
+    /// The body as received, as text (bytes that are not UTF-8 shown as U+FFFD). Release
+    /// 0.1.0 showed the parsed JSON here; that is now `body_json`.
+    pub body: String,
+    /// The request's `Content-Type`; null when it had none (read as JSON).
+    #[schema(required = true)]
+    pub content_type: Option<String>,
+    /// What the references saw: the parsed JSON body, or the object a form or multipart body
+    /// reads as (a file part as `{filename, content_type, size}`); null when the stored body
+    /// cannot be read with today's parser.
+    #[schema(value_type = Value, required = true)]
+    pub body_json: Value,
+    /// The object sprintlink creates for this event; null for sources whose sender sends the
+    /// object's id.
+    #[schema(required = true)]
+    pub object: Option<ObjectView>,
+    /// One page of the event's links (`links_limit`, 100 by default).
+    pub links: Vec<LinkView>,
+    /// Pass as `links_cursor` for the next page of links; null on the last page.
+    #[schema(required = true)]
+    pub next_links_cursor: Option<String>,
+}
+
+impl From<&EventDetail> for EventDocument {
+    fn from(d: &EventDetail) -> Self {
+        let e = &d.summary;
+        EventDocument {
+            event_id: e.event_id.clone(),
+            source: e.source.clone(),
+            state: e.state,
+            received_at: rfc3339(e.received_at),
+            object_id: e.object_id.clone(),
+            event_type: e.event_type.clone(),
+            reason: e.reason.clone(),
+            body: d.request.body_text(),
+            content_type: d.request.content_type.clone(),
+            body_json: crate::mapping::Input::read(&d.request).map_or(Value::Null, |i| i.body),
+            object: d.object.as_ref().map(ObjectView::from),
+            links: d.links.iter().map(LinkView::from).collect(),
+            next_links_cursor: d.more_links_after.map(|after| after.to_string()),
         }
     }
 }

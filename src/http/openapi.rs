@@ -176,35 +176,6 @@ pub struct UnsupportedMediaType(pub ErrorBody);
 
 // ------------------------------------------------------------------ documented bodies
 
-/// One object creation attempt.
-#[derive(ToSchema)]
-pub struct ObjectAttemptDoc {
-    pub outcome: crate::domain::CreationOutcome,
-    #[schema(format = DateTime)]
-    pub at: String,
-    /// Null when no answer came (connection error, timeout, crash).
-    #[schema(required = true)]
-    pub status_code: Option<i64>,
-    #[schema(required = true)]
-    pub error: Option<String>,
-    #[schema(required = true)]
-    pub response_excerpt: Option<String>,
-    pub duration_ms: i64,
-}
-
-/// The custom object sprintlink creates for an event (sources with `[sources.object]`).
-#[derive(ToSchema)]
-pub struct ObjectDoc {
-    /// Known once SprintHub created it; the event's links use it.
-    #[schema(required = true)]
-    pub object_id: Option<String>,
-    pub definition_id: String,
-    pub state: crate::domain::ObjectState,
-    #[schema(required = true, format = DateTime)]
-    pub next_attempt_at: Option<String>,
-    pub attempts: Vec<ObjectAttemptDoc>,
-}
-
 /// `202`: the event is committed to storage.
 #[derive(ToSchema)]
 pub struct WebhookAccepted {
@@ -222,68 +193,6 @@ pub struct WebhookNoop {
     pub event_id: Option<String>,
     #[schema(pattern = "^(duplicate|ignored)$")]
     pub status: String,
-}
-
-/// One call to SprintHub.
-#[derive(ToSchema)]
-pub struct AttemptDoc {
-    #[schema(format = DateTime)]
-    pub at: String,
-    /// Null when no answer came (connection error, timeout).
-    #[schema(required = true)]
-    pub status_code: Option<i64>,
-    #[schema(required = true)]
-    pub error: Option<String>,
-    /// The first 2 KiB of SprintHub's answer.
-    #[schema(required = true)]
-    pub response_excerpt: Option<String>,
-    pub duration_ms: i64,
-}
-
-#[derive(ToSchema)]
-pub struct LinkDoc {
-    pub object_id: String,
-    pub lead_id: String,
-    pub state: crate::domain::LinkState,
-    #[schema(required = true, format = DateTime)]
-    pub next_attempt_at: Option<String>,
-    pub attempts: Vec<AttemptDoc>,
-}
-
-/// An event with its body, links and every attempt.
-#[derive(ToSchema)]
-pub struct EventDetail {
-    pub event_id: String,
-    pub source: String,
-    pub state: crate::domain::EventState,
-    #[schema(format = DateTime)]
-    pub received_at: String,
-    #[schema(required = true)]
-    pub object_id: Option<String>,
-    #[schema(required = true)]
-    pub event_type: Option<String>,
-    #[schema(required = true)]
-    pub reason: Option<String>,
-    /// The body as received, as text (bytes that are not UTF-8 shown as U+FFFD). Release
-    /// 0.1.0 showed the parsed JSON here; that is now `body_json`.
-    pub body: String,
-    /// The request's `Content-Type`; null when it had none (read as JSON).
-    #[schema(required = true)]
-    pub content_type: Option<String>,
-    /// What the references saw: the parsed JSON body, or the object a form or multipart body
-    /// reads as (a file part as `{filename, content_type, size}`); null when the stored body
-    /// cannot be read with today's parser.
-    #[schema(value_type = Value, required = true)]
-    pub body_json: serde_json::Value,
-    /// The object sprintlink creates for this event; null for sources whose sender sends the
-    /// object's id.
-    #[schema(required = true)]
-    pub object: Option<ObjectDoc>,
-    /// One page of the event's links (`links_limit`, 100 by default).
-    pub links: Vec<LinkDoc>,
-    /// Pass as `links_cursor` for the next page of links; null on the last page.
-    #[schema(required = true)]
-    pub next_links_cursor: Option<String>,
 }
 
 /// The dashboard's login form.
