@@ -28,6 +28,7 @@ fn main() {
                     }
                     Command::Demo => cli::demo().await,
                     Command::Migrate { config, dry_run } => cli::migrate(config, dry_run).await,
+                    Command::Backup { config, to } => cli::backup(config, to).await,
                     Command::Healthcheck { url, config } => cli::healthcheck(url, config).await,
                     _ => unreachable!("handled above"),
                 }

@@ -335,9 +335,13 @@ pub struct EventDetail {
     pub event_type: Option<String>,
     #[schema(required = true)]
     pub reason: Option<String>,
-    /// The stored body: its JSON, or the text when it is not JSON.
+    /// The stored body: its JSON, or the text when it is not JSON; null once retention removed
+    /// it (`body_removed_at`).
     #[schema(value_type = Value)]
     pub body: serde_json::Value,
+    /// When retention (`retention.bodies`) removed the body; null while it is kept.
+    #[schema(required = true, format = DateTime)]
+    pub body_removed_at: Option<String>,
     /// One page of the event's links (`links_limit`, 100 by default).
     pub links: Vec<LinkDoc>,
     /// Pass as `links_cursor` for the next page of links; null on the last page.

@@ -882,11 +882,20 @@ async fn event_page(
             detail.links.len()
         );
     }
-    let body = serde_json::from_str::<serde_json::Value>(&detail.body)
-        .ok()
-        .and_then(|v| serde_json::to_string_pretty(&v).ok())
-        .unwrap_or_else(|| detail.body.clone());
-    let _ = write!(c, "<h2>Body</h2><pre id=\"body\">{}</pre>", esc(&body));
+    if let Some(at) = detail.body_removed_at {
+        let _ = write!(
+            c,
+            "<h2>Body</h2><div class=\"card muted\" id=\"body-removed\">Body removed by retention \
+             (<code>retention.bodies</code>) {}.</div>",
+            time_tag(at, now)
+        );
+    } else {
+        let body = serde_json::from_str::<serde_json::Value>(&detail.body)
+            .ok()
+            .and_then(|v| serde_json::to_string_pretty(&v).ok())
+            .unwrap_or_else(|| detail.body.clone());
+        let _ = write!(c, "<h2>Body</h2><pre id=\"body\">{}</pre>", esc(&body));
+    }
     html(
         StatusCode::OK,
         page(&format!("Event {}", s.event_id), Tab::None, Some(&who), &c),

@@ -15,17 +15,31 @@ pub struct Migration {
 
 /// Release 0.1.0 created its tables with `IF NOT EXISTS` and recorded no version; version 1 is
 /// that layout, written the same way, so such a database takes version 1 unchanged.
-pub(super) const SQLITE: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("../../migrations/sqlite/0001_initial.sql"),
-}];
+pub(super) const SQLITE: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("../../migrations/sqlite/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "retention",
+        sql: include_str!("../../migrations/sqlite/0002_retention.sql"),
+    },
+];
 
-pub(super) const POSTGRES: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("../../migrations/postgres/0001_initial.sql"),
-}];
+pub(super) const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("../../migrations/postgres/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "retention",
+        sql: include_str!("../../migrations/postgres/0002_retention.sql"),
+    },
+];
 
 /// The same statement on both backends (no parameters); each records a version in its own
 /// dialect.
