@@ -122,11 +122,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         );
         limits.max_connections = cap;
     }
-    let pruner = crate::retention::Pruner::new(
-        store.clone(),
-        config.retention.clone(),
-        metrics.clone(),
-    );
+    let pruner =
+        crate::retention::Pruner::new(store.clone(), config.retention.clone(), metrics.clone());
     let pruner_task = tokio::spawn(pruner.run(shutdown.clone()));
     let worker = Worker::new(store.clone(), hub, config.clone(), metrics, wake);
     let drain = Duration::from_millis(config.server.shutdown_timeout_ms);

@@ -1515,11 +1515,27 @@ secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]"#,
             ("1s", 1),
             ("36500d", 36_500 * 86_400),
         ] {
-            assert_eq!(parse_duration(text), Ok(Duration::from_secs(secs)), "{text}");
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_secs(secs)),
+                "{text}"
+            );
         }
         for text in [
-            "", "3 days", "3", "d", "30D", "1.5h", "-1d", "0s", "1d12h", " 1d", "1d ", "36501d",
-            "99999999999999999999d", "1w",
+            "",
+            "3 days",
+            "3",
+            "d",
+            "30D",
+            "1.5h",
+            "-1d",
+            "0s",
+            "1d12h",
+            " 1d",
+            "1d ",
+            "36501d",
+            "99999999999999999999d",
+            "1w",
         ] {
             assert!(parse_duration(text).is_err(), "{text:?} was accepted");
         }
@@ -1535,7 +1551,10 @@ secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]"#,
             "{BASE}\n[retention]\ndelivered = \"30d\"\nbodies = \"7d\"\ninterval = \"15m\"\n"
         );
         let c = Config::from_parts(&text, &[], &env).unwrap();
-        assert_eq!(c.retention.delivered, Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!(
+            c.retention.delivered,
+            Some(Duration::from_secs(30 * 86_400))
+        );
         assert_eq!(c.retention.bodies, Some(Duration::from_secs(7 * 86_400)));
         assert_eq!(c.retention.failed, None);
         assert_eq!(c.retention.interval, Duration::from_secs(900));
@@ -1550,8 +1569,15 @@ secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]"#,
         );
         let e = Config::from_parts(&bad, &[], &env).unwrap_err();
         assert_eq!(e.0.len(), 3, "{e}");
-        assert!(e.0.iter().any(|l| l.starts_with("retention.delivered: \"3 days\"")), "{e}");
-        assert!(e.0.iter().any(|l| l.starts_with("retention.failed:")), "{e}");
+        assert!(
+            e.0.iter()
+                .any(|l| l.starts_with("retention.delivered: \"3 days\"")),
+            "{e}"
+        );
+        assert!(
+            e.0.iter().any(|l| l.starts_with("retention.failed:")),
+            "{e}"
+        );
         assert!(e.0.iter().any(|l| l.starts_with("retention.keep:")), "{e}");
     }
 

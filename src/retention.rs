@@ -78,7 +78,9 @@ impl Pruner {
                 ),
                 Ok(_) => {}
                 Err(StoreError::Closed) => return,
-                Err(e) => tracing::warn!(error = %e, "retention pass failed; trying again next interval"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "retention pass failed; trying again next interval")
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,

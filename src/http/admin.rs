@@ -137,10 +137,13 @@ pub fn detail_json(d: &EventDetail) -> Value {
     // A body removed by retention is null, told apart from an empty body the sender sent ("").
     v["body"] = match d.body_removed_at {
         Some(_) => Value::Null,
-        None => serde_json::from_str::<Value>(&d.body)
-            .unwrap_or_else(|_| Value::String(d.body.clone())),
+        None => {
+            serde_json::from_str::<Value>(&d.body).unwrap_or_else(|_| Value::String(d.body.clone()))
+        }
     };
-    v["body_removed_at"] = d.body_removed_at.map_or(Value::Null, |at| rfc3339(at).into());
+    v["body_removed_at"] = d
+        .body_removed_at
+        .map_or(Value::Null, |at| rfc3339(at).into());
     v["next_links_cursor"] = d
         .more_links_after
         .map_or(Value::Null, |after| Value::String(after.to_string()));

@@ -451,8 +451,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<u64>;
     /// Retention, one batch: deletes at most `limit` dead or parked events received before
     /// `received_before` (see `prune`); answers how many.
-    async fn prune_failed(&self, received_before: Millis, now: Millis, limit: i64)
-    -> Result<u64>;
+    async fn prune_failed(&self, received_before: Millis, now: Millis, limit: i64) -> Result<u64>;
     /// Gives at most `pages` freed pages back to the file system (SQLite's incremental vacuum;
     /// nothing on PostgreSQL, whose autovacuum reuses the space); answers whether more are left.
     async fn reclaim_space(&self, pages: i64) -> Result<bool>;

@@ -1148,12 +1148,7 @@ impl Store for PostgresStore {
             .await
     }
 
-    async fn prune_failed(
-        &self,
-        received_before: Millis,
-        now: Millis,
-        limit: i64,
-    ) -> Result<u64> {
+    async fn prune_failed(&self, received_before: Millis, now: Millis, limit: i64) -> Result<u64> {
         self.prune_failed_batch(received_before, now, limit).await
     }
 

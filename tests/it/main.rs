@@ -17,4 +17,5 @@ mod delivery_hardening;
 mod integration;
 mod lead_resolution;
 mod migrations;
+mod retention;
 mod robustness;

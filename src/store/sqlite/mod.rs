@@ -964,12 +964,7 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn prune_failed(
-        &self,
-        received_before: Millis,
-        now: Millis,
-        limit: i64,
-    ) -> Result<u64> {
+    async fn prune_failed(&self, received_before: Millis, now: Millis, limit: i64) -> Result<u64> {
         self.write_tx(move |db| retention::prune_failed(db, received_before, now, limit))
             .await
     }
