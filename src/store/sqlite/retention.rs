@@ -135,11 +135,18 @@ pub(super) fn ensure_incremental_vacuum(db: &Connection) -> Result<()> {
     tracing::info!(
         "converting the database to incremental auto-vacuum (a one-time VACUUM that rewrites the file)"
     );
-    db.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")?;
-    tracing::info!(
-        took_ms = started.elapsed().as_millis() as u64,
-        "the database now gives space freed by retention back to the file system"
-    );
+    // A database that cannot be rewritten (a full disk) still serves; pruning then frees pages
+    // for reuse without shrinking the file, and the next start tries again.
+    match db.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;") {
+        Ok(()) => tracing::info!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "the database now gives space freed by retention back to the file system"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "converting to incremental auto-vacuum failed; freed space is reused but not given back"
+        ),
+    }
     Ok(())
 }
 
