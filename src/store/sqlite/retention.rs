@@ -117,7 +117,11 @@ pub(super) fn reclaim(db: &Connection, pages: i64) -> Result<bool> {
     if free == 0 {
         return Ok(false);
     }
-    db.execute_batch(&format!("PRAGMA incremental_vacuum({})", pages.max(1)))?;
+    // Each step of the statement frees one page: it must be stepped to its end (a single
+    // `execute` frees one page only).
+    let mut st = db.prepare(&format!("PRAGMA incremental_vacuum({})", pages.max(1)))?;
+    let mut rows = st.query([])?;
+    while rows.next()?.is_some() {}
     Ok(free > pages)
 }
 
