@@ -2,8 +2,8 @@
 //! the bodies of delivered events (`retention.bodies`), deletes delivered events
 //! (`retention.delivered`) and dead or parked ones (`retention.failed`), then gives the freed
 //! space back to the file system (SQLite). It works in batches of `BATCH` events, one short
-//! transaction each, and pauses between them for twice as long as the batch took, so ingest and
-//! delivery keep at least two thirds of the database's time while millions of rows go.
+//! transaction each, and pauses between them for three times as long as the batch took, so ingest
+//! and delivery keep at least three quarters of the database's time while millions of rows go.
 //! What a deletion keeps so that no guarantee breaks is the store's part (`Store::prune_failed`).
 
 use std::sync::Arc;
@@ -19,8 +19,9 @@ use crate::telemetry::Metrics;
 pub const BATCH: i64 = 500;
 /// The shortest pause between two batches.
 const MIN_PAUSE: Duration = Duration::from_millis(20);
-/// Pages (4 KiB) given back to the file system per step of the incremental vacuum.
-const RECLAIM_PAGES: i64 = 2048;
+/// Pages (4 KiB) given back to the file system per step of the incremental vacuum: each step
+/// holds the writer while it moves pages, so it is kept short (2 MiB).
+const RECLAIM_PAGES: i64 = 512;
 
 /// What one pass removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -149,9 +150,9 @@ impl Pruner {
     }
 }
 
-/// Waits twice as long as the step that started at `started` took (at least `MIN_PAUSE`).
+/// Waits three times as long as the step that started at `started` took (at least `MIN_PAUSE`).
 async fn pause(started: Instant, shutdown: &CancellationToken) {
-    let wait = (started.elapsed() * 2).max(MIN_PAUSE);
+    let wait = (started.elapsed() * 3).max(MIN_PAUSE);
     tokio::select! {
         _ = shutdown.cancelled() => {}
         _ = tokio::time::sleep(wait) => {}
