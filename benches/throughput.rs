@@ -7,11 +7,12 @@
 //! exec of the binary), so the ratios stay meaningful on whatever machine runs it.
 //!
 //! Knobs (environment): `BENCH_SECONDS` (10) per timed phase, `BENCH_WARMUP_SECONDS` (2),
-//! `BENCH_BACKENDS` (sqlite,postgres), `BENCH_ONLY` (ingest,paced,delivery,limited,memory,startup),
+//! `BENCH_BACKENDS` (sqlite,postgres), `BENCH_ONLY` (ingest,paced,delivery,limited,memory,startup,pruning),
 //! `BENCH_CONNECTIONS` (64), `BENCH_PACED_RATE` (2000), `BENCH_DELIVERY_EVENTS`
 //! (5000 x BENCH_SECONDS), `BENCH_DELIVERY_CONCURRENCY` (64), `BENCH_RATE_LIMIT` (200),
 //! `BENCH_MEMORY_EVENTS` (1000000), `BENCH_PG_MEMORY_EVENTS` (same), `BENCH_MEMORY_SECONDS` (5),
-//! `BENCH_STARTUP_RUNS` (7), `BENCH_CLIENT_THREADS` (2), `SPRINTLINK_TEST_PG_URL` (as the
+//! `BENCH_STARTUP_RUNS` (7), `BENCH_PRUNE_EVENTS` (200000, the delivered events the `pruning`
+//! phase has retention delete), `BENCH_CLIENT_THREADS` (2), `SPRINTLINK_TEST_PG_URL` (as the
 //! tests: postgres://postgres@127.0.0.1:5432), `BENCH_DIR` (the system temp dir), `BENCH_KEEP` (1 keeps
 //! the temp dir and databases), `BENCH_RUST_LOG` (the service's RUST_LOG, default info),
 //! `BENCH_SERVICE_BIN` (another sprintlink binary to measure, e.g. a build of the previous commit).
@@ -61,6 +62,8 @@ struct Opts {
     delivery_concurrency: usize,
     limited_rate: f64,
     memory_events: usize,
+    /// Delivered events the pruning phase prefills and retention deletes.
+    prune_events: usize,
     pg_memory_events: usize,
     memory_seconds: f64,
     startup_runs: usize,
@@ -103,6 +106,7 @@ impl Opts {
                     .collect::<Vec<_>>()
             });
         let memory_events = env_or("BENCH_MEMORY_EVENTS", 1_000_000usize);
+        let prune_events = env_or("BENCH_PRUNE_EVENTS", 200_000usize);
         let dir = std::env::var_os("BENCH_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir)
@@ -119,6 +123,7 @@ impl Opts {
             delivery_concurrency: env_or("BENCH_DELIVERY_CONCURRENCY", 64),
             limited_rate: env_or("BENCH_RATE_LIMIT", 200.0),
             memory_events,
+            prune_events,
             pg_memory_events: env_or("BENCH_PG_MEMORY_EVENTS", memory_events),
             memory_seconds: env_or("BENCH_MEMORY_SECONDS", 5.0),
             startup_runs: env_or("BENCH_STARTUP_RUNS", 7),
@@ -685,6 +690,8 @@ struct ServiceCfg<'a> {
     hub: &'a str,
     concurrency: usize,
     rate: f64,
+    /// More TOML appended to the configuration (e.g. a `[retention]` table).
+    extra: &'a str,
 }
 
 fn config_toml(port: u16, c: &ServiceCfg) -> String {
@@ -719,11 +726,13 @@ object_id = "/data/object_id"
 
 [sources.lead]
 id = "/data/lead_id"
+{extra}
 "#,
         storage = c.storage,
         hub = c.hub,
         concurrency = c.concurrency,
         rate = c.rate,
+        extra = c.extra,
     )
 }
 
@@ -735,6 +744,7 @@ fn verifier() -> Result<Verifier> {
             hub: "http://127.0.0.1:1",
             concurrency: 1,
             rate: 0.0,
+            extra: "",
         },
     );
     let cfg = Config::from_parts(&text, &[], &|_| None).map_err(|e| anyhow!("{e}"))?;
@@ -926,6 +936,19 @@ async fn prefill(
     parallel: usize,
     tag: &str,
 ) -> Result<Duration> {
+    prefill_from(url, n, batch, parallel, tag, 500_000_000).await
+}
+
+/// `prefill` with object ids from `first_object` on (two prefills of one database use
+/// distinct pairs).
+async fn prefill_from(
+    url: &str,
+    n: usize,
+    batch: usize,
+    parallel: usize,
+    tag: &str,
+    first_object: u64,
+) -> Result<Duration> {
     let s = store::open(url).await.map_err(|e| anyhow!("{e}"))?;
     let start = Instant::now();
     let now = store::now_ms();
@@ -938,7 +961,7 @@ async fn prefill(
             for b in (k..batches).step_by(parallel) {
                 let events: Vec<NewEvent> = (b * batch..((b + 1) * batch).min(n))
                     .map(|i| {
-                        let object = 500_000_000 + i as u64;
+                        let object = first_object + i as u64;
                         let lead = 8000 + object % 977;
                         let id = format!("{tag}-{i}");
                         NewEvent {
@@ -989,6 +1012,7 @@ async fn phase_ingest(
                 hub: &url,
                 concurrency: 8,
                 rate: 5.0,
+                extra: "",
             },
             &o.rust_log,
         )?;
@@ -1109,6 +1133,7 @@ async fn phase_paced(env: &Env, backend: Backend, hub: &StandIn, v: &Verifier) -
                 hub: &url,
                 concurrency: 8,
                 rate: 5.0,
+                extra: "",
             },
             &o.rust_log,
         )?;
@@ -1285,6 +1310,7 @@ async fn phase_delivery(env: &Env, backend: Backend, ceiling: Option<f64>) -> Re
                     hub: &url,
                     concurrency: o.delivery_concurrency,
                     rate: 0.0,
+                    extra: "",
                 },
                 &o.rust_log,
             )?;
@@ -1355,6 +1381,7 @@ async fn phase_limited(env: &Env, backend: Backend) -> Result<Vec<Row>> {
                 hub: &url,
                 concurrency: o.delivery_concurrency,
                 rate: limit,
+                extra: "",
             },
             &o.rust_log,
         )?;
@@ -1417,6 +1444,7 @@ async fn memory_run(env: &Env, dir: &Path, db: &TestDb, hub: &StandIn) -> Result
             hub: &url,
             concurrency: 8,
             rate: 1.0,
+            extra: "",
         },
         &o.rust_log,
     )?;
@@ -1611,6 +1639,7 @@ async fn startup_row(
                     hub: &url,
                     concurrency: 8,
                     rate: 5.0,
+                    extra: "",
                 },
                 &o.rust_log,
             )?;
@@ -1673,6 +1702,234 @@ fn machine() -> String {
         .trim()
         .to_string();
     format!("{cpus} CPUs ({model}), {mem} RAM, Linux {kernel}")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pruning (issue 16)
+
+/// Marks every event of the database delivered long ago (their pairs linked), as if they had
+/// been delivered a day before `retention.delivered` would let them go.
+async fn age_as_delivered(url: &str) -> Result<()> {
+    let sql = "UPDATE links SET state = 'linked', due_at = NULL;
+               UPDATE events SET state = 'delivered';
+               UPDATE events SET delivered_at = 1000;";
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let c = rusqlite::Connection::open(path)?;
+        c.execute_batch(sql)?;
+        c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    } else {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(url).await?;
+        sqlx::raw_sql(sql).execute(&mut c).await?;
+        sqlx::raw_sql("VACUUM ANALYZE").execute(&mut c).await?;
+    }
+    Ok(())
+}
+
+/// Bytes of the database: the SQLite file and its log, or `pg_database_size`.
+async fn db_bytes(url: &str) -> Result<u64> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let len = |p: String| std::fs::metadata(p).map_or(0, |m| m.len());
+        Ok(len(path.to_string()) + len(format!("{path}-wal")))
+    } else {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(url).await?;
+        let n: i64 = sqlx::query_scalar("SELECT pg_database_size(current_database())")
+            .fetch_one(&mut c)
+            .await?;
+        Ok(n as u64)
+    }
+}
+
+async fn scrape(addr: SocketAddr, series: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+struct PruneRun {
+    ingest_p99_us: f64,
+    ingest_rate: f64,
+    delivery_rate: f64,
+    size_before: u64,
+    size_after: u64,
+    pruned: f64,
+    prune_secs: f64,
+}
+
+/// One run: `n` delivered events aged past retention, a backlog of links to deliver, then paced
+/// ingest while the backlog drains, with or without `retention.delivered` set.
+async fn prune_run(env: &Env, backend: Backend, v: &Verifier, prune: bool) -> Result<PruneRun> {
+    let o = &env.opts;
+    let b = backend.name();
+    let n = o.prune_events;
+    let backlog = (2000.0 * o.seconds) as usize;
+    let tag = if prune { "with" } else { "without" };
+    let dir = env.phase_dir(&format!("{b}-pruning-{tag}"))?;
+    let db = env.fresh_db(backend, &dir).await?;
+    let r = async {
+        eprintln!("bench: {b}: pruning ({tag}): prefilling {n} delivered events");
+        prefill_from(
+            &db.url,
+            n,
+            5000,
+            prefill_parallel(backend),
+            &format!("{}o{tag}", env.run_id),
+            700_000_000,
+        )
+        .await?;
+        age_as_delivered(&db.url).await?;
+        prefill_from(
+            &db.url,
+            backlog,
+            1000,
+            prefill_parallel(backend),
+            &format!("{}q{tag}", env.run_id),
+            800_000_000,
+        )
+        .await?;
+        let size_before = db_bytes(&db.url).await?;
+        let hub = StandIn::start().await?;
+        let url = hub.url();
+        let extra = if prune {
+            "[retention]\ndelivered = \"1h\"\ninterval = \"1h\"\n"
+        } else {
+            ""
+        };
+        let mut svc = Service::spawn(
+            &dir,
+            &ServiceCfg {
+                storage: &db.url,
+                hub: &url,
+                concurrency: o.delivery_concurrency,
+                rate: 0.0,
+                extra,
+            },
+            &o.rust_log,
+        )?;
+        svc.wait_ready(Duration::from_secs(120)).await?;
+        let started = Instant::now();
+        let signer = Arc::new(Signer::new(
+            v,
+            svc.addr,
+            &format!("{}pr{tag}", env.run_id),
+            3_000_000_000,
+        ));
+        let rate = o.paced_rate / 4.0;
+        let (ingest, drain) = tokio::join!(
+            open_loop(
+                svc.addr,
+                o.connections.min(16),
+                rate,
+                Duration::ZERO,
+                o.dur(),
+                Work::Ingest(signer),
+                202
+            ),
+            wait_links(
+                &hub,
+                backlog,
+                Duration::from_secs_f64(o.seconds * 3.0 + 30.0)
+            ),
+        );
+        let mut ingest = ingest?;
+        let mut pruned = 0.0;
+        if prune {
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while Instant::now() < deadline {
+                pruned = scrape(
+                    svc.addr,
+                    "sprintlink_pruned_events_total{rule=\"delivered\"}",
+                )
+                .await
+                .unwrap_or(0.0);
+                if pruned >= n as f64 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        let prune_secs = started.elapsed().as_secs_f64();
+        // The incremental vacuum runs after the last batch; give it a moment.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        svc.stop();
+        let size_after = db_bytes(&db.url).await?;
+        anyhow::Ok(PruneRun {
+            ingest_p99_us: ingest.pct(0.99),
+            ingest_rate: ingest.rate(),
+            delivery_rate: steady_rate(&drain.at),
+            size_before,
+            size_after,
+            pruned,
+            prune_secs,
+        })
+    }
+    .await;
+    env.drop_db(db).await;
+    r
+}
+
+/// Ingest p99 and delivery throughput with and without retention deleting `BENCH_PRUNE_EVENTS`
+/// delivered events at the same time, and the database size before and after.
+async fn phase_pruning(env: &Env, backend: Backend, v: &Verifier) -> Result<Vec<Row>> {
+    let b = backend.name();
+    let n = env.opts.prune_events;
+    let without = prune_run(env, backend, v, false).await?;
+    let with = prune_run(env, backend, v, true).await?;
+    let p99_ratio = with.ingest_p99_us / without.ingest_p99_us;
+    let delivery_ratio = with.delivery_rate / without.delivery_rate;
+    let per_event = without.size_before as f64 / n as f64;
+    Ok(vec![
+        row(
+            b,
+            format!("ingest p99 while {n} delivered events are pruned"),
+            format!(
+                "p99 {} with, {} without ({} / {} ingested)",
+                ms(with.ingest_p99_us),
+                ms(without.ingest_p99_us),
+                per_s(with.ingest_rate),
+                per_s(without.ingest_rate)
+            ),
+            "within 20 %",
+            format!("{p99_ratio:.2} x without"),
+            Some(p99_ratio <= 1.2),
+        ),
+        row(
+            b,
+            format!("delivery links/s while {n} delivered events are pruned"),
+            format!(
+                "{} with, {} without",
+                per_s(with.delivery_rate),
+                per_s(without.delivery_rate)
+            ),
+            "within 20 %",
+            format!("{delivery_ratio:.2} x without"),
+            Some(delivery_ratio >= 0.8),
+        ),
+        row(
+            b,
+            format!("pruning {n} delivered events"),
+            format!(
+                "{:.0} deleted in {:.1} s; database {} before, {} after ({} without pruning)",
+                with.pruned,
+                with.prune_secs,
+                mb(with.size_before / 1024),
+                mb(with.size_after / 1024),
+                mb(without.size_after / 1024)
+            ),
+            "space given back",
+            format!("{per_event:.0} bytes per delivered event"),
+            Some(
+                with.pruned >= n as f64
+                    && (backend == Backend::Postgres || with.size_after < with.size_before),
+            ),
+        ),
+    ])
 }
 
 async fn run(env: Arc<Env>) -> Vec<Row> {
@@ -1778,6 +2035,10 @@ async fn run(env: Arc<Env>) -> Vec<Row> {
         if o.runs("startup") {
             let r = phase_startup(&env, backend, &hub, exec_ms).await;
             push(&mut g, &format!("{b}: start-up"), r);
+        }
+        if o.runs("pruning") {
+            let r = phase_pruning(&env, backend, &v).await;
+            push(&mut g, &format!("{b}: pruning"), r);
         }
         groups.push((backend, g));
     }

@@ -108,6 +108,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         );
         limits.max_connections = cap;
     }
+    let pruner =
+        crate::retention::Pruner::new(store.clone(), config.retention.clone(), metrics.clone());
+    let pruner_task = tokio::spawn(pruner.run(shutdown.clone()));
     let worker = Worker::new(store.clone(), hub, config.clone(), metrics, wake);
     let drain = Duration::from_millis(config.server.shutdown_timeout_ms);
     let worker_task = tokio::spawn(worker.run(shutdown.clone(), drain.mul_f64(0.8)));
@@ -141,6 +144,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 let _ = t.await;
             }
             let _ = worker_task.await;
+            let _ = pruner_task.await;
         };
         if tokio::time::timeout(drain, both).await.is_err() {
             tracing::warn!("drain took longer than server.shutdown_timeout_ms; stopping anyway");

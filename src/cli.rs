@@ -66,6 +66,15 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Write a consistent copy of the SQLite database to PATH while the service runs (never
+    /// overwrites PATH). PostgreSQL: use pg_dump.
+    Backup {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where the copy goes; must not exist.
+        #[arg(long)]
+        to: PathBuf,
+    },
     /// Exit 0 if BASE/readyz answers 200, else 1.
     Healthcheck {
         #[arg(long)]
@@ -143,6 +152,32 @@ pub async fn migrate(flag: Option<PathBuf>, dry_run: bool) -> i32 {
                 "schema version {now_at} (this sprintlink knows up to {}); {} migration(s) {verb}",
                 status.latest,
                 status.pending.len()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("sprintlink: {e}");
+            1
+        }
+    }
+}
+
+pub async fn backup(flag: Option<PathBuf>, to: PathBuf) -> i32 {
+    let config = match load_config(flag) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    let started = std::time::Instant::now();
+    match crate::store::backup(config.storage.url.expose(), &to).await {
+        Ok(()) => {
+            let bytes = std::fs::metadata(&to).map_or(0, |m| m.len());
+            say!(
+                "backup written to {} ({bytes} bytes, {} ms); start `sprintlink serve` on it to restore",
+                to.display(),
+                started.elapsed().as_millis()
             );
             0
         }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -18,6 +19,7 @@ const SECTIONS: &[&str] = &[
     "delivery",
     "admin",
     "lookup",
+    "retention",
     "sources",
 ];
 
@@ -38,6 +40,10 @@ pub struct Config {
     pub lookup: LookupConfig,
     #[serde(default)]
     pub sources: Vec<SourceConfig>,
+    /// `[retention]`: read apart from the rest (`RetentionConfig::from_table`) so that each
+    /// unreadable duration is its own line.
+    #[serde(skip)]
+    pub retention: RetentionConfig,
     /// Problems that do not stop the service (look-alike variables, short webhook keys): one
     /// line each, printed by `check-config` and logged at start-up.
     #[serde(skip)]
@@ -174,6 +180,122 @@ impl Default for AdminConfig {
 
 /// Caching of `lookup = "sprinthub"` results, so a burst of events for one customer costs one
 /// search.
+/// How long data is kept (SPEC section 9). `None` keeps forever.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionConfig {
+    /// Delete delivered events, with their attempts, this long after they were delivered.
+    pub delivered: Option<Duration>,
+    /// Delete dead and parked events this long after they were received.
+    pub failed: Option<Duration>,
+    /// Blank the bodies and response excerpts of delivered events this long after delivery.
+    pub bodies: Option<Duration>,
+    /// How often pruning runs.
+    pub interval: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            delivered: None,
+            failed: None,
+            bodies: None,
+            interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The longest retention accepted: 100 years (a longer one is a typo, and overflows nothing).
+const MAX_RETENTION: Duration = Duration::from_secs(36_500 * 86_400);
+
+impl RetentionConfig {
+    /// Whether any rule removes anything.
+    pub fn prunes(&self) -> bool {
+        self.delivered.is_some() || self.failed.is_some() || self.bodies.is_some()
+    }
+
+    /// Reads the `[retention]` table, one error line per key that cannot be used.
+    fn from_table(table: Option<toml::Value>, errors: &mut Vec<String>) -> RetentionConfig {
+        let mut out = RetentionConfig::default();
+        let Some(value) = table else {
+            return out;
+        };
+        let Some(table) = value.as_table() else {
+            errors.push("retention: must be a table ([retention])".into());
+            return out;
+        };
+        for (key, value) in table {
+            let slot = match key.as_str() {
+                "delivered" => &mut out.delivered,
+                "failed" => &mut out.failed,
+                "bodies" => &mut out.bodies,
+                "interval" => {
+                    let mut interval = None;
+                    read_duration(key, value, &mut interval, errors);
+                    if let Some(d) = interval {
+                        out.interval = d;
+                    }
+                    continue;
+                }
+                other => {
+                    errors.push(format!(
+                        "retention.{other}: unknown key; known: delivered, failed, bodies, interval"
+                    ));
+                    continue;
+                }
+            };
+            read_duration(key, value, slot, errors);
+        }
+        out
+    }
+}
+
+fn read_duration(
+    key: &str,
+    value: &toml::Value,
+    slot: &mut Option<Duration>,
+    errors: &mut Vec<String>,
+) {
+    let parsed = match value.as_str() {
+        Some(text) => parse_duration(text).map_err(|e| format!("{text:?} {e}")),
+        None => Err(format!("{value} is not a string")),
+    };
+    match parsed {
+        Ok(d) => *slot = Some(d),
+        Err(e) => errors.push(format!(
+            "retention.{key}: {e}; write a whole number and one unit, like \"30d\", \"12h\", \"15m\" or \"90s\""
+        )),
+    }
+}
+
+/// A retention duration: a whole number of days, hours, minutes or seconds (`"30d"`, `"12h"`,
+/// `"15m"`, `"90s"`), more than zero and at most 100 years.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let unit_at = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or("has no unit")?;
+    let (digits, unit) = text.split_at(unit_at);
+    if digits.is_empty() {
+        return Err("does not start with a number".into());
+    }
+    let seconds_per: u64 = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
+        _ => return Err("is not a number followed by d, h, m or s".into()),
+    };
+    let n: u64 = digits.parse().map_err(|_| "is too long".to_string())?;
+    let d = n
+        .checked_mul(seconds_per)
+        .map(Duration::from_secs)
+        .filter(|d| *d <= MAX_RETENTION)
+        .ok_or("is longer than 100 years")?;
+    if d.is_zero() {
+        return Err("is zero".into());
+    }
+    Ok(d)
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LookupConfig {
@@ -1044,6 +1166,7 @@ impl Config {
             .map(|(_, warning)| warning)
             .collect();
         check_cidrs(&root, &mut errors);
+        let retention = RetentionConfig::from_table(root.remove("retention"), &mut errors);
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -1076,6 +1199,7 @@ impl Config {
             }
             source.apply_preset();
         }
+        cfg.retention = retention;
         let mut warnings = warnings;
         cfg.resolve_secrets(env, &mut errors);
         cfg.validate(&mut errors, &mut warnings);
@@ -1489,6 +1613,7 @@ impl Config {
             admin: AdminConfig::default(),
             lookup: LookupConfig::default(),
             sources: Vec::new(),
+            retention: RetentionConfig::default(),
             warnings: Vec::new(),
         }
     }
@@ -2506,6 +2631,82 @@ secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]"#,
         assert!(!r.contains("abc") && !r.contains("def"), "{r}");
         let r = redact_url("postgres://u:p%40ss@h/db?password=q");
         assert!(!r.contains("p%40ss") && !r.contains("=q"), "{r}");
+    }
+
+    #[test]
+    fn retention_durations_parse_into_durations() {
+        for (text, secs) in [
+            ("30d", 30 * 86_400),
+            ("12h", 12 * 3_600),
+            ("15m", 900),
+            ("90s", 90),
+            ("1s", 1),
+            ("36500d", 36_500 * 86_400),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_secs(secs)),
+                "{text}"
+            );
+        }
+        for text in [
+            "",
+            "3 days",
+            "3",
+            "d",
+            "30D",
+            "1.5h",
+            "-1d",
+            "0s",
+            "1d12h",
+            " 1d",
+            "1d ",
+            "36501d",
+            "99999999999999999999d",
+            "1w",
+        ] {
+            assert!(parse_duration(text).is_err(), "{text:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn retention_absent_keeps_forever_and_each_bad_key_is_one_line() {
+        let c = Config::from_parts(BASE, &[], &env).unwrap();
+        assert_eq!(c.retention, RetentionConfig::default());
+        assert!(!c.retention.prunes());
+        assert_eq!(c.retention.interval, Duration::from_secs(3600));
+        let text = format!(
+            "{BASE}\n[retention]\ndelivered = \"30d\"\nbodies = \"7d\"\ninterval = \"15m\"\n"
+        );
+        let c = Config::from_parts(&text, &[], &env).unwrap();
+        assert_eq!(
+            c.retention.delivered,
+            Some(Duration::from_secs(30 * 86_400))
+        );
+        assert_eq!(c.retention.bodies, Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(c.retention.failed, None);
+        assert_eq!(c.retention.interval, Duration::from_secs(900));
+        let o = vec![(
+            "SPRINTLINK_RETENTION__FAILED".to_string(),
+            "180d".to_string(),
+        )];
+        let c = Config::from_parts(&text, &o, &env).unwrap();
+        assert_eq!(c.retention.failed, Some(Duration::from_secs(180 * 86_400)));
+        let bad = format!(
+            "{BASE}\n[retention]\ndelivered = \"3 days\"\nfailed = 30\nbodies = \"7d\"\nkeep = \"1d\"\n"
+        );
+        let e = Config::from_parts(&bad, &[], &env).unwrap_err();
+        assert_eq!(e.0.len(), 3, "{e}");
+        assert!(
+            e.0.iter()
+                .any(|l| l.starts_with("retention.delivered: \"3 days\"")),
+            "{e}"
+        );
+        assert!(
+            e.0.iter().any(|l| l.starts_with("retention.failed:")),
+            "{e}"
+        );
+        assert!(e.0.iter().any(|l| l.starts_with("retention.keep:")), "{e}");
     }
 
     #[test]

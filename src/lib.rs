@@ -1,7 +1,7 @@
 //! sprintlink: signed "object created" webhooks in, SprintHub custom-object links out, durably.
 //!
 //! Dependencies point one way (`tests/it/architecture.rs` fails on a cycle):
-//! `main -> cli -> app -> {http, delivery} -> {operations, mapping, signature, sprinthub} ->
+//! `main -> cli -> app -> {http, delivery, retention} -> {operations, mapping, signature, sprinthub} ->
 //! {batch, store} -> {domain, config}`. The HTTP layer lives in `http`; `store` knows nothing of
 //! routes or of the worker; `domain` (states, ids) and `config` import nothing of the crate.
 
@@ -16,6 +16,7 @@ pub mod domain;
 pub mod http;
 pub mod mapping;
 pub mod operations;
+pub mod retention;
 pub mod signature;
 pub mod sprinthub;
 pub mod standin;

@@ -32,6 +32,7 @@ fn main() {
                         command: cli::SprinthubCommand::Definitions { config },
                     } => cli::sprinthub_definitions(config).await,
                     Command::Migrate { config, dry_run } => cli::migrate(config, dry_run).await,
+                    Command::Backup { config, to } => cli::backup(config, to).await,
                     Command::Healthcheck { url, config } => cli::healthcheck(url, config).await,
                     _ => unreachable!("handled above"),
                 }

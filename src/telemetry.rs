@@ -87,8 +87,12 @@ struct Counters(Mutex<BTreeMap<Vec<String>, u64>>);
 
 impl Counters {
     fn inc(&self, labels: &[&str]) {
+        self.add(labels, 1);
+    }
+
+    fn add(&self, labels: &[&str], n: u64) {
         let key: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
-        *self.0.lock().expect("metrics lock").entry(key).or_default() += 1;
+        *self.0.lock().expect("metrics lock").entry(key).or_default() += n;
     }
 
     fn get(&self, labels: &[&str]) -> u64 {
@@ -127,6 +131,7 @@ pub struct Metrics {
     attempts: Counters,
     lookups: Counters,
     creations: Counters,
+    pruned: Counters,
     ingest: Histogram,
     delivery: Histogram,
 }
@@ -145,6 +150,7 @@ impl Metrics {
             attempts: Counters::default(),
             lookups: Counters::default(),
             creations: Counters::default(),
+            pruned: Counters::default(),
             ingest: Histogram::new(),
             delivery: Histogram::new(),
         }
@@ -185,6 +191,17 @@ impl Metrics {
         self.creations.inc(&[outcome.as_str()]);
     }
 
+    /// `rule`: bodies (bodies removed), delivered or failed (events deleted).
+    pub fn pruned(&self, rule: &str, n: u64) {
+        if n > 0 || self.pruned.get(&[rule]) == 0 {
+            self.pruned.add(&[rule], n);
+        }
+    }
+
+    pub fn pruned_count(&self, rule: &str) -> u64 {
+        self.pruned.get(&[rule])
+    }
+
     /// The Prometheus text exposition, with storage figures read just now.
     pub fn render(&self, stats: Option<&Stats>) -> String {
         let mut out = String::with_capacity(4096);
@@ -218,6 +235,12 @@ impl Metrics {
             "Custom object creation attempts, by outcome (unknown: sent, answer lost).",
             &["outcome"],
         );
+        self.pruned.render(
+            &mut out,
+            "sprintlink_pruned_events_total",
+            "What retention removed: events deleted (rule delivered or failed), bodies blanked (rule bodies).",
+            &["rule"],
+        );
         let _ = writeln!(
             out,
             "# HELP sprintlink_ingest_duration_seconds Time to verify, parse and commit a webhook.\n# TYPE sprintlink_ingest_duration_seconds histogram"
@@ -235,6 +258,12 @@ impl Metrics {
             "# HELP sprintlink_storage_up Whether storage answered this scrape.\n# TYPE sprintlink_storage_up gauge"
         );
         let _ = writeln!(out, "sprintlink_storage_up {}", u8::from(stats.is_some()));
+        if let Some(bytes) = stats.and_then(|s| s.storage_bytes) {
+            let _ = writeln!(
+                out,
+                "# HELP sprintlink_storage_bytes What the database takes on disk (SQLite: file and write-ahead log; PostgreSQL: pg_database_size).\n# TYPE sprintlink_storage_bytes gauge\nsprintlink_storage_bytes {bytes}"
+            );
+        }
         if let Some(s) = stats {
             let _ = writeln!(
                 out,
@@ -286,9 +315,12 @@ mod tests {
         m.webhook("erp", "queued", Duration::from_millis(20));
         m.attempt("success", Duration::from_millis(3));
         m.link("linked");
+        m.pruned("delivered", 500);
+        m.pruned("delivered", 20);
         let stats = Stats {
             queue_depth: 4,
             dead_links: 1,
+            storage_bytes: Some(8192),
             ..Default::default()
         };
         let text = m.render(Some(&stats));
@@ -304,5 +336,7 @@ mod tests {
         assert!(text.contains("sprintlink_queue_depth 4"));
         assert!(text.contains("sprintlink_dead_links 1"));
         assert!(text.contains("sprintlink_events{state=\"queued\"} 0"));
+        assert!(text.contains("sprintlink_pruned_events_total{rule=\"delivered\"} 520"));
+        assert!(text.contains("sprintlink_storage_bytes 8192"));
     }
 }

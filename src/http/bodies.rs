@@ -225,9 +225,14 @@ pub struct EventDocument {
     /// Why the event is parked or dead, when it is.
     #[schema(required = true)]
     pub reason: Option<String>,
-    /// The body as received, as text (bytes that are not UTF-8 shown as U+FFFD). Release
-    /// 0.1.0 showed the parsed JSON here; that is now `body_json`.
-    pub body: String,
+    /// The body as received, as text (bytes that are not UTF-8 shown as U+FFFD); null once
+    /// retention removed it (`body_removed_at`), while a body the sender sent empty is `""`.
+    /// Release 0.1.0 showed the parsed JSON here; that is now `body_json`.
+    #[schema(required = true)]
+    pub body: Option<String>,
+    /// When retention (`retention.bodies`) removed the body; null while it is kept.
+    #[schema(required = true, format = DateTime)]
+    pub body_removed_at: Option<String>,
     /// The request's `Content-Type`; null when it had none (read as JSON).
     #[schema(required = true)]
     pub content_type: Option<String>,
@@ -258,9 +263,13 @@ impl From<&EventDetail> for EventDocument {
             object_id: e.object_id.clone(),
             event_type: e.event_type.clone(),
             reason: e.reason.clone(),
-            body: d.request.body_text(),
+            body: d.body_removed_at.is_none().then(|| d.request.body_text()),
+            body_removed_at: d.body_removed_at.map(rfc3339),
             content_type: d.request.content_type.clone(),
-            body_json: crate::mapping::Input::read(&d.request).map_or(Value::Null, |i| i.body),
+            body_json: match d.body_removed_at {
+                Some(_) => Value::Null,
+                None => crate::mapping::Input::read(&d.request).map_or(Value::Null, |i| i.body),
+            },
             object: d.object.as_ref().map(ObjectView::from),
             links: d.links.iter().map(LinkView::from).collect(),
             next_links_cursor: d.more_links_after.map(|after| after.to_string()),

@@ -226,8 +226,12 @@ const INGEST_FAILURE_WINDOW: Duration = Duration::from_secs(3);
     )
 )]
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let stats = match tokio::time::timeout(Duration::from_secs(5), state.store.stats()).await {
-        Ok(Ok(s)) => Some(s),
+    let read = async { tokio::join!(state.store.stats(), state.store.storage_bytes()) };
+    let stats = match tokio::time::timeout(Duration::from_secs(5), read).await {
+        Ok((Ok(mut s), bytes)) => {
+            s.storage_bytes = bytes.ok();
+            Some(s)
+        }
         _ => None,
     };
     (

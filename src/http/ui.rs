@@ -885,17 +885,27 @@ async fn event_page(
             detail.links.len()
         );
     }
-    // The body exactly as received (bytes that are not UTF-8 as U+FFFD), with its type.
-    let _ = write!(
-        c,
-        "<h2>Body</h2><p class=\"muted\">Content-Type: <code id=\"content-type\">{}</code></p><pre id=\"body\">{}</pre>",
-        esc(detail
-            .request
-            .content_type
-            .as_deref()
-            .unwrap_or("none (read as JSON)")),
-        esc(&detail.request.body_text())
-    );
+    // The body exactly as received (bytes that are not UTF-8 as U+FFFD), with its type; or
+    // that retention removed it.
+    if let Some(at) = detail.body_removed_at {
+        let _ = write!(
+            c,
+            "<h2>Body</h2><div class=\"card muted\" id=\"body-removed\">Body removed by retention \
+             (<code>retention.bodies</code>) {}.</div>",
+            time_tag(at, now)
+        );
+    } else {
+        let _ = write!(
+            c,
+            "<h2>Body</h2><p class=\"muted\">Content-Type: <code id=\"content-type\">{}</code></p><pre id=\"body\">{}</pre>",
+            esc(detail
+                .request
+                .content_type
+                .as_deref()
+                .unwrap_or("none (read as JSON)")),
+            esc(&detail.request.body_text())
+        );
+    }
     html(
         StatusCode::OK,
         page(&format!("Event {}", s.event_id), Tab::None, Some(&who), &c),

@@ -22,6 +22,11 @@ pub(super) const SQLITE: &[Migration] = &[
         sql: include_str!("../../migrations/sqlite/0001_initial.sql"),
     },
     Migration {
+        version: 2,
+        name: "retention",
+        sql: include_str!("../../migrations/sqlite/0002_retention.sql"),
+    },
+    Migration {
         version: 3,
         name: "request_bytes",
         sql: include_str!("../../migrations/sqlite/0003_request_bytes.sql"),
@@ -38,6 +43,11 @@ pub(super) const POSTGRES: &[Migration] = &[
         version: 1,
         name: "initial",
         sql: include_str!("../../migrations/postgres/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "retention",
+        sql: include_str!("../../migrations/postgres/0002_retention.sql"),
     },
     Migration {
         version: 3,

@@ -457,6 +457,8 @@ pub struct EventDetail {
     pub summary: EventSummary,
     #[serde(skip)]
     pub request: StoredRequest,
+    /// When retention blanked the body (the stored body is then empty); `None` while kept.
+    pub body_removed_at: Option<Millis>,
     /// The object sprintlink creates for this event, when its source asks for that.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub object: Option<ObjectDetail>,
@@ -493,6 +495,8 @@ pub struct Stats {
     /// Pending links plus events waiting for lead resolution.
     pub queue_depth: i64,
     pub dead_links: i64,
+    /// What the database takes on disk (`Store::storage_bytes`), when `/metrics` read it.
+    pub storage_bytes: Option<i64>,
 }
 
 impl Stats {
@@ -521,6 +525,7 @@ impl Stats {
             links_by_state,
             queue_depth: pending_links + resolving,
             dead_links,
+            storage_bytes: None,
         })
     }
 }
@@ -581,9 +586,36 @@ pub trait Store: Send + Sync + 'static {
     async fn mapping_delete(&self, source: &str, key: &str) -> Result<bool>;
     /// Adds many `key -> lead id` rows in one transaction; returns how many rows were given.
     async fn mapping_import(&self, source: &str, rows: &[(String, String)]) -> Result<usize>;
+    /// Retention, one batch: blanks the bodies of at most `limit` events delivered before
+    /// `delivered_before` (marking them `body_removed_at = now`) and the response excerpts of
+    /// their links' attempts; answers how many events.
+    async fn remove_bodies(&self, delivered_before: Millis, now: Millis, limit: i64)
+    -> Result<u64>;
+    /// Retention, one batch: deletes at most `limit` events delivered before `delivered_before`
+    /// (see `prune`); answers how many.
+    async fn prune_delivered(
+        &self,
+        delivered_before: Millis,
+        now: Millis,
+        limit: i64,
+    ) -> Result<u64>;
+    /// Retention, one batch: deletes at most `limit` dead or parked events received before
+    /// `received_before` (see `prune`); answers how many.
+    async fn prune_failed(&self, received_before: Millis, now: Millis, limit: i64) -> Result<u64>;
+    /// Gives at most `pages` freed pages back to the file system (SQLite's incremental vacuum;
+    /// nothing on PostgreSQL, whose autovacuum reuses the space); answers whether more are left.
+    async fn reclaim_space(&self, pages: i64) -> Result<bool>;
+    /// What the database takes on disk, in bytes.
+    async fn storage_bytes(&self) -> Result<i64>;
     /// Closes the pools, flushing SQLite's WAL.
     async fn close(&self);
 }
+
+// How the prune calls delete (the same on both backends): an event goes with its `event_links`
+// rows. A pair it named that is linked keeps its `links` row forever, so that an event naming
+// it later is delivered without a call, but loses its attempts once no event names it any more;
+// a pair that is not linked and that no event names any more goes with its attempts (unless a
+// call for it is in flight: the worker removes it when that call ends, as after a replay).
 
 /// Opens the storage the URL names and brings its schema up to date.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
@@ -591,6 +623,26 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
         Ok(Arc::new(SqliteStore::open(url).await?))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Arc::new(PostgresStore::open(url).await?))
+    } else {
+        Err(StoreError::Invalid(format!(
+            "storage.url {:?} is neither sqlite: nor postgres://",
+            crate::config::redact_url(url)
+        )))
+    }
+}
+
+/// `sprintlink backup`: a consistent copy of the SQLite database at `url`, written to `to`
+/// (which must not exist) while the service may be running. PostgreSQL is refused, naming
+/// `pg_dump`.
+pub async fn backup(url: &str, to: &std::path::Path) -> Result<()> {
+    if url.starts_with("sqlite:") {
+        sqlite::backup(url, to).await
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Err(StoreError::Invalid(
+            "sprintlink backup copies SQLite databases only; back up PostgreSQL with pg_dump \
+             (for example `pg_dump --format=custom --file=sprintlink.dump DATABASE_URL`)"
+                .into(),
+        ))
     } else {
         Err(StoreError::Invalid(format!(
             "storage.url {:?} is neither sqlite: nor postgres://",

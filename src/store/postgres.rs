@@ -13,6 +13,7 @@ use super::shared::{EVENT_STATE, SUMMARY_COLUMNS, lease_token};
 use super::*;
 
 mod objects;
+mod retention;
 
 /// States read from and bound as their text column, so a row struct holds the enum.
 macro_rules! state_column {
@@ -959,13 +960,14 @@ impl Store for PostgresStore {
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .await?;
         let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {SUMMARY_COLUMNS}, {REQUEST_COLUMNS} FROM events WHERE id = $1"
+            "SELECT {SUMMARY_COLUMNS}, {REQUEST_COLUMNS}, body_removed_at FROM events WHERE id = $1"
         )))
         .bind(pk)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else { return Ok(None) };
         let request = request_of(&row)?;
+        let body_removed_at: Option<i64> = row.try_get("body_removed_at")?;
         let summary = summary(&row)?;
         // One row more than the page, to know whether another page follows.
         let mut link_rows = sqlx::query(
@@ -1021,6 +1023,7 @@ impl Store for PostgresStore {
         Ok(Some(EventDetail {
             summary,
             request,
+            body_removed_at,
             object,
             links,
             more_links_after,
@@ -1223,6 +1226,39 @@ impl Store for PostgresStore {
         }
         tx.commit().await?;
         Ok(rows.len())
+    }
+
+    async fn remove_bodies(
+        &self,
+        delivered_before: Millis,
+        now: Millis,
+        limit: i64,
+    ) -> Result<u64> {
+        self.remove_bodies_batch(delivered_before, now, limit).await
+    }
+
+    async fn prune_delivered(
+        &self,
+        delivered_before: Millis,
+        now: Millis,
+        limit: i64,
+    ) -> Result<u64> {
+        self.prune_delivered_batch(delivered_before, now, limit)
+            .await
+    }
+
+    async fn prune_failed(&self, received_before: Millis, now: Millis, limit: i64) -> Result<u64> {
+        self.prune_failed_batch(received_before, now, limit).await
+    }
+
+    /// Autovacuum makes the space of deleted rows reusable; it is not given back to the file
+    /// system (that takes `VACUUM FULL`, which locks the tables: an operator's decision).
+    async fn reclaim_space(&self, _pages: i64) -> Result<bool> {
+        Ok(false)
+    }
+
+    async fn storage_bytes(&self) -> Result<i64> {
+        self.database_bytes().await
     }
 
     async fn close(&self) {

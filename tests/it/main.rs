@@ -18,6 +18,7 @@ mod integration;
 mod lead_resolution;
 mod migrations;
 mod objects;
+mod retention;
 mod robustness;
 mod senders_bodies;
 mod senders_schemes;

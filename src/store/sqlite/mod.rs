@@ -8,6 +8,7 @@ mod checkpoint;
 mod group;
 mod objects;
 mod reads;
+mod retention;
 mod writer;
 
 use std::path::PathBuf;
@@ -230,6 +231,9 @@ fn open_conn(target: &Target, flags: OpenFlags, busy: Duration) -> Result<Connec
     let conn = target.open(flags)?;
     conn.busy_timeout(busy)?;
     if !flags.contains(OpenFlags::SQLITE_OPEN_READ_ONLY) {
+        // Before WAL mode, which writes the first page: a new database takes the mode with its
+        // first table; on an existing one this does nothing (`ensure_incremental_vacuum`).
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
         conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
     }
     conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA temp_store = MEMORY;")?;
@@ -280,6 +284,7 @@ fn migrate_conn(conn: &mut Connection, apply: bool) -> Result<migrate::Status> {
         )?;
     }
     tx.commit()?;
+    retention::ensure_incremental_vacuum(conn)?;
     Ok(status)
 }
 
@@ -300,7 +305,13 @@ pub(super) async fn migrate(url: &str, apply: bool) -> Result<migrate::Status> {
     .map_err(|e| StoreError::Broken(Cause::new(e)))?
 }
 
+/// `store::backup` for SQLite.
+pub(super) async fn backup(url: &str, to: &std::path::Path) -> Result<()> {
+    retention::backup(url, to).await
+}
+
 pub struct SqliteStore {
+    target: Target,
     writer: WriterHandle,
     reads: Arc<Reads>,
     checkpointer: std::sync::Mutex<Option<Checkpointer>>,
@@ -314,9 +325,10 @@ impl SqliteStore {
             migrate_conn(&mut write, true)?;
             let reads = Reads::open(target.clone())?;
             let checkpoint_conn = open_checkpointer(&target)?;
-            let writer = WriterHandle::spawn(write, target)?;
+            let writer = WriterHandle::spawn(write, target.clone())?;
             let checkpointer = Checkpointer::spawn(checkpoint_conn, &writer)?;
             Ok(SqliteStore {
+                target,
                 writer,
                 reads,
                 checkpointer: std::sync::Mutex::new(Some(checkpointer)),
@@ -751,11 +763,13 @@ impl Store for SqliteStore {
                 let tx = conn.transaction()?;
                 let row = tx
                     .prepare_cached(&format!(
-                        "SELECT {SUMMARY_COLUMNS}, {REQUEST_COLUMNS} FROM events WHERE id = ?1"
+                        "SELECT {SUMMARY_COLUMNS}, {REQUEST_COLUMNS}, body_removed_at FROM events WHERE id = ?1"
                     ))?
-                    .query_row(params![pk], |r| Ok((summary(r)?, request_at(r, 8)?)))
+                    .query_row(params![pk], |r| {
+                        Ok((summary(r)?, request_at(r, 8)?, r.get(13)?))
+                    })
                     .optional()?;
-                let Some((summary, body)) = row else {
+                let Some((summary, body, body_removed_at)) = row else {
                     return Ok(None);
                 };
                 // One row more than the page, to know whether another page follows.
@@ -814,6 +828,7 @@ impl Store for SqliteStore {
                 Ok(Some(EventDetail {
                     summary,
                     request: body,
+                    body_removed_at,
                     object,
                     links,
                     more_links_after,
@@ -1009,6 +1024,53 @@ impl Store for SqliteStore {
             Ok(rows.len())
         })
         .await
+    }
+
+    async fn remove_bodies(
+        &self,
+        delivered_before: Millis,
+        now: Millis,
+        limit: i64,
+    ) -> Result<u64> {
+        self.write_tx(move |db| retention::remove_bodies(db, delivered_before, now, limit))
+            .await
+    }
+
+    async fn prune_delivered(
+        &self,
+        delivered_before: Millis,
+        now: Millis,
+        limit: i64,
+    ) -> Result<u64> {
+        self.write_tx(move |db| retention::prune_delivered(db, delivered_before, now, limit))
+            .await
+    }
+
+    async fn prune_failed(&self, received_before: Millis, now: Millis, limit: i64) -> Result<u64> {
+        self.write_tx(move |db| retention::prune_failed(db, received_before, now, limit))
+            .await
+    }
+
+    async fn reclaim_space(&self, pages: i64) -> Result<bool> {
+        self.writer
+            .run(move |db| retention::reclaim(db, pages))
+            .await
+    }
+
+    async fn storage_bytes(&self) -> Result<i64> {
+        match &self.target {
+            Target::File(path) => Ok(retention::file_bytes(path)),
+            Target::Memory(_) => {
+                self.read(|db| {
+                    Ok(db.query_row(
+                        "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+                        [],
+                        |r| r.get(0),
+                    )?)
+                })
+                .await
+            }
+        }
     }
 
     async fn close(&self) {

@@ -76,3 +76,64 @@ async fn the_log_is_checkpointed_beside_the_writer() {
     );
     store.close().await;
 }
+
+/// Pruning 2000 events of half a kilobyte frees hundreds of pages; `reclaim_space` gives every
+/// one back (each step of `incremental_vacuum` frees one page, so all steps must run) and the
+/// file shrinks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruned_pages_go_back_to_the_file_system() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("r.db");
+    let store = SqliteStore::open(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    for b in 0..40 {
+        let events: Vec<NewEvent> = (0..50).map(|i| event(b * 50 + i)).collect();
+        store.ingest(&events).await.unwrap();
+    }
+    store
+        .write_tx(|db| {
+            db.execute_batch(
+                "UPDATE links SET state = 'linked', due_at = NULL;
+                 UPDATE events SET state = 'delivered';",
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let pages = |store: &SqliteStore| {
+        let c = Connection::open(store_path(store)).unwrap();
+        let n: (i64, i64) = c
+            .query_row(
+                "SELECT page_count, freelist_count FROM pragma_page_count(), pragma_freelist_count()",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        n
+    };
+    let (before, _) = pages(&store);
+    let mut pruned = 0;
+    while let n @ 1.. = store
+        .prune_delivered(now_ms() + 1_000, now_ms(), 500)
+        .await
+        .unwrap()
+    {
+        pruned += n;
+    }
+    assert_eq!(pruned, 2000);
+    let (_, free) = pages(&store);
+    assert!(free > 100, "pruning freed pages ({free})");
+    while store.reclaim_space(64).await.unwrap() {}
+    let (after, free) = pages(&store);
+    assert_eq!(free, 0, "every freed page given back");
+    assert!(after < before - 100, "{before} pages before, {after} after");
+    store.close().await;
+}
+
+fn store_path(store: &SqliteStore) -> std::path::PathBuf {
+    match &store.target {
+        Target::File(p) => p.clone(),
+        Target::Memory(_) => unreachable!("a file database"),
+    }
+}
