@@ -15,7 +15,7 @@
 //! the binaries' paths.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,6 +25,8 @@ use serde_json::{Value, json};
 use sprintlink::config::{Config, Secret, SourceConfig};
 use sprintlink::signature::Verifier;
 use sprintlink::standin::{Canned, StandIn};
+
+use crate::common::free_port;
 
 const TOKEN: &str = "browser-test-admin-token";
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -53,13 +55,6 @@ fn find_binary(env: &str, candidates: &[&str]) -> Option<PathBuf> {
         }
     }
     None
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
 }
 
 /// A chromedriver process with one browser session; both end when this is dropped, even when

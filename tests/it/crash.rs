@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,15 +13,9 @@ use sprintlink::config::SourceConfig;
 use sprintlink::signature::Verifier;
 use sprintlink::standin::StandIn;
 
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+use crate::common::{Process, free_port};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 fn verifier() -> Verifier {
     Verifier::from_source(&SourceConfig::example("erp", SECRET))
@@ -59,53 +53,6 @@ id = "/data/lead_id"
     );
     std::fs::write(&path, text).unwrap();
     path
-}
-
-struct Service {
-    child: Child,
-    base: String,
-}
-
-impl Service {
-    async fn spawn(config: &Path, port: u16) -> Service {
-        let child = Command::new(env!("CARGO_BIN_EXE_sprintlink"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start sprintlink");
-        let base = format!("http://127.0.0.1:{port}");
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(r) = client.get(format!("{base}/readyz")).send().await
-                && r.status() == 200
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "service on {port} did not become ready"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Service { child, base }
-    }
-
-    fn kill9(&mut self) {
-        // std's kill sends SIGKILL on Unix: no drain, no lease release.
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 type Acked = Arc<Mutex<HashSet<(u64, u64)>>>;
@@ -207,7 +154,7 @@ async fn kill_9_twenty_times_loses_nothing_acknowledged() {
     let config = write_config(dir.path(), port, &storage, &hub.url(), 8);
     let acked: Acked = Arc::default();
     for round in 0..rounds {
-        let mut svc = Service::spawn(&config, port).await;
+        let mut svc = Process::serve(&config, port).await;
         let poster = tokio::spawn(post_until_error(
             vec![svc.base.clone()],
             round * 100_000,
@@ -219,7 +166,7 @@ async fn kill_9_twenty_times_loses_nothing_acknowledged() {
         svc.kill9();
         poster.await.unwrap();
     }
-    let _svc = Service::spawn(&config, port).await;
+    let _svc = Process::serve(&config, port).await;
     let counts = wait_all_linked(&hub, &acked, Duration::from_secs(60)).await;
     let acked_n = acked.lock().unwrap().len();
     let duplicates: usize = counts.values().map(|c| c - 1).sum();
@@ -246,7 +193,7 @@ async fn three_replicas_on_postgres_share_work_and_survive_a_kill() {
     for _ in 0..3 {
         let port = free_port();
         let config = write_config(dir.path(), port, &url, &hub.url(), 4);
-        replicas.push(Service::spawn(&config, port).await);
+        replicas.push(Process::serve(&config, port).await);
     }
     let bases: Vec<String> = replicas.iter().map(|r| r.base.clone()).collect();
 
@@ -304,7 +251,7 @@ async fn sigterm_finishes_in_flight_delivery_and_exits_zero() {
     let port = free_port();
     let storage = format!("sqlite://{}", dir.path().join("term.db").display());
     let config = write_config(dir.path(), port, &storage, &hub.url(), 4);
-    let mut svc = Service::spawn(&config, port).await;
+    let mut svc = Process::serve(&config, port).await;
     let acked: Acked = Arc::default();
     post_until_error(vec![svc.base.clone()], 0, 1, 1, acked.clone()).await;
     assert_eq!(acked.lock().unwrap().len(), 1);
@@ -332,7 +279,7 @@ async fn sigterm_finishes_in_flight_delivery_and_exits_zero() {
     assert!(exit.success(), "exit status {exit:?}");
     // The call in flight was allowed to finish and was recorded: a restart does not send it again.
     assert_eq!(hub.linked_pairs().len(), 1);
-    let _svc = Service::spawn(&config, port).await;
+    let _svc = Process::serve(&config, port).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         hub.requests_to("/customobjects/link").len(),

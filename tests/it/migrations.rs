@@ -43,14 +43,6 @@ fn all_versions() -> Vec<i64> {
     (1..=n as i64).collect()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn sprintlink(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_sprintlink"))
         .args(args)

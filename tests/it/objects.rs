@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -461,14 +461,6 @@ async fn a_timed_out_creation_is_unknown_and_a_2xx_without_id_is_dead(b: Backend
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const ADMIN: &str = "objects-admin-token-0123456789";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn write_config(dir: &Path, port: u16, storage: &str, hub: &str, concurrency: usize) -> PathBuf {
     let path = dir.join(format!("sprintlink-{port}.toml"));
     let text = format!(
@@ -505,49 +497,6 @@ id = "/lead"
     );
     std::fs::write(&path, text).unwrap();
     path
-}
-
-struct Service {
-    child: Child,
-    base: String,
-}
-
-impl Service {
-    async fn spawn(config: &Path, port: u16) -> Service {
-        let child = Command::new(env!("CARGO_BIN_EXE_sprintlink"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start sprintlink");
-        let base = format!("http://127.0.0.1:{port}");
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(r) = client.get(format!("{base}/readyz")).send().await
-                && r.status() == 200
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "service on {port} not ready");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Service { child, base }
-    }
-
-    fn kill9(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Posts orders `from..from + count` to `bases` round-robin; returns the ids that got a 202.
@@ -635,7 +584,7 @@ async fn two_replicas_on_postgres_never_create_an_events_object_twice() {
     for _ in 0..2 {
         let port = free_port();
         let config = write_config(dir.path(), port, &db.url, &hub.url(), 4);
-        replicas.push(Service::spawn(&config, port).await);
+        replicas.push(Process::serve(&config, port).await);
     }
     let bases: Vec<String> = replicas.iter().map(|r| r.base.clone()).collect();
     let acked = post_orders(&bases, 0, 200).await;
@@ -687,7 +636,7 @@ async fn kill_9_while_creating_makes_at_most_the_in_flight_objects_twice() {
     let mut in_flight_at_kills = Vec::new();
     let mut ever_in_flight = std::collections::BTreeSet::new();
     for round in 0..rounds {
-        let mut svc = Service::spawn(&config, port).await;
+        let mut svc = Process::serve(&config, port).await;
         let base = vec![svc.base.clone()];
         let poster = tokio::spawn(async move { post_orders(&base, round * 1000, 40).await });
         tokio::time::sleep(Duration::from_millis(fastrand::u64(100..400))).await;
@@ -698,7 +647,7 @@ async fn kill_9_while_creating_makes_at_most_the_in_flight_objects_twice() {
         in_flight_at_kills.push(marked.difference(&ever_in_flight).count());
         ever_in_flight.extend(marked);
     }
-    let svc = Service::spawn(&config, port).await;
+    let svc = Process::serve(&config, port).await;
     wait_delivered(&svc.base, &acked, Duration::from_secs(60)).await;
     let per_order = creations_per_order(&hub);
     let twice = per_order.values().filter(|n| **n > 1).count();

@@ -881,14 +881,6 @@ impl Drop for Binary {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Binary {
     async fn spawn(server_extra: &str, open_files: u32) -> Binary {
         let dir = tempfile::tempdir().unwrap();

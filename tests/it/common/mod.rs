@@ -965,3 +965,63 @@ impl RawAnswer {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The real binary, as its own process (kill -9, replicas, signals)
+
+/// A free loopback port, for a process that binds it itself.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// `sprintlink serve --config FILE` as a process of its own, ready (`/readyz` 200) when
+/// returned; killed with SIGKILL when dropped.
+pub struct Process {
+    pub child: std::process::Child,
+    pub base: String,
+}
+
+impl Process {
+    pub async fn serve(config: &std::path::Path, port: u16) -> Process {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_sprintlink"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start sprintlink");
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(r) = client.get(format!("{base}/readyz")).send().await
+                && r.status() == 200
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "service on {port} did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Process { child, base }
+    }
+
+    /// SIGKILL (std's kill on Unix): no drain, no lease release.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
