@@ -127,6 +127,7 @@ pub struct Metrics {
     attempts: Counters,
     lookups: Counters,
     creations: Counters,
+    alerts: Counters,
     ingest: Histogram,
     delivery: Histogram,
 }
@@ -145,6 +146,7 @@ impl Metrics {
             attempts: Counters::default(),
             lookups: Counters::default(),
             creations: Counters::default(),
+            alerts: Counters::default(),
             ingest: Histogram::new(),
             delivery: Histogram::new(),
         }
@@ -185,6 +187,16 @@ impl Metrics {
         self.creations.inc(&[outcome.as_str()]);
     }
 
+    /// One alert notification (or, for `dropped`, one report that found the alerter's queue
+    /// full): `outcome` is sent, failed (every try failed) or dropped.
+    pub fn alert(&self, kind: &str, outcome: &str) {
+        self.alerts.inc(&[kind, outcome]);
+    }
+
+    pub fn alert_count(&self, kind: &str, outcome: &str) -> u64 {
+        self.alerts.get(&[kind, outcome])
+    }
+
     /// The Prometheus text exposition, with storage figures read just now.
     pub fn render(&self, stats: Option<&Stats>) -> String {
         let mut out = String::with_capacity(4096);
@@ -217,6 +229,12 @@ impl Metrics {
             "sprintlink_object_creations_total",
             "Custom object creation attempts, by outcome (unknown: sent, answer lost).",
             &["outcome"],
+        );
+        self.alerts.render(
+            &mut out,
+            "sprintlink_alerts_total",
+            "Alert notifications by kind and outcome (sent; failed: every try failed; dropped: the alerter's queue was full).",
+            &["kind", "outcome"],
         );
         let _ = writeln!(
             out,

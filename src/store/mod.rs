@@ -581,6 +581,12 @@ pub trait Store: Send + Sync + 'static {
     async fn mapping_delete(&self, source: &str, key: &str) -> Result<bool>;
     /// Adds many `key -> lead id` rows in one transaction; returns how many rows were given.
     async fn mapping_import(&self, source: &str, rows: &[(String, String)]) -> Result<usize>;
+    /// When the oldest pending link or lead resolution was first queued (`None`: nothing waits).
+    async fn oldest_pending_at(&self) -> Result<Option<Millis>>;
+    /// Claims the right to send the notification of `kind` to alert target `target` for the
+    /// interval starting at `window_start`: `true` for the one caller whose claim is first.
+    async fn claim_alert_slot(&self, target: i64, kind: &str, window_start: Millis)
+    -> Result<bool>;
     /// Closes the pools, flushing SQLite's WAL.
     async fn close(&self);
 }
