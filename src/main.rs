@@ -33,6 +33,7 @@ fn main() {
                     } => cli::sprinthub_definitions(config).await,
                     Command::Migrate { config, dry_run } => cli::migrate(config, dry_run).await,
                     Command::Healthcheck { url, config } => cli::healthcheck(url, config).await,
+                    Command::AlertTest { config } => cli::alert_test(config).await,
                     _ => unreachable!("handled above"),
                 }
             })

@@ -269,6 +269,7 @@ impl Alerter {
             {
                 Ok(Ok(o)) => o,
                 Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "measuring the backlog failed");
                     self.add(
                         AlertKind::Storage,
                         Example::default().error(format!("measuring the backlog failed: {e}")),
@@ -293,11 +294,13 @@ impl Alerter {
                     human(age),
                     human(t.backlog_age)
                 ));
+                // The latest measurement replaces the last; the wait for a burst runs on.
                 let slot = self.targets[i].slots.entry(AlertKind::Backlog).or_default();
+                let since = slot.pending.as_ref().map_or_else(Instant::now, |p| p.since);
                 slot.pending = Some(Pending {
                     count: 1,
                     examples: vec![example.clipped()],
-                    since: Instant::now(),
+                    since,
                 });
             }
         }
