@@ -346,7 +346,11 @@ pub async fn alert_test(flag: Option<PathBuf>) -> i32 {
     let mut failed = 0;
     for (i, target) in config.alerts.iter().enumerate() {
         let n = crate::alerts::notify::Notification {
-            kind: target.on.first().copied().unwrap_or(crate::config::AlertKind::Dead),
+            kind: target
+                .on
+                .first()
+                .copied()
+                .unwrap_or(crate::config::AlertKind::Dead),
             count: 0,
             examples: Vec::new(),
             at: crate::store::now_ms(),

@@ -1686,7 +1686,10 @@ impl Config {
                 errors.push(line);
                 ok = false;
             };
-            if !a.url.is_empty() && !a.url.expose().starts_with("env:") && !is_http_url(a.url.expose()) {
+            if !a.url.is_empty()
+                && !a.url.expose().starts_with("env:")
+                && !is_http_url(a.url.expose())
+            {
                 fail(format!(
                     "{at}.url: not an http(s) URL with a host (the value is not shown)"
                 ));
@@ -1698,7 +1701,9 @@ impl Config {
                 Some("slack") => Some(AlertFormat::Slack),
                 Some("json") => Some(AlertFormat::Json),
                 Some(other) => {
-                    fail(format!("{at}.format: unknown format {other:?}; use slack or json"));
+                    fail(format!(
+                        "{at}.format: unknown format {other:?}; use slack or json"
+                    ));
                     None
                 }
                 None => {
@@ -1710,9 +1715,11 @@ impl Config {
                 (Some(AlertFormat::Json), None) => fail(format!(
                     "{at}.secret: required with format = \"json\" (whsec_ followed by base64)"
                 )),
-                (Some(AlertFormat::Json), Some(s)) if whsec_key(s.expose()).is_none() => fail(
-                    format!("{at}.secret: not a whsec_ secret (whsec_ followed by base64; the value is not shown)"),
-                ),
+                (Some(AlertFormat::Json), Some(s)) if whsec_key(s.expose()).is_none() => {
+                    fail(format!(
+                        "{at}.secret: not a whsec_ secret (whsec_ followed by base64; the value is not shown)"
+                    ))
+                }
                 (Some(AlertFormat::Json), Some(s)) if is_placeholder(s.expose()) => fail(format!(
                     "{at}.secret: a placeholder value; generate a real secret"
                 )),
@@ -2879,7 +2886,16 @@ secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]"#,
         assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(43_200)));
         assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
         assert_eq!(parse_duration(" 5m "), Ok(Duration::from_secs(300)));
-        for bad in ["", "m", "15", "1.5h", "-1m", "15 minutes", "10w", "99999999999999999999d"] {
+        for bad in [
+            "",
+            "m",
+            "15",
+            "1.5h",
+            "-1m",
+            "15 minutes",
+            "10w",
+            "99999999999999999999d",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should not parse");
         }
     }
@@ -2901,7 +2917,10 @@ secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]"#,
         assert_eq!(slack.min_interval.as_secs(), 300);
         assert_eq!(slack.backlog_age.as_secs(), 900);
         assert_eq!(slack.origin(), "https://hooks.slack.example");
-        assert!(!format!("{cfg:?}").contains("XYZsecret"), "the URL is a secret");
+        assert!(
+            !format!("{cfg:?}").contains("XYZsecret"),
+            "the URL is a secret"
+        );
         let json = &cfg.alerts[1];
         assert_eq!(json.on, vec![AlertKind::Dead, AlertKind::Backlog]);
         assert_eq!(json.backlog_age.as_secs(), 7200);
@@ -2925,7 +2944,10 @@ secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]"#,
             "alerts[2].format: unknown format \"teams\"",
             "alerts[2].on: empty",
         ] {
-            assert!(lines.contains(expected), "missing {expected:?} in:\n{lines}");
+            assert!(
+                lines.contains(expected),
+                "missing {expected:?} in:\n{lines}"
+            );
         }
         assert_eq!(err.0.len(), 8, "{lines}");
         assert!(!lines.contains("s3cr3tpath"), "{lines}");
@@ -2933,7 +2955,10 @@ secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]"#,
 
     #[test]
     fn an_origin_hides_path_query_and_user_info() {
-        assert_eq!(url_origin("https://u:p@hooks.example:8443/a/b?c=d"), "https://hooks.example:8443");
+        assert_eq!(
+            url_origin("https://u:p@hooks.example:8443/a/b?c=d"),
+            "https://hooks.example:8443"
+        );
         assert_eq!(url_origin("http://127.0.0.1:9/x"), "http://127.0.0.1:9");
         assert_eq!(url_origin("nonsense"), "(not a URL)");
     }

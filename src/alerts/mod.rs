@@ -263,27 +263,29 @@ impl Alerter {
     /// Measures the oldest pending item; one report per target whose `backlog_age` it passed.
     /// A store that does not answer is itself worth a notification.
     async fn check_backlog(&mut self) {
-        let oldest =
-            match tokio::time::timeout(Duration::from_secs(5), self.store.oldest_pending_at())
-                .await
-            {
-                Ok(Ok(o)) => o,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "measuring the backlog failed");
-                    self.add(
-                        AlertKind::Storage,
-                        Example::default().error(format!("measuring the backlog failed: {e}")),
-                    );
-                    return;
-                }
-                Err(_) => {
-                    self.add(
-                        AlertKind::Storage,
-                        Example::default().error("measuring the backlog took longer than 5 s"),
-                    );
-                    return;
-                }
-            };
+        let oldest = match tokio::time::timeout(
+            Duration::from_secs(5),
+            self.store.oldest_pending_at(),
+        )
+        .await
+        {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "measuring the backlog failed");
+                self.add(
+                    AlertKind::Storage,
+                    Example::default().error(format!("measuring the backlog failed: {e}")),
+                );
+                return;
+            }
+            Err(_) => {
+                self.add(
+                    AlertKind::Storage,
+                    Example::default().error("measuring the backlog took longer than 5 s"),
+                );
+                return;
+            }
+        };
         let Some(oldest) = oldest else { return };
         let age = Duration::from_millis(now_ms().saturating_sub(oldest).max(0) as u64);
         for i in 0..self.targets.len() {
@@ -382,7 +384,10 @@ impl Send {
                 true
             }
             Err(_) => {
-                tracing::warn!(kind, "claiming the alert slot took too long; sending anyway");
+                tracing::warn!(
+                    kind,
+                    "claiming the alert slot took too long; sending anyway"
+                );
                 true
             }
         };
@@ -410,7 +415,7 @@ impl Send {
 /// `17m`, `2h`, `90s`: the largest whole unit.
 fn human(d: Duration) -> String {
     let s = d.as_secs();
-    if s >= 86_400 && s % 86_400 == 0 {
+    if s >= 86_400 && s.is_multiple_of(86_400) {
         format!("{}d", s / 86_400)
     } else if s >= 3600 {
         format!("{}h{}m", s / 3600, (s % 3600) / 60)

@@ -230,8 +230,14 @@ mod tests {
         let obj = body.as_object().unwrap();
         assert_eq!(obj.len(), 1);
         let text = body["text"].as_str().unwrap();
-        assert!(text.contains("[dead]") && text.contains("3 link(s)"), "{text}");
-        assert!(text.contains("erp/evt_1") && text.contains("rejected: HTTP 400"), "{text}");
+        assert!(
+            text.contains("[dead]") && text.contains("3 link(s)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("erp/evt_1") && text.contains("rejected: HTTP 400"),
+            "{text}"
+        );
     }
 
     #[test]

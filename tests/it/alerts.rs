@@ -47,16 +47,17 @@ impl Receiver {
         let got: Arc<Mutex<Vec<Got>>> = Arc::default();
         let status = Arc::new(AtomicU16::new(status));
         let (g, s) = (got.clone(), status.clone());
-        let app = axum::Router::new().fallback(move |headers: HeaderMap, body: axum::body::Bytes| {
-            let (g, s) = (g.clone(), s.clone());
-            async move {
-                g.lock().unwrap().push(Got {
-                    headers,
-                    body: body.to_vec(),
-                });
-                axum::http::StatusCode::from_u16(s.load(Ordering::SeqCst)).unwrap()
-            }
-        });
+        let app =
+            axum::Router::new().fallback(move |headers: HeaderMap, body: axum::body::Bytes| {
+                let (g, s) = (g.clone(), s.clone());
+                async move {
+                    g.lock().unwrap().push(Got {
+                        headers,
+                        body: body.to_vec(),
+                    });
+                    axum::http::StatusCode::from_u16(s.load(Ordering::SeqCst)).unwrap()
+                }
+            });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}{SECRET_PATH}", listener.local_addr().unwrap());
         tokio::spawn(async move {
@@ -98,7 +99,10 @@ fn json_target(url: &str, on: &[AlertKind]) -> AlertTarget {
 
 /// The Standard Webhooks verifier the service uses for its own senders, keyed for alerts.
 fn alert_verifier() -> Verifier {
-    Verifier::from_source(&sprintlink::config::SourceConfig::example("alerts", ALERT_SECRET))
+    Verifier::from_source(&sprintlink::config::SourceConfig::example(
+        "alerts",
+        ALERT_SECRET,
+    ))
 }
 
 fn throttled() -> Canned {
@@ -118,7 +122,8 @@ async fn each_kind_reaches_a_local_receiver(b: Backend) {
         .await;
 
     // dead: a 400 is final.
-    app.hub.script([Canned::new(400, r#"{"msg": "bad object"}"#)]);
+    app.hub
+        .script([Canned::new(400, r#"{"msg": "bad object"}"#)]);
     app.post_webhook("erp", &erp_event("evt_dead", 10, 20))
         .await
         .expect(202);
@@ -127,7 +132,13 @@ async fn each_kind_reaches_a_local_receiver(b: Backend) {
     assert_eq!(dead["examples"][0]["event_id"], "evt_dead");
     assert_eq!(dead["examples"][0]["object_id"], "10");
     assert_eq!(dead["examples"][0]["lead_id"], "20");
-    assert!(dead["examples"][0]["error"].as_str().unwrap().contains("HTTP 400"), "{dead}");
+    assert!(
+        dead["examples"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("HTTP 400"),
+        "{dead}"
+    );
 
     // parked at ingest: no lead.
     let no_lead = json!({"id": "evt_park", "type": "object.created", "data": {"object_id": 7}});
@@ -137,7 +148,8 @@ async fn each_kind_reaches_a_local_receiver(b: Backend) {
     assert_eq!(parked["examples"][0]["source"], "erp");
 
     // credentials: a plain 401, then success.
-    app.hub.script([Canned::new(401, r#"{"msg": "invalid token"}"#)]);
+    app.hub
+        .script([Canned::new(401, r#"{"msg": "invalid token"}"#)]);
     app.post_webhook("erp", &erp_event("evt_auth", 11, 21))
         .await
         .expect(202);
@@ -198,7 +210,8 @@ async fn several_deads_in_one_interval_are_one_notification(b: Backend) {
         .spawn()
         .await;
     let rejected = Canned::new(400, r#"{"msg": "no"}"#);
-    app.hub.script([rejected.clone(), rejected.clone(), rejected]);
+    app.hub
+        .script([rejected.clone(), rejected.clone(), rejected]);
     for i in 0..3 {
         app.post_webhook("erp", &erp_event(&format!("evt_c{i}"), 100 + i, 200 + i))
             .await
@@ -321,7 +334,12 @@ async fn a_fleet_of_two_announces_once() {
     rx.wait_for_kind("backlog").await;
     // Both replicas measure every 0.5 s: a second notification would come within this.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(rx.of_kind("backlog").len(), 1, "{:?}", rx.of_kind("backlog"));
+    assert_eq!(
+        rx.of_kind("backlog").len(),
+        1,
+        "{:?}",
+        rx.of_kind("backlog")
+    );
     second.stop().await;
 }
 
@@ -371,7 +389,9 @@ async fn alert_test_sends_to_every_target_and_says_what_each_answered() {
             .expect("run sprintlink")
     };
     let (u, p) = (ok.url.clone(), path.clone());
-    let out = tokio::task::spawn_blocking(move || run(u, p)).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || run(u, p))
+        .await
+        .unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -389,7 +409,10 @@ async fn alert_test_sends_to_every_target_and_says_what_each_answered() {
     assert_eq!(ok.got().len(), 1);
     let test_note = ok.got()[0].json();
     assert!(
-        test_note["text"].as_str().unwrap().contains("test notification"),
+        test_note["text"]
+            .as_str()
+            .unwrap()
+            .contains("test notification"),
         "{test_note}"
     );
     let signed = broken.got().remove(0);
