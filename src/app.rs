@@ -60,6 +60,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     let wake = Arc::new(Notify::new());
     let shutdown = CancellationToken::new();
+    let alerts = crate::alerts::start(&config, store.clone(), metrics.clone(), shutdown.clone());
     let state = Arc::new(
         AppState::new(
             config.clone(),
@@ -68,7 +69,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             wake.clone(),
             shutdown.clone(),
         )
-        .map_err(StartError::Client)?,
+        .map_err(StartError::Client)?
+        .with_alerts(alerts.clone()),
     );
     let listener = tokio::net::TcpListener::bind(&config.server.listen)
         .await
@@ -111,7 +113,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let pruner =
         crate::retention::Pruner::new(store.clone(), config.retention.clone(), metrics.clone());
     let pruner_task = tokio::spawn(pruner.run(shutdown.clone()));
-    let worker = Worker::new(store.clone(), hub, config.clone(), metrics, wake);
+    let worker = Worker::new(store.clone(), hub, config.clone(), metrics, wake, alerts);
     let drain = Duration::from_millis(config.server.shutdown_timeout_ms);
     let worker_task = tokio::spawn(worker.run(shutdown.clone(), drain.mul_f64(0.8)));
     let stop = shutdown.clone();

@@ -75,6 +75,12 @@ pub enum Command {
         #[arg(long)]
         to: PathBuf,
     },
+    /// Send one test notification to every `[[alerts]]` target and print what each answered
+    /// (exit 1 if any did not answer 2xx).
+    AlertTest {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Exit 0 if BASE/readyz answers 200, else 1.
     Healthcheck {
         #[arg(long)]
@@ -355,6 +361,56 @@ pub fn sign(flag: Option<PathBuf>, source: &str, file: Option<PathBuf>, content_
 /// A value in single quotes for a POSIX shell.
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// One test notification per target, one try each: the status or the error, and only the
+/// target's `scheme://host` (the rest of a webhook URL is its secret).
+pub async fn alert_test(flag: Option<PathBuf>) -> i32 {
+    let config = match load_config(flag) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    if config.alerts.is_empty() {
+        eprintln!("no [[alerts]] target is configured");
+        return 1;
+    }
+    let client = crate::alerts::notify::client();
+    let mut failed = 0;
+    for (i, target) in config.alerts.iter().enumerate() {
+        let n = crate::alerts::notify::Notification {
+            kind: target
+                .on
+                .first()
+                .copied()
+                .unwrap_or(crate::config::AlertKind::Dead),
+            count: 0,
+            examples: Vec::new(),
+            at: crate::store::now_ms(),
+            instance: config.sprinthub.instance.clone(),
+            test: true,
+        };
+        let (body, headers) = n.request(target);
+        let format = match target.format {
+            crate::config::AlertFormat::Slack => "slack",
+            crate::config::AlertFormat::Json => "json",
+        };
+        let at = format!("alerts[{i}] ({format}, {})", target.origin());
+        match crate::alerts::notify::post_once(&client, target, &body, &headers).await {
+            Ok(status) if (200..300).contains(&status) => say!("{at}: HTTP {status}"),
+            Ok(status) => {
+                failed += 1;
+                say!("{at}: HTTP {status} (not accepted)");
+            }
+            Err(e) => {
+                failed += 1;
+                say!("{at}: {e}");
+            }
+        }
+    }
+    i32::from(failed > 0)
 }
 
 pub async fn healthcheck(url: Option<String>, flag: Option<PathBuf>) -> i32 {

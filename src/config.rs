@@ -44,6 +44,12 @@ pub struct Config {
     /// unreadable duration is its own line.
     #[serde(skip)]
     pub retention: RetentionConfig,
+    /// `[[alerts]]` as written; parsed into `alerts` at load (each problem its own line).
+    #[serde(default, rename = "alerts")]
+    raw_alerts: Vec<RawAlert>,
+    /// Where notifications go (SPEC 10), parsed and validated.
+    #[serde(skip)]
+    pub alerts: Vec<AlertTarget>,
     /// Problems that do not stop the service (look-alike variables, short webhook keys): one
     /// line each, printed by `check-config` and logged at start-up.
     #[serde(skip)]
@@ -267,8 +273,8 @@ fn read_duration(
     }
 }
 
-/// A retention duration: a whole number of days, hours, minutes or seconds (`"30d"`, `"12h"`,
-/// `"15m"`, `"90s"`), more than zero and at most 100 years.
+/// A duration of the configuration (retention, alerts): a whole number of days, hours,
+/// minutes or seconds (`"30d"`, `"12h"`, `"15m"`, `"90s"`), more than zero and at most 100 years.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let unit_at = text
         .find(|c: char| !c.is_ascii_digit())
@@ -1202,6 +1208,7 @@ impl Config {
         cfg.retention = retention;
         let mut warnings = warnings;
         cfg.resolve_secrets(env, &mut errors);
+        cfg.parse_alerts(&mut errors);
         cfg.validate(&mut errors, &mut warnings);
         cfg.warnings = warnings;
         if errors.is_empty() {
@@ -1220,6 +1227,16 @@ impl Config {
         }
         if let Err(e) = self.admin.token.resolve(env) {
             errors.push(format!("admin.token: {e}"));
+        }
+        for (i, alert) in self.raw_alerts.iter_mut().enumerate() {
+            if let Err(e) = alert.url.resolve(env) {
+                errors.push(format!("alerts[{i}].url: {e}"));
+            }
+            if let Some(secret) = &mut alert.secret
+                && let Err(e) = secret.resolve(env)
+            {
+                errors.push(format!("alerts[{i}].secret: {e}"));
+            }
         }
         for source in &mut self.sources {
             for (i, secret) in source.secrets.iter_mut().enumerate() {
@@ -1614,9 +1631,269 @@ impl Config {
             lookup: LookupConfig::default(),
             sources: Vec::new(),
             retention: RetentionConfig::default(),
+            raw_alerts: Vec::new(),
+            alerts: Vec::new(),
             warnings: Vec::new(),
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Alerts (SPEC 10): where a person is told that something needs them.
+
+/// What an alert is about. The names are the `on` values and the `kind` of a notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AlertKind {
+    /// A link, an object creation or a lead resolution gave up.
+    Dead,
+    /// An event was parked, at ingest or at lead resolution.
+    Parked,
+    /// SprintHub refused the API token or instance.
+    Credentials,
+    /// SprintHub said too many requests.
+    Throttled,
+    /// The oldest pending link or resolution is older than `backlog_age`.
+    Backlog,
+    /// A group commit failed, or storage did not answer a check.
+    Storage,
+}
+
+impl AlertKind {
+    pub const ALL: [AlertKind; 6] = [
+        AlertKind::Dead,
+        AlertKind::Parked,
+        AlertKind::Credentials,
+        AlertKind::Throttled,
+        AlertKind::Backlog,
+        AlertKind::Storage,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::Dead => "dead",
+            AlertKind::Parked => "parked",
+            AlertKind::Credentials => "credentials",
+            AlertKind::Throttled => "throttled",
+            AlertKind::Backlog => "backlog",
+            AlertKind::Storage => "storage",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<AlertKind> {
+        AlertKind::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+
+    /// A bit of its own, for sets of kinds that are read on the request path.
+    pub fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+impl fmt::Display for AlertKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a notification is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlertFormat {
+    /// `{"text": "..."}`, what a Slack incoming webhook takes.
+    Slack,
+    /// `{"type": "sprintlink.alert", ...}`, signed with Standard Webhooks headers.
+    Json,
+}
+
+/// One `[[alerts]]` entry, parsed.
+#[derive(Debug, Clone)]
+pub struct AlertTarget {
+    /// A credential (a Slack webhook URL is one): never logged; `origin()` is what may be shown.
+    pub url: Secret,
+    pub format: AlertFormat,
+    /// `whsec_...`, for `json` only.
+    pub secret: Option<Secret>,
+    pub on: Vec<AlertKind>,
+    pub backlog_age: std::time::Duration,
+    pub min_interval: std::time::Duration,
+}
+
+const DEFAULT_BACKLOG_AGE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+const DEFAULT_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
+impl AlertTarget {
+    /// A target with the defaults: every kind, `backlog_age = "15m"`, `min_interval = "5m"`.
+    pub fn new(url: &str, format: AlertFormat, secret: Option<&str>) -> AlertTarget {
+        AlertTarget {
+            url: Secret::new(url),
+            format,
+            secret: secret.map(Secret::new),
+            on: AlertKind::ALL.to_vec(),
+            backlog_age: DEFAULT_BACKLOG_AGE,
+            min_interval: DEFAULT_MIN_INTERVAL,
+        }
+    }
+
+    pub fn wants(&self, kind: AlertKind) -> bool {
+        self.on.contains(&kind)
+    }
+
+    /// `scheme://host[:port]`: the part of the URL that may be printed (the path of a Slack
+    /// webhook URL is its secret).
+    pub fn origin(&self) -> String {
+        url_origin(self.url.expose())
+    }
+}
+
+/// `scheme://host[:port]` of a URL, without user info, path or query.
+pub fn url_origin(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            format!("{scheme}://{host}")
+        }
+        None => "(not a URL)".to_string(),
+    }
+}
+
+/// `[[alerts]]` as written: strings, so that every problem of an entry gets its own line.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlert {
+    url: Secret,
+    format: Option<String>,
+    secret: Option<Secret>,
+    on: Option<Vec<String>>,
+    backlog_age: Option<String>,
+    min_interval: Option<String>,
+}
+
+/// A URL a notification can be posted to: http or https with a host.
+fn is_http_url(url: &str) -> bool {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https")
+        && !host.is_empty()
+        && !host.contains(char::is_whitespace)
+}
+
+impl Config {
+    /// `[[alerts]]` into `alerts`; the URL and the secret are never part of a message.
+    fn parse_alerts(&mut self, errors: &mut Vec<String>) {
+        let raw = std::mem::take(&mut self.raw_alerts);
+        for (i, a) in raw.into_iter().enumerate() {
+            let at = format!("alerts[{i}]");
+            let mut ok = true;
+            let mut fail = |line: String| {
+                errors.push(line);
+                ok = false;
+            };
+            if !a.url.is_empty()
+                && !a.url.expose().starts_with("env:")
+                && !is_http_url(a.url.expose())
+            {
+                fail(format!(
+                    "{at}.url: not an http(s) URL with a host (the value is not shown)"
+                ));
+            }
+            if a.url.is_empty() {
+                fail(format!("{at}.url: required"));
+            }
+            let format = match a.format.as_deref() {
+                Some("slack") => Some(AlertFormat::Slack),
+                Some("json") => Some(AlertFormat::Json),
+                Some(other) => {
+                    fail(format!(
+                        "{at}.format: unknown format {other:?}; use slack or json"
+                    ));
+                    None
+                }
+                None => {
+                    fail(format!("{at}.format: required: slack or json"));
+                    None
+                }
+            };
+            match (format, &a.secret) {
+                (Some(AlertFormat::Json), None) => fail(format!(
+                    "{at}.secret: required with format = \"json\" (whsec_ followed by base64)"
+                )),
+                (Some(AlertFormat::Json), Some(s)) if whsec_key(s.expose()).is_none() => {
+                    fail(format!(
+                        "{at}.secret: not a whsec_ secret (whsec_ followed by base64; the value is not shown)"
+                    ))
+                }
+                (Some(AlertFormat::Json), Some(s)) if is_placeholder(s.expose()) => fail(format!(
+                    "{at}.secret: a placeholder value; generate a real secret"
+                )),
+                (Some(AlertFormat::Slack), Some(_)) => fail(format!(
+                    "{at}.secret: used only with format = \"json\"; a slack URL carries its own secret"
+                )),
+                _ => {}
+            }
+            let mut on = Vec::new();
+            match &a.on {
+                None => on = AlertKind::ALL.to_vec(),
+                Some(names) if names.is_empty() => fail(format!(
+                    "{at}.on: empty; name at least one of {}",
+                    kind_names()
+                )),
+                Some(names) => {
+                    for name in names {
+                        match AlertKind::parse(name) {
+                            Some(k) if !on.contains(&k) => on.push(k),
+                            Some(_) => {}
+                            None => fail(format!(
+                                "{at}.on: unknown kind {name:?}; use {}",
+                                kind_names()
+                            )),
+                        }
+                    }
+                }
+            }
+            let mut duration = |key: &str,
+                                text: &Option<String>,
+                                default: std::time::Duration,
+                                max_days: u64|
+             -> std::time::Duration {
+                let Some(text) = text else {
+                    return default;
+                };
+                match parse_duration(text) {
+                    Ok(d) if d.as_secs() >= 1 && d.as_secs() <= max_days * DAY_SECONDS => d,
+                    Ok(_) => {
+                        fail(format!(
+                            "{at}.{key}: {text:?} is out of range; allowed 1s to {max_days}d"
+                        ));
+                        default
+                    }
+                    Err(e) => {
+                        fail(format!(
+                            "{at}.{key}: {text:?} {e}; write a whole number and a unit, e.g. 90s, 15m, 12h or 30d"
+                        ));
+                        default
+                    }
+                }
+            };
+            let backlog_age = duration("backlog_age", &a.backlog_age, DEFAULT_BACKLOG_AGE, 30);
+            let min_interval = duration("min_interval", &a.min_interval, DEFAULT_MIN_INTERVAL, 1);
+            if let (true, Some(format)) = (ok, format) {
+                self.alerts.push(AlertTarget {
+                    url: a.url,
+                    format,
+                    secret: a.secret,
+                    on,
+                    backlog_age,
+                    min_interval,
+                });
+            }
+        }
+    }
+}
+
+fn kind_names() -> String {
+    AlertKind::ALL.map(AlertKind::as_str).join(", ")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2781,5 +3058,89 @@ secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]"#,
         };
         let cfg = Config::from_parts(&text, &o, &vars).unwrap();
         assert_eq!(cfg.admin.token.expose(), token);
+    }
+
+    #[test]
+    fn durations_are_a_number_and_a_unit() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(43_200)));
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        for bad in [
+            "",
+            "m",
+            "15",
+            "1.5h",
+            "-1m",
+            "15 minutes",
+            "10w",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should not parse");
+        }
+    }
+
+    #[test]
+    fn alerts_parse_with_defaults_and_secrets_from_the_environment() {
+        let text = format!(
+            "{BASE}\n[[alerts]]\nurl = \"env:HOOK\"\nformat = \"slack\"\n\n[[alerts]]\nurl = \"https://ops.example/in\"\nformat = \"json\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\non = [\"dead\", \"backlog\"]\nbacklog_age = \"2h\"\nmin_interval = \"90s\"\n"
+        );
+        let env = |n: &str| match n {
+            "HOOK" => Some("https://hooks.slack.example/services/T0/B0/XYZsecret".to_string()),
+            other => env(other),
+        };
+        let cfg = Config::from_parts(&text, &[], &env).unwrap();
+        assert_eq!(cfg.alerts.len(), 2);
+        let slack = &cfg.alerts[0];
+        assert_eq!(slack.format, AlertFormat::Slack);
+        assert_eq!(slack.on, AlertKind::ALL.to_vec());
+        assert_eq!(slack.min_interval.as_secs(), 300);
+        assert_eq!(slack.backlog_age.as_secs(), 900);
+        assert_eq!(slack.origin(), "https://hooks.slack.example");
+        assert!(
+            !format!("{cfg:?}").contains("XYZsecret"),
+            "the URL is a secret"
+        );
+        let json = &cfg.alerts[1];
+        assert_eq!(json.on, vec![AlertKind::Dead, AlertKind::Backlog]);
+        assert_eq!(json.backlog_age.as_secs(), 7200);
+        assert_eq!(json.min_interval.as_secs(), 90);
+    }
+
+    #[test]
+    fn every_alert_problem_is_its_own_line_and_no_url_is_shown() {
+        let text = format!(
+            "{BASE}\n[[alerts]]\nurl = \"ftp://hooks.example/s3cr3tpath\"\nformat = \"json\"\non = [\"dead\", \"fire\"]\nbacklog_age = \"soon\"\nmin_interval = \"2d\"\n\n[[alerts]]\nurl = \"https://hooks.example/x\"\nformat = \"slack\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n\n[[alerts]]\nurl = \"https://hooks.example/y\"\nformat = \"teams\"\non = []\n"
+        );
+        let err = Config::from_parts(&text, &[], &env).unwrap_err();
+        let lines = err.0.join("\n");
+        for expected in [
+            "alerts[0].url: not an http(s) URL",
+            "alerts[0].secret: required with format = \"json\"",
+            "alerts[0].on: unknown kind \"fire\"",
+            "alerts[0].backlog_age: \"soon\" does not start with a number",
+            "alerts[0].min_interval: \"2d\" is out of range",
+            "alerts[1].secret: used only with format = \"json\"",
+            "alerts[2].format: unknown format \"teams\"",
+            "alerts[2].on: empty",
+        ] {
+            assert!(
+                lines.contains(expected),
+                "missing {expected:?} in:\n{lines}"
+            );
+        }
+        assert_eq!(err.0.len(), 8, "{lines}");
+        assert!(!lines.contains("s3cr3tpath"), "{lines}");
+    }
+
+    #[test]
+    fn an_origin_hides_path_query_and_user_info() {
+        assert_eq!(
+            url_origin("https://u:p@hooks.example:8443/a/b?c=d"),
+            "https://hooks.example:8443"
+        );
+        assert_eq!(url_origin("http://127.0.0.1:9/x"), "http://127.0.0.1:9");
+        assert_eq!(url_origin("nonsense"), "(not a URL)");
     }
 }

@@ -34,6 +34,7 @@ fn main() {
                     Command::Migrate { config, dry_run } => cli::migrate(config, dry_run).await,
                     Command::Backup { config, to } => cli::backup(config, to).await,
                     Command::Healthcheck { url, config } => cli::healthcheck(url, config).await,
+                    Command::AlertTest { config } => cli::alert_test(config).await,
                     _ => unreachable!("handled above"),
                 }
             })

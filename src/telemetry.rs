@@ -132,6 +132,7 @@ pub struct Metrics {
     lookups: Counters,
     creations: Counters,
     pruned: Counters,
+    alerts: Counters,
     ingest: Histogram,
     delivery: Histogram,
 }
@@ -151,6 +152,7 @@ impl Metrics {
             lookups: Counters::default(),
             creations: Counters::default(),
             pruned: Counters::default(),
+            alerts: Counters::default(),
             ingest: Histogram::new(),
             delivery: Histogram::new(),
         }
@@ -202,6 +204,16 @@ impl Metrics {
         self.pruned.get(&[rule])
     }
 
+    /// One alert notification (or, for `dropped`, one report that found the alerter's queue
+    /// full): `outcome` is sent, failed (every try failed) or dropped.
+    pub fn alert(&self, kind: &str, outcome: &str) {
+        self.alerts.inc(&[kind, outcome]);
+    }
+
+    pub fn alert_count(&self, kind: &str, outcome: &str) -> u64 {
+        self.alerts.get(&[kind, outcome])
+    }
+
     /// The Prometheus text exposition, with storage figures read just now.
     pub fn render(&self, stats: Option<&Stats>) -> String {
         let mut out = String::with_capacity(4096);
@@ -240,6 +252,12 @@ impl Metrics {
             "sprintlink_pruned_events_total",
             "What retention removed: events deleted (rule delivered or failed), bodies blanked (rule bodies).",
             &["rule"],
+        );
+        self.alerts.render(
+            &mut out,
+            "sprintlink_alerts_total",
+            "Alert notifications by kind and outcome (sent; failed: every try failed; dropped: the alerter's queue was full).",
+            &["kind", "outcome"],
         );
         let _ = writeln!(
             out,

@@ -15,8 +15,9 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::{Alerts, Example};
 use crate::batch::Batcher;
-use crate::config::Config;
+use crate::config::{AlertKind, Config};
 use crate::sprinthub::{Failure, SprintHubClient};
 use crate::store::{Attempt, Completion, LinkJob, LinkUpdate, Store, now_ms};
 use crate::telemetry::Metrics;
@@ -52,6 +53,7 @@ pub struct Worker {
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
     completer: Batcher<Completion, ()>,
+    alerts: Alerts,
     resolver: Resolver,
     creator: Creator,
     /// Jobs whose call is in progress, so a forced shutdown can hand them back.
@@ -65,6 +67,7 @@ impl Worker {
         cfg: Arc<Config>,
         metrics: Arc<Metrics>,
         wake: Arc<Notify>,
+        alerts: Alerts,
     ) -> Arc<Self> {
         let limiter = Arc::new(RateLimiter::new(cfg.sprinthub.rate_limit_per_second));
         let s = store.clone();
@@ -82,8 +85,15 @@ impl Worker {
             cfg.clone(),
             limiter.clone(),
             metrics.clone(),
+            alerts.clone(),
         );
-        let creator = Creator::new(store.clone(), hub.clone(), cfg.clone(), metrics.clone());
+        let creator = Creator::new(
+            store.clone(),
+            hub.clone(),
+            cfg.clone(),
+            metrics.clone(),
+            alerts.clone(),
+        );
         Arc::new(Worker {
             creator,
             store,
@@ -93,6 +103,7 @@ impl Worker {
             metrics,
             wake,
             completer,
+            alerts,
             resolver,
             in_flight: Mutex::new(HashMap::new()),
         })
@@ -319,6 +330,14 @@ impl Worker {
                 }
                 Err(failure) => {
                     self.metrics.attempt(failure.class(), took);
+                    let example = || {
+                        Example::event(&source, &event_id)
+                            .pair(&job.object_id, &job.lead_id)
+                            .error(failure.describe())
+                    };
+                    if let Some(kind) = alert_kind(&failure) {
+                        self.alerts.report(kind, example());
+                    }
                     let attempt = Attempt {
                         at,
                         status_code: failure.status().map(i64::from),
@@ -351,6 +370,12 @@ impl Worker {
                         }
                         Next::Dead(reason) => {
                             self.metrics.link("dead");
+                            self.alerts.report(
+                                AlertKind::Dead,
+                                Example::event(&source, &event_id)
+                                    .pair(&job.object_id, &job.lead_id)
+                                    .error(reason.clone()),
+                            );
                             tracing::error!(parent: &span, error = %reason, "link is dead");
                             LinkUpdate::Dead { error: reason }
                         }
@@ -373,6 +398,15 @@ impl Worker {
             .lock()
             .expect("in-flight lock")
             .remove(&job.link_id);
+    }
+}
+
+/// The alert a failed SprintHub call is worth on its own, if any (a dead link is told apart).
+pub(crate) fn alert_kind(failure: &Failure) -> Option<AlertKind> {
+    match failure {
+        Failure::Auth { .. } => Some(AlertKind::Credentials),
+        Failure::Throttled { .. } => Some(AlertKind::Throttled),
+        _ => None,
     }
 }
 

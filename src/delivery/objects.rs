@@ -11,7 +11,8 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::{Next, after_failure};
-use crate::config::{Config, ObjectRule};
+use crate::alerts::{Alerts, Example};
+use crate::config::{AlertKind, Config, ObjectRule};
 use crate::domain::CreationOutcome;
 use crate::mapping;
 use crate::sprinthub::{CreateFailure, Failure, SprintHubClient};
@@ -21,6 +22,7 @@ use crate::store::{
 use crate::telemetry::Metrics;
 
 pub struct Creator {
+    alerts: Alerts,
     store: Arc<dyn Store>,
     hub: SprintHubClient,
     cfg: Arc<Config>,
@@ -33,8 +35,10 @@ impl Creator {
         hub: SprintHubClient,
         cfg: Arc<Config>,
         metrics: Arc<Metrics>,
+        alerts: Alerts,
     ) -> Self {
         Creator {
+            alerts,
             store,
             hub,
             cfg,
@@ -67,6 +71,13 @@ impl Creator {
         } else {
             (None, ObjectUpdate::Release)
         };
+        if let ObjectUpdate::Dead(reason) = &update {
+            self.alerts.report(
+                AlertKind::Dead,
+                Example::event(&job.source, &job.event_id)
+                    .error(format!("object creation: {reason}")),
+            );
+        }
         let done = ObjectCompletion {
             event_pk: job.event_pk,
             lease: job.lease,
@@ -156,6 +167,13 @@ impl Creator {
                 };
                 let f = failure.failure();
                 self.metrics.attempt(f.class(), took);
+                if let Some(kind) = super::alert_kind(f) {
+                    self.alerts.report(
+                        kind,
+                        Example::event(&job.source, &job.event_id)
+                            .error(format!("object creation: {}", f.describe())),
+                    );
+                }
                 self.metrics.object_creation(outcome);
                 let error = match outcome {
                     CreationOutcome::Unknown => format!(

@@ -10,7 +10,8 @@ use serde_json::{Map, Value};
 
 use super::backoff::{Next, after_failure};
 use super::ratelimit::RateLimiter;
-use crate::config::{Config, LeadField, LookupKind, ObjectRule, SourceConfig};
+use crate::alerts::{Alerts, Example};
+use crate::config::{AlertKind, Config, LeadField, LookupKind, ObjectRule, SourceConfig};
 use crate::mapping::{self, Input, Leads};
 use crate::sprinthub::{Failure, SprintHubClient};
 use crate::store::{ResolveJob, ResolveUpdate, Store, now_ms};
@@ -63,6 +64,7 @@ impl LookupCache {
 }
 
 pub struct Resolver {
+    alerts: Alerts,
     store: Arc<dyn Store>,
     hub: SprintHubClient,
     cfg: Arc<Config>,
@@ -81,6 +83,7 @@ impl Resolver {
         cfg: Arc<Config>,
         limiter: Arc<RateLimiter>,
         metrics: Arc<Metrics>,
+        alerts: Alerts,
     ) -> Self {
         let cache = LookupCache {
             entries: Mutex::new(HashMap::new()),
@@ -89,6 +92,7 @@ impl Resolver {
             capacity: cfg.lookup.cache_capacity.max(1),
         };
         Resolver {
+            alerts,
             store,
             hub,
             cfg,
@@ -128,12 +132,22 @@ impl Resolver {
             ResolveUpdate::Links(ids) | ResolveUpdate::Create { leads: ids, .. } => {
                 tracing::info!(parent: &span, leads = ?ids, "lead key resolved")
             }
-            ResolveUpdate::Parked(r) => tracing::warn!(parent: &span, reason = %r, "event parked"),
+            ResolveUpdate::Parked(r) => {
+                tracing::warn!(parent: &span, reason = %r, "event parked");
+                self.alerts.report(
+                    AlertKind::Parked,
+                    Example::event(&job.source, &job.event_id).error(r.clone()),
+                );
+            }
             ResolveUpdate::Retry { error, .. } => {
                 tracing::warn!(parent: &span, error = %error, "lead lookup failed, will retry")
             }
             ResolveUpdate::Dead(r) => {
-                tracing::error!(parent: &span, reason = %r, "lead lookup gave up")
+                tracing::error!(parent: &span, reason = %r, "lead lookup gave up");
+                self.alerts.report(
+                    AlertKind::Dead,
+                    Example::event(&job.source, &job.event_id).error(r.clone()),
+                );
             }
         }
         if let Err(e) = self.store.complete_resolve(&job, update, now_ms()).await {
@@ -186,6 +200,13 @@ impl Resolver {
             },
             Err(Lookup::Hub(failure)) => {
                 self.metrics.lookup("error");
+                if let Some(kind) = super::alert_kind(&failure) {
+                    self.alerts.report(
+                        kind,
+                        Example::event(&job.source, &job.event_id)
+                            .error(format!("lead lookup: {}", failure.describe())),
+                    );
+                }
                 match &failure {
                     Failure::Auth { .. } => {
                         tracing::error!(event_id = %job.event_id, error = %failure.describe(), "SprintHub refused our credentials")

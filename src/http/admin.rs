@@ -28,7 +28,7 @@ use crate::http::error::{
     ApiBytes, ApiJson, ApiPath as Path, ApiQuery as Query, AppError, BodyLimit,
 };
 use crate::operations::FindError;
-use crate::store::{EventFilter, EventState, EventSummary, LinkPage, Millis};
+use crate::store::{EventFilter, EventState, EventSummary, LinkPage};
 
 /// `POST /admin/replay`: events per call by default, and at most.
 const REPLAY_LIMIT_DEFAULT: i64 = 100;
@@ -90,29 +90,8 @@ async fn require_admin(State(state): State<Arc<AppState>>, req: Request, next: N
     next.run(req).await
 }
 
-/// RFC 3339 in UTC with milliseconds, from Unix milliseconds.
-pub fn rfc3339(ms: Millis) -> String {
-    let secs = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
-}
+/// RFC 3339 in UTC with milliseconds (shared with the alerts, which sit below `http`).
+pub use crate::domain::rfc3339;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]

@@ -30,8 +30,9 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::alerts::{Alerts, Example};
 use crate::batch::Batcher;
-use crate::config::{Config, SourceConfig};
+use crate::config::{AlertKind, Config, SourceConfig};
 use crate::signature::Verifier;
 use crate::store::{IngestOutcome, NewEvent, Store};
 use crate::telemetry::Metrics;
@@ -51,6 +52,8 @@ pub struct AppState {
     pub readiness: tokio::sync::Mutex<Option<(std::time::Instant, String)>>,
     /// Failed-token throttle and dashboard sessions (per process).
     pub auth: Arc<crate::http::auth::Auth>,
+    /// Where parked events and storage failures are reported (disabled unless `[[alerts]]`).
+    pub alerts: Alerts,
 }
 
 impl AppState {
@@ -84,7 +87,14 @@ impl AppState {
             shutdown,
             readiness: tokio::sync::Mutex::new(None),
             auth: Arc::new(auth),
+            alerts: Alerts::disabled(),
         })
+    }
+
+    /// The state reporting to `alerts`.
+    pub fn with_alerts(mut self, alerts: Alerts) -> AppState {
+        self.alerts = alerts;
+        self
     }
 }
 
@@ -204,6 +214,12 @@ async fn storage_check(state: &AppState) -> String {
         Ok(Err(e)) => format!("failing: {e}"),
         Err(_) => "failing: no answer within 2 s".to_string(),
     };
+    if result != "ok" {
+        state.alerts.report(
+            AlertKind::Storage,
+            Example::default().error(format!("readiness check {result}")),
+        );
+    }
     *cached = Some((std::time::Instant::now(), result.clone()));
     result
 }

@@ -12,7 +12,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::config::{Cidr, SourceConfig};
+use crate::alerts::Example;
+use crate::config::{AlertKind, Cidr, SourceConfig};
 use crate::http::AppState;
 use crate::http::error::{ApiPath as Path, AppError};
 use crate::mapping::{self, Input, body::Kind};
@@ -197,7 +198,17 @@ async fn accept(
         object_id,
         plan,
     };
-    let outcome = state.ingest.submit(event).await?;
+    let outcome = match state.ingest.submit(event).await {
+        Ok(o) => o,
+        Err(e) => {
+            state.alerts.report(
+                AlertKind::Storage,
+                Example::event(&source.name, &event_id)
+                    .error(format!("the webhook could not be committed: {e}")),
+            );
+            return Err(e.into());
+        }
+    };
     let answer = match outcome {
         IngestOutcome::Queued => {
             state.wake.notify_one();
@@ -211,6 +222,10 @@ async fn accept(
         IngestOutcome::Parked => {
             let reason = parked_reason.unwrap_or_default();
             tracing::warn!(event_id = %event_id, source = %source.name, reason = %reason, "event parked");
+            state.alerts.report(
+                AlertKind::Parked,
+                Example::event(&source.name, &event_id).error(reason.clone()),
+            );
             (
                 "parked",
                 StatusCode::ACCEPTED,

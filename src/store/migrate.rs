@@ -36,6 +36,11 @@ pub(super) const SQLITE: &[Migration] = &[
         name: "objects",
         sql: include_str!("../../migrations/sqlite/0004_objects.sql"),
     },
+    Migration {
+        version: 5,
+        name: "alert_slots",
+        sql: include_str!("../../migrations/sqlite/0005_alert_slots.sql"),
+    },
 ];
 
 pub(super) const POSTGRES: &[Migration] = &[
@@ -58,6 +63,11 @@ pub(super) const POSTGRES: &[Migration] = &[
         version: 4,
         name: "objects",
         sql: include_str!("../../migrations/postgres/0004_objects.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "alert_slots",
+        sql: include_str!("../../migrations/postgres/0005_alert_slots.sql"),
     },
 ];
 

@@ -607,6 +607,12 @@ pub trait Store: Send + Sync + 'static {
     async fn reclaim_space(&self, pages: i64) -> Result<bool>;
     /// What the database takes on disk, in bytes.
     async fn storage_bytes(&self) -> Result<i64>;
+    /// When the oldest pending link or lead resolution was first queued (`None`: nothing waits).
+    async fn oldest_pending_at(&self) -> Result<Option<Millis>>;
+    /// Claims the right to send the notification of `kind` to alert target `target` for the
+    /// interval starting at `window_start`: `true` for the one caller whose claim is first.
+    async fn claim_alert_slot(&self, target: i64, kind: &str, window_start: Millis)
+    -> Result<bool>;
     /// Closes the pools, flushing SQLite's WAL.
     async fn close(&self);
 }

@@ -1261,6 +1261,44 @@ impl Store for PostgresStore {
         self.database_bytes().await
     }
 
+    async fn oldest_pending_at(&self) -> Result<Option<Millis>> {
+        Ok(sqlx::query_scalar(
+            "SELECT MIN(t) FROM (
+                SELECT MIN(first_queued_at) AS t FROM links WHERE due_at IS NOT NULL
+                UNION ALL SELECT MIN(resolve_first) FROM events WHERE resolve_due IS NOT NULL
+                UNION ALL SELECT MIN(first_at) FROM objects WHERE due_at IS NOT NULL) AS pending",
+        )
+        .fetch_one(&self.read)
+        .await?)
+    }
+
+    /// The primary key decides between replicas: one INSERT wins, the others change nothing.
+    async fn claim_alert_slot(
+        &self,
+        target: i64,
+        kind: &str,
+        window_start: Millis,
+    ) -> Result<bool> {
+        let now = now_ms();
+        let mut w = self.writer().await?;
+        sqlx::query("DELETE FROM alert_slots WHERE window_start < $1")
+            .bind(now.saturating_sub(2 * 86_400_000))
+            .execute(&mut *w)
+            .await?;
+        Ok(sqlx::query(
+            "INSERT INTO alert_slots (target, kind, window_start, claimed_at)
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(target)
+        .bind(kind)
+        .bind(window_start)
+        .bind(now)
+        .execute(&mut *w)
+        .await?
+        .rows_affected()
+            == 1)
+    }
+
     async fn close(&self) {
         if let Err(e) = self.close_writer().await {
             tracing::warn!(error = %e, "closing the database writer failed");

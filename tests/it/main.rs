@@ -9,6 +9,7 @@
 #[macro_use]
 mod common;
 
+mod alerts;
 mod architecture;
 mod browser;
 mod config_cli;

@@ -123,6 +123,16 @@ const INSERT_ATTEMPT: &str = "INSERT INTO attempts
     (link_id, at, status_code, error, response_excerpt, duration_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 
 /// Linked is a fact, whoever holds the lease now.
+/// The first-queued time of the oldest pending link, lead resolution or object creation: each
+/// a `MIN` over the rows a partial index already lists.
+const OLDEST_PENDING: &str = "SELECT MIN(t) FROM (
+    SELECT MIN(first_queued_at) AS t FROM links WHERE due_at IS NOT NULL
+    UNION ALL SELECT MIN(resolve_first) FROM events WHERE resolve_due IS NOT NULL
+    UNION ALL SELECT MIN(first_at) FROM objects WHERE due_at IS NOT NULL)";
+
+/// Alert slots older than this are deleted (an interval is at most a day).
+const ALERT_SLOT_KEEP_MS: Millis = 2 * 86_400_000;
+
 const MARK_LINKED: &str = "UPDATE links SET state = 'linked', due_at = NULL, locked_until = 0,
     last_error = NULL, updated_at = ?2 WHERE id = ?1";
 
@@ -1071,6 +1081,38 @@ impl Store for SqliteStore {
                 .await
             }
         }
+    }
+
+    async fn oldest_pending_at(&self) -> Result<Option<Millis>> {
+        self.read(|db| {
+            Ok(db
+                .prepare_cached(OLDEST_PENDING)?
+                .query_row([], |r| r.get(0))?)
+        })
+        .await
+    }
+
+    async fn claim_alert_slot(
+        &self,
+        target: i64,
+        kind: &str,
+        window_start: Millis,
+    ) -> Result<bool> {
+        let kind = kind.to_string();
+        let now = now_ms();
+        self.writer
+            .run(move |db| {
+                db.prepare_cached("DELETE FROM alert_slots WHERE window_start < ?1")?
+                    .execute(params![now.saturating_sub(ALERT_SLOT_KEEP_MS)])?;
+                Ok(db
+                    .prepare_cached(
+                        "INSERT INTO alert_slots (target, kind, window_start, claimed_at)
+                         VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+                    )?
+                    .execute(params![target, kind, window_start, now])?
+                    == 1)
+            })
+            .await
     }
 
     async fn close(&self) {
