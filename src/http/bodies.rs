@@ -57,6 +57,28 @@ state_schema!(
      SprintHub may hold one extra, unlinked object."
 );
 
+/// `202` of `POST /webhooks/{source}`: the event is committed to storage.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookAccepted {
+    pub event_id: String,
+    /// `queued`: links will be made; `parked`: waits for an operator (see `reason`).
+    #[schema(pattern = "^(queued|parked)$")]
+    pub status: &'static str,
+    /// Only when parked: why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `200` of `POST /webhooks/{source}`: a duplicate of a stored event (`event_id` given), or a
+/// type not in `accept_types`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookNoop {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    #[schema(pattern = "^(duplicate|ignored)$")]
+    pub status: &'static str,
+}
+
 /// `GET /healthz`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {

@@ -3,8 +3,8 @@
 //! Each handler carries a `#[utoipa::path]` annotation and is registered through
 //! `utoipa_axum::routes!`, so a route cannot be served without being described (see
 //! `http::build_app`). Bodies are the types of `http::bodies` and `http::error`, serialised by the
-//! handlers and described by the same types; the few still built with `json!` (the event
-//! document, the webhook answers) are described by the types below. `.ci/api-fuzz`
+//! handlers and described by the same types; below are the shared error answers and the
+//! dashboard's forms. `.ci/api-fuzz`
 //! (schemathesis) checks every answer against the document.
 
 use axum::Extension;
@@ -175,25 +175,6 @@ pub struct PayloadTooLarge(pub ErrorBody);
 pub struct UnsupportedMediaType(pub ErrorBody);
 
 // ------------------------------------------------------------------ documented bodies
-
-/// `202`: the event is committed to storage.
-#[derive(ToSchema)]
-pub struct WebhookAccepted {
-    pub event_id: String,
-    /// `queued`: links will be made; `parked`: waits for an operator (see `reason`).
-    #[schema(pattern = "^(queued|parked)$")]
-    pub status: String,
-    /// Only when parked: why.
-    pub reason: Option<String>,
-}
-
-/// `200`: a duplicate of a stored event (`event_id` given), or a type not in `accept_types`.
-#[derive(ToSchema)]
-pub struct WebhookNoop {
-    pub event_id: Option<String>,
-    #[schema(pattern = "^(duplicate|ignored)$")]
-    pub status: String,
-}
 
 /// The dashboard's login form.
 #[derive(ToSchema)]

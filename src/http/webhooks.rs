@@ -10,11 +10,11 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Extension, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 use crate::alerts::Example;
 use crate::config::{AlertKind, Cidr, SourceConfig};
 use crate::http::AppState;
+use crate::http::bodies::{WebhookAccepted, WebhookNoop};
 use crate::http::error::{ApiPath as Path, AppError};
 use crate::mapping::{self, Input, body::Kind};
 use crate::signature::WithQuery;
@@ -50,8 +50,8 @@ use crate::store::{IngestOutcome, NewEvent, Plan, StoredRequest, now_ms};
         (Object = "multipart/form-data"),
     )),
     responses(
-        (status = 202, description = "Committed to storage: `queued`, or `parked` with a reason", body = crate::http::openapi::WebhookAccepted),
-        (status = 200, description = "`duplicate` (this source already has the event id) or `ignored` (type not accepted); nothing new stored", body = crate::http::openapi::WebhookNoop),
+        (status = 202, description = "Committed to storage: `queued`, or `parked` with a reason", body = WebhookAccepted),
+        (status = 200, description = "`duplicate` (this source already has the event id) or `ignored` (type not accepted); nothing new stored", body = WebhookNoop),
         (status = 400, description = "`invalid_json`; `invalid_body` (a form or multipart body that cannot be read: a key both a value and a group, more than 1000 fields, nesting deeper than 16, a broken multipart body); `invalid_event_id` (longer than 256 bytes or a control character), `invalid_event_type` (the same) or `invalid_id` (an object id, lead id or lookup key with a control character); or `bad_request` when the body could not be read. Nothing is stored", body = crate::http::openapi::ErrorBody),
         (status = 401, description = "`missing_signature`, `invalid_signature` or `timestamp_out_of_tolerance`", body = crate::http::openapi::ErrorBody),
         (status = 403, description = "`forbidden_address`: the sender's address is not in the source's `allow_ips`", body = crate::http::openapi::ErrorBody),
@@ -172,7 +172,14 @@ async fn accept(
         tracing::debug!(source = %source.name, event_type = ?event_type, "event type ignored");
         return Ok((
             "ignored",
-            (StatusCode::OK, axum::Json(json!({"status": "ignored"}))).into_response(),
+            (
+                StatusCode::OK,
+                axum::Json(WebhookNoop {
+                    event_id: None,
+                    status: "ignored",
+                }),
+            )
+                .into_response(),
         ));
     }
     let event_id = mapping::event_id(
@@ -216,7 +223,12 @@ async fn accept(
             (
                 "queued",
                 StatusCode::ACCEPTED,
-                json!({"event_id": event_id, "status": "queued"}),
+                axum::Json(WebhookAccepted {
+                    event_id,
+                    status: "queued",
+                    reason: None,
+                })
+                .into_response(),
             )
         }
         IngestOutcome::Parked => {
@@ -229,7 +241,12 @@ async fn accept(
             (
                 "parked",
                 StatusCode::ACCEPTED,
-                json!({"event_id": event_id, "status": "parked", "reason": reason}),
+                axum::Json(WebhookAccepted {
+                    event_id,
+                    status: "parked",
+                    reason: Some(reason),
+                })
+                .into_response(),
             )
         }
         IngestOutcome::Duplicate => {
@@ -237,11 +254,15 @@ async fn accept(
             (
                 "duplicate",
                 StatusCode::OK,
-                json!({"event_id": event_id, "status": "duplicate"}),
+                axum::Json(WebhookNoop {
+                    event_id: Some(event_id),
+                    status: "duplicate",
+                })
+                .into_response(),
             )
         }
     };
-    Ok((answer.0, (answer.1, axum::Json(answer.2)).into_response()))
+    Ok((answer.0, (answer.1, answer.2).into_response()))
 }
 
 /// The headers some `header:` reference of the source names, as the request carried them (the
