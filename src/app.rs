@@ -108,7 +108,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         );
         limits.max_connections = cap;
     }
-    let worker = Worker::new(store.clone(), hub, config.clone(), metrics, wake);
+    let worker = Worker::new(
+        store.clone(),
+        hub,
+        config.clone(),
+        metrics,
+        wake,
+        state.fleet.clone(),
+    );
     let drain = Duration::from_millis(config.server.shutdown_timeout_ms);
     let worker_task = tokio::spawn(worker.run(shutdown.clone(), drain.mul_f64(0.8)));
     let stop = shutdown.clone();

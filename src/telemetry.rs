@@ -129,6 +129,8 @@ pub struct Metrics {
     creations: Counters,
     ingest: Histogram,
     delivery: Histogram,
+    /// Whether delivery is paused for the deployment, as this replica last read it.
+    paused: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Metrics {
@@ -147,6 +149,7 @@ impl Metrics {
             creations: Counters::default(),
             ingest: Histogram::new(),
             delivery: Histogram::new(),
+            paused: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -183,6 +186,12 @@ impl Metrics {
     /// One object creation attempt: created, failed, or unknown (the answer was lost).
     pub fn object_creation(&self, outcome: crate::domain::CreationOutcome) {
         self.creations.inc(&[outcome.as_str()]);
+    }
+
+    /// Delivery paused (by an operator or after throttling) or running.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused
+            .store(paused, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition, with storage figures read just now.
@@ -235,6 +244,11 @@ impl Metrics {
             "# HELP sprintlink_storage_up Whether storage answered this scrape.\n# TYPE sprintlink_storage_up gauge"
         );
         let _ = writeln!(out, "sprintlink_storage_up {}", u8::from(stats.is_some()));
+        let _ = writeln!(
+            out,
+            "# HELP sprintlink_delivery_paused Whether delivery is paused for the deployment (operator or throttling).\n# TYPE sprintlink_delivery_paused gauge\nsprintlink_delivery_paused {}",
+            u8::from(self.paused.load(std::sync::atomic::Ordering::Relaxed))
+        );
         if let Some(s) = stats {
             let _ = writeln!(
                 out,

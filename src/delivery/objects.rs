@@ -11,6 +11,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::{Next, after_failure};
+use super::fleet::Fleet;
 use crate::config::{Config, ObjectRule};
 use crate::domain::CreationOutcome;
 use crate::mapping;
@@ -25,6 +26,7 @@ pub struct Creator {
     hub: SprintHubClient,
     cfg: Arc<Config>,
     metrics: Arc<Metrics>,
+    fleet: Arc<Fleet>,
 }
 
 impl Creator {
@@ -33,12 +35,14 @@ impl Creator {
         hub: SprintHubClient,
         cfg: Arc<Config>,
         metrics: Arc<Metrics>,
+        fleet: Arc<Fleet>,
     ) -> Self {
         Creator {
             store,
             hub,
             cfg,
             metrics,
+            fleet,
         }
     }
 
@@ -58,6 +62,8 @@ impl Creator {
             _ = tokio::time::sleep_until(slot) => true,
             _ = shutdown.cancelled() => false,
         };
+        // Paused meanwhile (throttling seen by another call): handed back, not sent.
+        let go = go && self.fleet.paused_cached().is_none();
         let (attempt, update) = if go {
             match self.attempt(&job, &span).await {
                 Some(done) => done,
@@ -129,6 +135,9 @@ impl Creator {
         let start = Instant::now();
         let result = self.hub.create_object(&job.definition_id, &fields).await;
         let took = start.elapsed();
+        self.fleet
+            .observe(result.as_ref().err().map(CreateFailure::failure))
+            .await;
         let duration_ms = crate::delivery::millis(took);
         Some(match result {
             Ok((id, ok)) => {

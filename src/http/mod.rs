@@ -51,6 +51,8 @@ pub struct AppState {
     pub readiness: tokio::sync::Mutex<Option<(std::time::Instant, String)>>,
     /// Failed-token throttle and dashboard sessions (per process).
     pub auth: Arc<crate::http::auth::Auth>,
+    /// The deployment-wide pause and this replica's view of the fleet (shared with the worker).
+    pub fleet: Arc<crate::delivery::fleet::Fleet>,
 }
 
 impl AppState {
@@ -74,6 +76,7 @@ impl AppState {
             .map(|s| (s.name.clone(), (s.clone(), Verifier::from_source(s))))
             .collect();
         let auth = crate::http::auth::Auth::new(&config.admin)?;
+        let fleet = crate::delivery::fleet::Fleet::new(store.clone(), &config, metrics.clone());
         Ok(AppState {
             config,
             store,
@@ -84,6 +87,7 @@ impl AppState {
             shutdown,
             readiness: tokio::sync::Mutex::new(None),
             auth: Arc::new(auth),
+            fleet,
         })
     }
 }
