@@ -26,6 +26,8 @@ use crate::telemetry::Metrics;
 
 /// How often the heartbeat runs and how long a read of the stored pause is trusted.
 pub const TICK: Duration = Duration::from_secs(1);
+/// How often a paused replica reads the stored pause again.
+pub const PAUSED_TICK: Duration = Duration::from_millis(250);
 /// How long a new replica waits before taking its share: more than a tick and a slow heartbeat.
 pub const JOIN_GRACE: Duration = Duration::from_millis(2_500);
 /// The pause a throttling answer sets: SprintHub's 60 s, plus the time other replicas may take
@@ -104,12 +106,18 @@ impl Fleet {
         }
     }
 
-    /// The pause in force, reading storage at most once per [`TICK`]; a failed read keeps the
-    /// last known state.
+    /// The pause in force, reading storage at most once per [`TICK`] (every [`PAUSED_TICK`]
+    /// while paused, so a resume takes effect quickly on every replica); a failed read keeps
+    /// the last known state.
     pub async fn paused(&self) -> Option<Pause> {
         let fresh = {
             let cached = self.pause.lock().expect("pause lock");
-            cached.0.is_some_and(|at| at.elapsed() < TICK)
+            let ttl = if cached.1.is_some_and(|p| p.holds(now_ms())) {
+                PAUSED_TICK
+            } else {
+                TICK
+            };
+            cached.0.is_some_and(|at| at.elapsed() < ttl)
         };
         if !fresh {
             match self.store.delivery_pause().await {

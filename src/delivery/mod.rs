@@ -125,8 +125,8 @@ impl Worker {
             while tasks.try_join_next().is_some() {}
             // Paused (by an operator, or after throttling): claim nothing; look again each tick.
             if let Some(p) = self.fleet.paused().await {
-                let left = p.until.map_or(fleet::TICK, |u| {
-                    Duration::from_millis((u - now_ms()).clamp(1, 1_000) as u64)
+                let left = p.until.map_or(fleet::PAUSED_TICK, |u| {
+                    Duration::from_millis((u - now_ms()).clamp(1, 250) as u64)
                 });
                 tokio::select! {
                     _ = tokio::time::sleep(left) => {}
