@@ -49,7 +49,7 @@ pub struct Fleet {
     concurrency: usize,
     lease: Duration,
     limiter: Arc<RateLimiter>,
-    /// This replica's concurrency share; the configured value until a heartbeat says otherwise.
+    /// This replica's concurrency share: all of it on a backend with one replica.
     share: AtomicUsize,
     /// Calls (tasks holding a slot) running on this replica.
     in_flight: AtomicUsize,
@@ -72,7 +72,8 @@ impl Fleet {
             concurrency: cfg.sprinthub.concurrency,
             lease: Duration::from_secs(cfg.delivery.lease_seconds),
             limiter: Arc::new(RateLimiter::new(cfg.sprinthub.rate_limit_per_second)),
-            share: AtomicUsize::new(cfg.sprinthub.concurrency),
+            // None until the first heartbeat says how many replicas share the limits.
+            share: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             replicas: AtomicUsize::new(1),
             others_in_flight: AtomicI64::new(0),
@@ -205,7 +206,10 @@ impl Fleet {
                 .heartbeat(&self.id, in_flight, now, now.saturating_sub(lease_ms))
                 .await
             {
-                Ok(None) => return,
+                Ok(None) => {
+                    self.share.store(self.concurrency, Ordering::Relaxed);
+                    return;
+                }
                 Ok(Some(live)) => {
                     last_ok = Instant::now();
                     let n = live.len().max(1);
