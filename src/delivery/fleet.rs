@@ -142,7 +142,8 @@ impl Fleet {
 
     fn remember(&self, p: Option<Pause>) {
         *self.pause.lock().expect("pause lock") = (Some(Instant::now()), p);
-        self.metrics.set_paused(p.is_some_and(|p| p.holds(now_ms())));
+        self.metrics
+            .set_paused(p.is_some_and(|p| p.holds(now_ms())));
     }
 
     /// Looks at a call's outcome: a throttling answer pauses the whole deployment.
@@ -217,10 +218,9 @@ impl Fleet {
                     let joined = me.map_or(now, |i| live[i].joined_at);
                     let settled = now.saturating_sub(joined) >= super::millis(JOIN_GRACE);
                     let (share, rate) = match me {
-                        Some(rank) if settled => (
-                            shares(self.concurrency, n, rank),
-                            self.rate / n as f64,
-                        ),
+                        Some(rank) if settled => {
+                            (shares(self.concurrency, n, rank), self.rate / n as f64)
+                        }
                         _ => (0, self.rate / n as f64),
                     };
                     if first || share != self.share.load(Ordering::Relaxed) {

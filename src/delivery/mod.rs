@@ -24,8 +24,8 @@ use crate::store::{Attempt, Completion, LinkJob, LinkUpdate, Store, now_ms};
 use crate::telemetry::Metrics;
 use backoff::{Next, after_failure};
 use fleet::Fleet;
-use ratelimit::RateLimiter;
 use objects::Creator;
+use ratelimit::RateLimiter;
 use resolve::Resolver;
 
 /// Longest idle sleep between polls when nothing is due (other replicas may add work).

@@ -1113,7 +1113,9 @@ async fn pause_action(
         Ok(f) => f,
         Err(r) => return r,
     };
-    let minutes = field(&fields, "minutes").map(str::trim).filter(|m| !m.is_empty());
+    let minutes = field(&fields, "minutes")
+        .map(str::trim)
+        .filter(|m| !m.is_empty());
     let until = match minutes {
         None => None,
         Some(m) => {

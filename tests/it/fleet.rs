@@ -36,7 +36,11 @@ async fn pause_survives_a_restart_and_resume_links_everything(backend: Backend) 
     assert!(app.metrics().await.contains("sprintlink_delivery_paused 0"));
 
     // Bodies other than {"minutes": N > 0} are refused; nothing is paused by them.
-    for bad in [json!({"minutes": -1}), json!({"minutes": 0}), json!({"hours": 1})] {
+    for bad in [
+        json!({"minutes": -1}),
+        json!({"minutes": 0}),
+        json!({"hours": 1}),
+    ] {
         app.admin_post("/admin/delivery/pause", &bad)
             .await
             .expect_error(400, "bad_request");
@@ -70,7 +74,10 @@ async fn pause_survives_a_restart_and_resume_links_everything(backend: Backend) 
     assert_eq!(d["paused"], true);
     assert_eq!(d["reason"], "operator");
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    assert!(app.link_calls().is_empty(), "a call went out after a restart while paused");
+    assert!(
+        app.link_calls().is_empty(),
+        "a call went out after a restart while paused"
+    );
     assert_eq!(app.event_state("p-0").await.as_deref(), Some("queued"));
 
     let d = app
@@ -345,7 +352,9 @@ async fn three_replicas_hold_the_deployment_rate_and_use_it() {
     let backlog = 250;
     post(&bases, 0, backlog).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let d = replicas[1].admin(reqwest::Method::GET, "/admin/delivery").await;
+    let d = replicas[1]
+        .admin(reqwest::Method::GET, "/admin/delivery")
+        .await;
     assert_eq!(d["replicas"], 3, "{d}");
     assert_eq!(d["rate_limit_per_second"], 10.0);
     replicas[2].resume().await;
@@ -463,9 +472,11 @@ async fn one_throttling_answer_pauses_every_replica_for_a_minute() {
     })
     .await;
     hub.script([Canned::new(401, r#"{"msg":"too many requests"}"#)]);
-    wait_until("the throttling answer", Duration::from_secs(20), async || {
-        hub.requests_to(LINK).iter().any(|r| r.status == 401)
-    })
+    wait_until(
+        "the throttling answer",
+        Duration::from_secs(20),
+        async || hub.requests_to(LINK).iter().any(|r| r.status == 401),
+    )
     .await;
     let throttled = hub
         .requests_to(LINK)
