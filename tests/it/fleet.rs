@@ -128,11 +128,97 @@ async fn a_pause_with_minutes_ends_by_itself(backend: Backend) {
     assert_eq!(d["reason"], Value::Null);
 }
 
+/// The dashboard's delivery card: pause (with minutes) and resume, each a POST with the
+/// session's CSRF token like the replay button.
+async fn the_dashboard_pauses_and_resumes(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = client
+        .post(app.url("/ui/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={ADMIN_TOKEN}&next=%2Fui"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303, "login");
+    let cookie = r
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .expect("a session cookie")
+        .to_string();
+    let overview = async || {
+        let text = client
+            .get(app.url("/ui"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let csrf = text
+            .split("name=\"csrf\" value=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .expect("a CSRF token on the page")
+            .to_string();
+        (text, csrf)
+    };
+    let form = async |path: &str, body: String| {
+        client
+            .post(app.url(path))
+            .header("cookie", &cookie)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    };
+    let (page, csrf) = overview().await;
+    assert!(page.contains("id=\"delivery-state\""), "{page}");
+    assert!(page.contains("id=\"pause\"") && !page.contains("id=\"resume\""));
+    // Without the CSRF token nothing happens.
+    let r = form("/ui/delivery/pause", "minutes=5".into()).await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(delivery(&app).await["paused"], false);
+    let r = form("/ui/delivery/pause", format!("csrf={csrf}&minutes=abc")).await;
+    assert_eq!(r.status(), 400);
+    let r = form("/ui/delivery/pause", format!("csrf={csrf}&minutes=5")).await;
+    assert_eq!(r.status(), 303);
+    let d = delivery(&app).await;
+    assert_eq!(d["paused"], true);
+    assert_eq!(d["reason"], "operator");
+    assert!(d["paused_until"].is_string());
+    let (page, csrf) = overview().await;
+    assert!(
+        page.contains("id=\"resume\"") && page.contains("operator"),
+        "{page}"
+    );
+    let r = form("/ui/delivery/resume", String::new()).await;
+    assert_eq!(r.status(), 403);
+    let r = form("/ui/delivery/resume", format!("csrf={csrf}")).await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(delivery(&app).await["paused"], false);
+    // Until resumed: an empty minutes field.
+    let (_, csrf) = overview().await;
+    let r = form("/ui/delivery/pause", format!("csrf={csrf}&minutes=")).await;
+    assert_eq!(r.status(), 303);
+    let d = delivery(&app).await;
+    assert_eq!(d["paused"], true);
+    assert_eq!(d["paused_until"], Value::Null);
+}
+
 mod pause {
     use super::*;
     both_backends!(
         pause_survives_a_restart_and_resume_links_everything,
-        a_pause_with_minutes_ends_by_itself
+        a_pause_with_minutes_ends_by_itself,
+        the_dashboard_pauses_and_resumes
     );
 }
 
