@@ -93,6 +93,11 @@ impl Fleet {
             .saturating_sub(self.in_flight.load(Ordering::Relaxed))
     }
 
+    /// Whether this replica may make calls at all (a share of the concurrency).
+    pub fn has_share(&self) -> bool {
+        self.share.load(Ordering::Relaxed) > 0
+    }
+
     /// Counts a call (or a task that makes calls) as in flight until the guard drops.
     pub fn start_call(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -192,24 +197,32 @@ impl Fleet {
         Ok(())
     }
 
-    /// The heartbeat: every [`TICK`], records this replica and recomputes its shares. Ends at
-    /// once on a backend with one replica (the configured limits are this replica's), and
-    /// removes this replica's row when `shutdown` is cancelled and `stopped` is.
+    /// The heartbeat: every [`TICK`], reads the stored pause, records this replica and
+    /// recomputes its shares (on a backend with one replica the configured limits are this
+    /// replica's). Removes this replica's row once `stopped` is cancelled.
     pub async fn run(self: Arc<Self>, stopped: CancellationToken) {
         let lease_ms = super::millis(self.lease);
         let mut last_ok = Instant::now();
         let mut first = true;
+        let mut shared = true;
         loop {
+            // The stored pause is read at least once per tick even while the worker waits for
+            // slots, so calls about to start see another replica's throttling pause in time.
+            self.paused().await;
             let now = now_ms();
             let in_flight = self.in_flight.load(Ordering::Relaxed) as i64;
-            match self
-                .store
-                .heartbeat(&self.id, in_flight, now, now.saturating_sub(lease_ms))
-                .await
-            {
+            let beat = if shared {
+                self.store
+                    .heartbeat(&self.id, in_flight, now, now.saturating_sub(lease_ms))
+                    .await
+            } else {
+                Ok(None)
+            };
+            match beat {
                 Ok(None) => {
+                    // One replica: every slot is this one's.
+                    shared = false;
                     self.share.store(self.concurrency, Ordering::Relaxed);
-                    return;
                 }
                 Ok(Some(live)) => {
                     last_ok = Instant::now();
@@ -254,6 +267,9 @@ impl Fleet {
                 _ = tokio::time::sleep(TICK) => {}
                 _ = stopped.cancelled() => break,
             }
+        }
+        if !shared {
+            return;
         }
         if let Err(e) = self.store.leave(&self.id).await {
             tracing::warn!(error = %e, "could not remove this replica's heartbeat; it expires after the lease");

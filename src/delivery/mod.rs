@@ -156,8 +156,10 @@ impl Worker {
             let room = self.fleet.room();
             if room == 0 {
                 drop(held);
+                // No share at all changes only with a heartbeat; a full share when a call ends.
+                let wait = if self.fleet.has_share() { 20 } else { 250 };
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
                     _ = shutdown.cancelled() => break,
                 }
                 continue;
