@@ -6,9 +6,9 @@
 //! its row in `delivery_replicas` and reads the live ones (seen within `lease_seconds`), in the
 //! order they joined. Its rank `r` among `n` gives it `rate / n` calls per second and
 //! `ceil((concurrency - r) / n)` slots (zero when `r >= concurrency`), which add up to exactly the
-//! configured totals. A replica that joins takes no share for [`JOIN_GRACE`], long enough for
-//! every other replica to have shrunk its own; joining ranks last, so nobody else's share grows
-//! meanwhile. A crashed replica stops being live after the lease and its share goes to the rest.
+//! configured totals. A replica that joins others takes no share for [`JOIN_GRACE`], long
+//! enough for every other replica to have shrunk its own (one that finds itself alone starts at
+//! once); joining ranks last, so nobody else's share grows meanwhile. A crashed replica stops being live after the lease and its share goes to the rest.
 //! A replica that cannot write its heartbeat for half a lease stops calling (others may already
 //! have taken its share).
 
@@ -229,7 +229,8 @@ impl Fleet {
                     let n = live.len().max(1);
                     let me = live.iter().position(|r| r.id == self.id);
                     let joined = me.map_or(now, |i| live[i].joined_at);
-                    let settled = now.saturating_sub(joined) >= super::millis(JOIN_GRACE);
+                    // Alone, nobody has a share to shrink first: no wait.
+                    let settled = n == 1 || now.saturating_sub(joined) >= super::millis(JOIN_GRACE);
                     let (share, rate) = match me {
                         Some(rank) if settled => {
                             (shares(self.concurrency, n, rank), self.rate / n as f64)
