@@ -7,9 +7,10 @@
 //! exec of the binary), so the ratios stay meaningful on whatever machine runs it.
 //!
 //! Knobs (environment): `BENCH_SECONDS` (10) per timed phase, `BENCH_WARMUP_SECONDS` (2),
-//! `BENCH_BACKENDS` (sqlite,postgres), `BENCH_ONLY` (ingest,paced,delivery,limited,memory,startup,pruning),
+//! `BENCH_BACKENDS` (sqlite,postgres), `BENCH_ONLY` (ingest,paced,delivery,limited,fleet,memory,startup,pruning),
 //! `BENCH_CONNECTIONS` (64), `BENCH_PACED_RATE` (2000), `BENCH_DELIVERY_EVENTS`
 //! (5000 x BENCH_SECONDS), `BENCH_DELIVERY_CONCURRENCY` (64), `BENCH_RATE_LIMIT` (200),
+//! `BENCH_FLEET_RATE` (20: the deployment-wide rate of the fleet phase, PostgreSQL only),
 //! `BENCH_MEMORY_EVENTS` (1000000), `BENCH_PG_MEMORY_EVENTS` (same), `BENCH_MEMORY_SECONDS` (5),
 //! `BENCH_STARTUP_RUNS` (7), `BENCH_PRUNE_EVENTS` (200000, the delivered events the `pruning`
 //! phase has retention delete), `BENCH_CLIENT_THREADS` (2), `SPRINTLINK_TEST_PG_URL` (as the
@@ -61,6 +62,7 @@ struct Opts {
     delivery_events: usize,
     delivery_concurrency: usize,
     limited_rate: f64,
+    fleet_rate: f64,
     memory_events: usize,
     /// Delivered events the pruning phase prefills and retention deletes.
     prune_events: usize,
@@ -122,6 +124,7 @@ impl Opts {
             delivery_events: env_or("BENCH_DELIVERY_EVENTS", (5000.0 * seconds) as usize),
             delivery_concurrency: env_or("BENCH_DELIVERY_CONCURRENCY", 64),
             limited_rate: env_or("BENCH_RATE_LIMIT", 200.0),
+            fleet_rate: env_or("BENCH_FLEET_RATE", 20.0),
             memory_events,
             prune_events,
             pg_memory_events: env_or("BENCH_PG_MEMORY_EVENTS", memory_events),
@@ -1419,6 +1422,155 @@ async fn phase_limited(env: &Env, backend: Backend) -> Result<Vec<Row>> {
     Ok(vec![r?])
 }
 
+/// Three replicas on one PostgreSQL database with a deployment-wide rate drain a backlog
+/// (built while delivery is paused, so all three start together): the achieved rate against
+/// the configured one, the worst 10 s window against SPEC section 8's bound (10 x rate plus 2 s
+/// worth), then the time from a 202 to its link call with webhooks posted one at a time.
+async fn phase_fleet(env: &Env, v: &Verifier) -> Result<Vec<Row>> {
+    let o = &env.opts;
+    let dir = env.phase_dir("postgres-fleet")?;
+    let db = env.fresh_db(Backend::Postgres, &dir).await?;
+    let r = async {
+        let rate = o.fleet_rate;
+        let hub = StandIn::start().await?;
+        let url = hub.url();
+        let mut replicas = Vec::new();
+        for i in 0..3 {
+            let d = dir.join(format!("replica-{i}"));
+            std::fs::create_dir_all(&d)?;
+            let mut svc = Service::spawn(
+                &d,
+                &ServiceCfg {
+                    storage: &db.url,
+                    hub: &url,
+                    concurrency: 8,
+                    rate,
+                    extra: "",
+                },
+                &o.rust_log,
+            )?;
+            svc.wait_ready(Duration::from_secs(60)).await?;
+            replicas.push(svc);
+        }
+        let client = reqwest::Client::new();
+        let admin = async |svc: &Service, what: &str| -> Result<()> {
+            let r = client
+                .post(format!("{}/admin/delivery/{what}", svc.base()))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await?;
+            if !r.status().is_success() {
+                bail!("POST /admin/delivery/{what}: {}", r.status());
+            }
+            Ok(())
+        };
+        admin(&replicas[0], "pause").await?;
+        let n = (rate * (2.0 * o.seconds).max(20.0)).ceil() as usize;
+        prefill(&db.url, n, 1000, 4, &format!("{}f", env.run_id)).await?;
+        // The replicas settle their shares (a new one waits 2.5 s) while paused.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        eprintln!("bench: postgres: 3 replicas delivering {n} links at a deployment-wide {rate}/s");
+        admin(&replicas[1], "resume").await?;
+        let d = wait_links(
+            &hub,
+            n,
+            Duration::from_secs_f64(n as f64 / rate * 3.0 + 30.0),
+        )
+        .await;
+        let achieved = if d.at.len() > 1 {
+            (d.at.len() - 1) as f64 / (d.at[d.at.len() - 1] - d.at[0]).as_secs_f64()
+        } else {
+            f64::NAN
+        };
+        let mut worst = 0;
+        let mut j = 0;
+        for i in 0..d.at.len() {
+            while j < d.at.len() && d.at[j] < d.at[i] + Duration::from_secs(10) {
+                j += 1;
+            }
+            worst = worst.max(j - i);
+        }
+        let bound = (12.0 * rate).floor() as usize;
+        // Latency: one webhook at a time, round-robin over the replicas, each 202 timed.
+        let before = hub.requests_to("/customobjects/link").len();
+        let mut acked = Vec::new();
+        for i in 0..200u64 {
+            let object = 900_000_000 + i;
+            let id = format!("{}-fleet-lat-{i}", env.run_id);
+            let body = event_body(&id, object, 8000);
+            let mut req = client
+                .post(format!("{}/webhooks/erp", replicas[i as usize % 3].base()))
+                .header("content-type", "application/json");
+            let ts = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs() as i64;
+            for (k, val) in v.sign(body.as_bytes(), ts, &id) {
+                req = req.header(k, val);
+            }
+            let r = req.body(body).send().await?;
+            if r.status() != 202 {
+                bail!("webhook answered {}", r.status());
+            }
+            acked.push((object, Instant::now()));
+            tokio::time::sleep(Duration::from_millis((2000.0 / rate).max(20.0) as u64)).await;
+        }
+        wait_links(&hub, before + acked.len(), Duration::from_secs(60)).await;
+        let calls = hub.requests_to("/customobjects/link");
+        let mut lat: Vec<f64> = acked
+            .iter()
+            .filter_map(|(object, at)| {
+                calls
+                    .iter()
+                    .find(|c| c.body["objectId"].as_u64() == Some(*object))
+                    .map(|c| c.at.saturating_duration_since(*at).as_secs_f64() * 1000.0)
+            })
+            .collect();
+        lat.sort_by(f64::total_cmp);
+        for r in &mut replicas {
+            r.stop();
+        }
+        let p = |q: f64| {
+            lat.get(((lat.len().max(1) - 1) as f64 * q).round() as usize)
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        anyhow::Ok(vec![
+            row(
+                "postgres",
+                format!("fleet: 3 replicas draining {n} links at a deployment-wide {rate:.0}/s"),
+                format!("{} ({} links)", per_s(achieved), d.at.len()),
+                ">= 95 % of the rate",
+                format!("{:.3} x configured", achieved / rate),
+                Some(achieved / rate >= 0.95 && d.at.len() >= n),
+            ),
+            row(
+                "postgres",
+                "fleet: worst 10 s window",
+                format!("{worst} calls"),
+                format!("<= {bound} (10 x rate + 2 s worth)"),
+                format!("{:.3} x bound", worst as f64 / bound as f64),
+                Some(worst <= bound),
+            ),
+            row(
+                "postgres",
+                "fleet: 202 to link call, 3 replicas (LISTEN/NOTIFY)",
+                format!(
+                    "p50 {:.1} ms, p99 {:.1} ms ({} events)",
+                    p(0.5),
+                    p(0.99),
+                    lat.len()
+                ),
+                "-",
+                "-",
+                None,
+            ),
+        ])
+    }
+    .await;
+    env.drop_db(db).await;
+    r
+}
+
 fn prefill_parallel(backend: Backend) -> usize {
     match backend {
         Backend::Sqlite => 1,
@@ -2031,6 +2183,10 @@ async fn run(env: Arc<Env>) -> Vec<Row> {
         if o.runs("limited") {
             let r = phase_limited(&env, backend).await;
             push(&mut g, &format!("{b}: rate-limited delivery"), r);
+        }
+        if o.runs("fleet") && backend == Backend::Postgres {
+            let r = phase_fleet(&env, &v).await;
+            push(&mut g, &format!("{b}: fleet"), r);
         }
         if o.runs("startup") {
             let r = phase_startup(&env, backend, &hub, exec_ms).await;

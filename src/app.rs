@@ -113,7 +113,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let pruner =
         crate::retention::Pruner::new(store.clone(), config.retention.clone(), metrics.clone());
     let pruner_task = tokio::spawn(pruner.run(shutdown.clone()));
-    let worker = Worker::new(store.clone(), hub, config.clone(), metrics, wake, alerts);
+    let worker = Worker::new(
+        store.clone(),
+        hub,
+        config.clone(),
+        metrics,
+        wake,
+        alerts,
+        state.fleet.clone(),
+    );
     let drain = Duration::from_millis(config.server.shutdown_timeout_ms);
     let worker_task = tokio::spawn(worker.run(shutdown.clone(), drain.mul_f64(0.8)));
     let stop = shutdown.clone();

@@ -121,6 +121,26 @@ impl CreationOutcome {
     }
 }
 
+/// Why delivery is paused for the whole deployment (`GET /admin/delivery`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PauseReason {
+    /// An operator paused it (`POST /admin/delivery/pause`).
+    Operator,
+    /// SprintHub answered "too many requests": every replica waits at least 60 s.
+    Throttled,
+}
+
+impl PauseReason {
+    pub const ALL: [PauseReason; 2] = [PauseReason::Operator, PauseReason::Throttled];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PauseReason::Operator => "operator",
+            PauseReason::Throttled => "throttled",
+        }
+    }
+}
+
 /// A stored or requested state text that is not one of the states.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown state {0:?}")]
@@ -153,6 +173,7 @@ text_enum!(EventState);
 text_enum!(LinkState);
 text_enum!(ObjectState);
 text_enum!(CreationOutcome);
+text_enum!(PauseReason);
 
 /// RFC 3339 in UTC with milliseconds, from Unix milliseconds.
 pub fn rfc3339(ms: i64) -> String {

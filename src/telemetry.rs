@@ -135,6 +135,8 @@ pub struct Metrics {
     alerts: Counters,
     ingest: Histogram,
     delivery: Histogram,
+    /// Whether delivery is paused for the deployment, as this replica last read it.
+    paused: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Metrics {
@@ -155,6 +157,7 @@ impl Metrics {
             alerts: Counters::default(),
             ingest: Histogram::new(),
             delivery: Histogram::new(),
+            paused: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -212,6 +215,12 @@ impl Metrics {
 
     pub fn alert_count(&self, kind: &str, outcome: &str) -> u64 {
         self.alerts.get(&[kind, outcome])
+    }
+
+    /// Delivery paused (by an operator or after throttling) or running.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused
+            .store(paused, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition, with storage figures read just now.
@@ -282,6 +291,11 @@ impl Metrics {
                 "# HELP sprintlink_storage_bytes What the database takes on disk (SQLite: file and write-ahead log; PostgreSQL: pg_database_size).\n# TYPE sprintlink_storage_bytes gauge\nsprintlink_storage_bytes {bytes}"
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP sprintlink_delivery_paused Whether delivery is paused for the deployment (operator or throttling).\n# TYPE sprintlink_delivery_paused gauge\nsprintlink_delivery_paused {}",
+            u8::from(self.paused.load(std::sync::atomic::Ordering::Relaxed))
+        );
         if let Some(s) = stats {
             let _ = writeln!(
                 out,

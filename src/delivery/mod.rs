@@ -1,8 +1,10 @@
 //! The delivery worker: claims due links (and lead resolutions) from storage under a lease,
 //! calls SprintHub outside any transaction, and records each outcome through a group-commit
-//! writer. Concurrency and the outbound rate are bounded per replica.
+//! writer. Concurrency and the outbound rate are bounded for the whole deployment (see
+//! [`fleet`]), and nothing is claimed or sent while delivery is paused.
 
 pub mod backoff;
+pub mod fleet;
 pub mod objects;
 pub mod ratelimit;
 pub mod resolve;
@@ -22,6 +24,7 @@ use crate::sprinthub::{Failure, SprintHubClient};
 use crate::store::{Attempt, Completion, LinkJob, LinkUpdate, Store, now_ms};
 use crate::telemetry::Metrics;
 use backoff::{Next, after_failure};
+use fleet::Fleet;
 use objects::Creator;
 use ratelimit::RateLimiter;
 use resolve::Resolver;
@@ -56,6 +59,7 @@ pub struct Worker {
     alerts: Alerts,
     resolver: Resolver,
     creator: Creator,
+    fleet: Arc<Fleet>,
     /// Jobs whose call is in progress, so a forced shutdown can hand them back.
     in_flight: Mutex<HashMap<i64, i64>>,
 }
@@ -68,8 +72,9 @@ impl Worker {
         metrics: Arc<Metrics>,
         wake: Arc<Notify>,
         alerts: Alerts,
+        fleet: Arc<Fleet>,
     ) -> Arc<Self> {
-        let limiter = Arc::new(RateLimiter::new(cfg.sprinthub.rate_limit_per_second));
+        let limiter = fleet.limiter();
         let s = store.clone();
         let completer = Batcher::spawn(256, move |items: Arc<[Completion]>| {
             let s = s.clone();
@@ -86,6 +91,7 @@ impl Worker {
             limiter.clone(),
             metrics.clone(),
             alerts.clone(),
+            fleet.clone(),
         );
         let creator = Creator::new(
             store.clone(),
@@ -93,6 +99,7 @@ impl Worker {
             cfg.clone(),
             metrics.clone(),
             alerts.clone(),
+            fleet.clone(),
         );
         Arc::new(Worker {
             creator,
@@ -105,6 +112,7 @@ impl Worker {
             completer,
             alerts,
             resolver,
+            fleet,
             in_flight: Mutex::new(HashMap::new()),
         })
     }
@@ -116,8 +124,22 @@ impl Worker {
         let lease_ms = millis(Duration::from_secs(self.cfg.delivery.lease_seconds));
         let horizon = CLAIM_HORIZON.min(Duration::from_millis(lease_ms as u64 / 4));
         let mut tasks = JoinSet::new();
+        let heartbeat_stop = CancellationToken::new();
+        let heartbeat = tokio::spawn(self.fleet.clone().run(heartbeat_stop.clone()));
+        self.store.listen(self.wake.clone());
         loop {
             while tasks.try_join_next().is_some() {}
+            // Paused (by an operator, or after throttling): claim nothing; look again each tick.
+            if let Some(p) = self.fleet.paused().await {
+                let left = p.until.map_or(fleet::PAUSED_TICK, |u| {
+                    Duration::from_millis((u - now_ms()).clamp(1, 250) as u64)
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(left) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            }
             let first = tokio::select! {
                 p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
                 _ = shutdown.cancelled() => break,
@@ -136,6 +158,19 @@ impl Worker {
             while let Ok(p) = permits.clone().try_acquire_owned() {
                 held.push(p);
             }
+            // This replica's share of the deployment's concurrency.
+            let room = self.fleet.room();
+            if room == 0 {
+                drop(held);
+                // No share at all changes only with a heartbeat; a full share when a call ends.
+                let wait = if self.fleet.has_share() { 20 } else { 250 };
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+            held.truncate(room);
             // Rate tokens before claims: wait until a slot is near, then claim no more jobs than
             // there are slots within the horizon. A claimed job starts its call within that
             // horizon, far inside its lease, so it is never claimed (and sent) a second time.
@@ -179,9 +214,10 @@ impl Worker {
                     .insert(job.link_id, job.lease);
                 let me = self.clone();
                 let stop = shutdown.clone();
+                let call = self.fleet.start_call();
                 tasks.spawn(async move {
                     me.deliver(job, slot, stop).await;
-                    drop(permit);
+                    drop((permit, call));
                 });
                 started += 1;
             }
@@ -199,9 +235,10 @@ impl Worker {
                             let slot = slots.next().expect("one slot per permit");
                             let me = self.clone();
                             let stop = shutdown.clone();
+                            let call = self.fleet.start_call();
                             tasks.spawn(async move {
                                 me.creator.run(job, slot, stop).await;
-                                drop(permit);
+                                drop((permit, call));
                             });
                             started += 1;
                         }
@@ -221,9 +258,10 @@ impl Worker {
                             let permit = held.pop().expect("claimed no more than the permits held");
                             let slot = slots.next().expect("one slot per permit");
                             let me = self.clone();
+                            let call = self.fleet.start_call();
                             tasks.spawn(async move {
                                 me.resolver.run(job, slot).await;
-                                drop(permit);
+                                drop((permit, call));
                             });
                             started += 1;
                         }
@@ -278,6 +316,9 @@ impl Worker {
                 }
             }
         }
+        // Nothing is in flight any more: this replica's share goes to the others now.
+        heartbeat_stop.cancel();
+        let _ = heartbeat.await;
     }
 
     /// One attempt for one link, at its rate-limit `slot`, and its record.
@@ -299,6 +340,8 @@ impl Worker {
             _ = tokio::time::sleep_until(slot) => true,
             _ = shutdown.cancelled() => false,
         };
+        // Paused meanwhile (throttling seen by another call): handed back, not sent.
+        let go = go && self.fleet.paused_cached().is_none();
         let completion = if !go {
             Completion {
                 link_id: job.link_id,
@@ -311,6 +354,7 @@ impl Worker {
             let start = Instant::now();
             let result = self.hub.link(&job.object_id, &job.lead_id).await;
             let took = start.elapsed();
+            self.fleet.observe(result.as_ref().err()).await;
             let duration_ms = took.as_millis() as i64;
             let (attempt, update) = match result {
                 Ok(ok) => {

@@ -11,6 +11,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::{Next, after_failure};
+use super::fleet::Fleet;
 use crate::alerts::{Alerts, Example};
 use crate::config::{AlertKind, Config, ObjectRule};
 use crate::domain::CreationOutcome;
@@ -27,6 +28,7 @@ pub struct Creator {
     hub: SprintHubClient,
     cfg: Arc<Config>,
     metrics: Arc<Metrics>,
+    fleet: Arc<Fleet>,
 }
 
 impl Creator {
@@ -36,6 +38,7 @@ impl Creator {
         cfg: Arc<Config>,
         metrics: Arc<Metrics>,
         alerts: Alerts,
+        fleet: Arc<Fleet>,
     ) -> Self {
         Creator {
             alerts,
@@ -43,6 +46,7 @@ impl Creator {
             hub,
             cfg,
             metrics,
+            fleet,
         }
     }
 
@@ -62,6 +66,8 @@ impl Creator {
             _ = tokio::time::sleep_until(slot) => true,
             _ = shutdown.cancelled() => false,
         };
+        // Paused meanwhile (throttling seen by another call): handed back, not sent.
+        let go = go && self.fleet.paused_cached().is_none();
         let (attempt, update) = if go {
             match self.attempt(&job, &span).await {
                 Some(done) => done,
@@ -140,6 +146,9 @@ impl Creator {
         let start = Instant::now();
         let result = self.hub.create_object(&job.definition_id, &fields).await;
         let took = start.elapsed();
+        self.fleet
+            .observe(result.as_ref().err().map(CreateFailure::failure))
+            .await;
         let duration_ms = crate::delivery::millis(took);
         Some(match result {
             Ok((id, ok)) => {

@@ -1,5 +1,6 @@
 //! The outbound token bucket: at most `rate` calls per second with a burst of one, shared by
-//! every call this replica makes to SprintHub.
+//! every call this replica makes to SprintHub. On PostgreSQL the rate is this replica's share of
+//! the deployment's limit, set again every second by [`super::fleet`].
 //!
 //! The worker takes its slots *before* it claims jobs ([`RateLimiter::reserve`]), and claims no
 //! more jobs than it holds slots for within a short horizon: a claimed job never waits out its
@@ -11,29 +12,57 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub struct RateLimiter {
-    interval: Option<Duration>,
-    next: Mutex<Instant>,
+    unlimited: bool,
+    state: Mutex<Bucket>,
+}
+
+struct Bucket {
+    interval: Duration,
+    next: Instant,
 }
 
 impl RateLimiter {
     /// `rate <= 0` means unlimited.
     pub fn new(rate: f64) -> Self {
         RateLimiter {
-            interval: (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate)),
-            next: Mutex::new(Instant::now()),
+            unlimited: rate <= 0.0,
+            state: Mutex::new(Bucket {
+                interval: Self::spacing(rate),
+                next: Instant::now(),
+            }),
         }
+    }
+
+    fn spacing(rate: f64) -> Duration {
+        if rate > 0.0 {
+            Duration::try_from_secs_f64(1.0 / rate).unwrap_or(Duration::MAX / 4)
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// A new rate (this replica's share) for slots not yet reserved; ignored when unlimited.
+    pub fn set_rate(&self, rate: f64) {
+        if self.unlimited || rate <= 0.0 {
+            return;
+        }
+        self.state.lock().expect("rate limiter lock").interval = Self::spacing(rate);
+    }
+
+    fn interval(&self) -> Option<Duration> {
+        (!self.unlimited).then(|| self.state.lock().expect("rate limiter lock").interval)
     }
 
     /// Waits for the next free slot.
     pub async fn acquire(&self) {
-        let Some(interval) = self.interval else {
+        if self.unlimited {
             return;
-        };
+        }
         let at = {
-            let mut next = self.next.lock().expect("rate limiter lock");
+            let mut b = self.state.lock().expect("rate limiter lock");
             let now = Instant::now();
-            let at = (*next).max(now);
-            *next = at + interval;
+            let at = b.next.max(now);
+            b.next = at + b.interval;
             at
         };
         tokio::time::sleep_until(at).await;
@@ -43,18 +72,18 @@ impl RateLimiter {
     /// when the next free slot is later than that. Each caller waits until its slot.
     pub fn reserve(&self, max: usize, horizon: Duration) -> Vec<Instant> {
         let now = Instant::now();
-        let Some(interval) = self.interval else {
+        if self.unlimited {
             return vec![now; max];
-        };
-        let mut next = self.next.lock().expect("rate limiter lock");
-        let mut at = (*next).max(now);
+        }
+        let mut b = self.state.lock().expect("rate limiter lock");
+        let mut at = b.next.max(now);
         let mut slots = Vec::new();
         while slots.len() < max && at <= now + horizon {
             slots.push(at);
-            at += interval;
+            at += b.interval;
         }
         if !slots.is_empty() {
-            *next = at;
+            b.next = at;
         }
         slots
     }
@@ -63,23 +92,23 @@ impl RateLimiter {
     /// (otherwise those slots simply pass unused).
     pub fn release(&self, unused: &[Instant]) {
         let (Some(interval), Some(first), Some(last)) =
-            (self.interval, unused.first(), unused.last())
+            (self.interval(), unused.first(), unused.last())
         else {
             return;
         };
-        let mut next = self.next.lock().expect("rate limiter lock");
-        if *next == *last + interval {
-            *next = *first;
+        let mut b = self.state.lock().expect("rate limiter lock");
+        if b.next == *last + interval {
+            b.next = *first;
         }
     }
 
     /// The earliest moment at which [`reserve`](Self::reserve) with this `horizon` finds a slot.
     pub fn ready_at(&self, horizon: Duration) -> Instant {
         let now = Instant::now();
-        if self.interval.is_none() {
+        if self.unlimited {
             return now;
         }
-        let next = *self.next.lock().expect("rate limiter lock");
+        let next = self.state.lock().expect("rate limiter lock").next;
         next.checked_sub(horizon).unwrap_or(now).max(now)
     }
 }

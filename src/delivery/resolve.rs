@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 
 use super::backoff::{Next, after_failure};
+use super::fleet::Fleet;
 use super::ratelimit::RateLimiter;
 use crate::alerts::{Alerts, Example};
 use crate::config::{AlertKind, Config, LeadField, LookupKind, ObjectRule, SourceConfig};
@@ -70,6 +71,7 @@ pub struct Resolver {
     cfg: Arc<Config>,
     limiter: Arc<RateLimiter>,
     metrics: Arc<Metrics>,
+    fleet: Arc<Fleet>,
     cache: LookupCache,
     /// One lock per key being looked up, so concurrent events for one customer make one search
     /// (and, for a new customer, create one lead).
@@ -84,6 +86,7 @@ impl Resolver {
         limiter: Arc<RateLimiter>,
         metrics: Arc<Metrics>,
         alerts: Alerts,
+        fleet: Arc<Fleet>,
     ) -> Self {
         let cache = LookupCache {
             entries: Mutex::new(HashMap::new()),
@@ -98,6 +101,7 @@ impl Resolver {
             cfg,
             limiter,
             metrics,
+            fleet,
             cache,
             key_locks: Mutex::new(HashMap::new()),
         }
@@ -110,6 +114,7 @@ impl Resolver {
         let mut pace = Pace {
             slot: Some(slot),
             limiter: &self.limiter,
+            fleet: &self.fleet,
         };
         let update = match self.resolve(&job, &mut pace).await {
             // A source that creates its object: the leads are known, the object comes next.
@@ -193,6 +198,11 @@ impl Resolver {
                 ),
             }),
             Ok(ids) => ResolveUpdate::Links(ids),
+            Err(Lookup::Paused(until)) => ResolveUpdate::Retry {
+                due_at: until.unwrap_or_else(|| now_ms().saturating_add(1_000)),
+                counted: false,
+                error: "delivery is paused; nothing was sent".into(),
+            },
             Err(Lookup::Storage(e)) => ResolveUpdate::Retry {
                 due_at: now_ms().saturating_add(1_000),
                 counted: false,
@@ -314,12 +324,10 @@ impl Resolver {
         fields
             .entry(field.as_str().to_string())
             .or_insert_with(|| Value::String(key.to_string()));
-        pace.wait().await;
-        let id = self
-            .hub
-            .create_lead(&Value::Object(fields))
-            .await
-            .map_err(Lookup::Hub)?;
+        pace.wait().await?;
+        let id = self.hub.create_lead(&Value::Object(fields)).await;
+        self.fleet.observe(id.as_ref().err()).await;
+        let id = id.map_err(Lookup::Hub)?;
         self.metrics.lookup("created");
         let ids = vec![id];
         self.cache.put(field, key, ids.clone());
@@ -332,12 +340,10 @@ impl Resolver {
         key: &str,
         pace: &mut Pace<'_>,
     ) -> Result<Vec<String>, Lookup> {
-        pace.wait().await;
-        let leads = self
-            .hub
-            .search_leads(field, key)
-            .await
-            .map_err(Lookup::Hub)?;
+        pace.wait().await?;
+        let leads = self.hub.search_leads(field, key).await;
+        self.fleet.observe(leads.as_ref().err()).await;
+        let leads = leads.map_err(Lookup::Hub)?;
         let ids: Vec<String> = leads.into_iter().map(|l| l.id).collect();
         self.metrics
             .lookup(if ids.is_empty() { "miss" } else { "hit" });
@@ -349,6 +355,8 @@ impl Resolver {
 enum Lookup {
     Storage(String),
     Hub(Failure),
+    /// Delivery is paused (until then, if it ends by itself): nothing was sent.
+    Paused(Option<crate::store::Millis>),
 }
 
 /// The rate limit for one resolution: its first call uses the slot reserved before the claim,
@@ -356,13 +364,19 @@ enum Lookup {
 struct Pace<'a> {
     slot: Option<tokio::time::Instant>,
     limiter: &'a RateLimiter,
+    fleet: &'a Fleet,
 }
 
 impl Pace<'_> {
-    async fn wait(&mut self) {
+    /// Waits for the call's rate-limit slot; refuses it when delivery is paused meanwhile.
+    async fn wait(&mut self) -> Result<(), Lookup> {
         match self.slot.take() {
             Some(at) => tokio::time::sleep_until(at).await,
             None => self.limiter.acquire().await,
+        }
+        match self.fleet.paused_cached() {
+            Some(p) => Err(Lookup::Paused(p.until)),
+            None => Ok(()),
         }
     }
 }

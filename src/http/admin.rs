@@ -21,14 +21,14 @@ use utoipa_axum::routes;
 use crate::http::AppState;
 use crate::http::auth::{Peer, Verdict};
 use crate::http::bodies::{
-    EventDocument, EventList, EventView, Imported, Mapping, MappingRequest, ReplayManyRequest,
-    Replayed, ReplayedMany,
+    DeliveryStatus, EventDocument, EventList, EventView, Imported, Mapping, MappingRequest,
+    PauseRequest, ReplayManyRequest, Replayed, ReplayedMany,
 };
 use crate::http::error::{
     ApiBytes, ApiJson, ApiPath as Path, ApiQuery as Query, AppError, BodyLimit,
 };
 use crate::operations::FindError;
-use crate::store::{EventFilter, EventState, EventSummary, LinkPage};
+use crate::store::{EventFilter, EventState, EventSummary, LinkPage, Millis};
 
 /// `POST /admin/replay`: events per call by default, and at most.
 const REPLAY_LIMIT_DEFAULT: i64 = 100;
@@ -44,6 +44,9 @@ pub fn routes(state: Arc<AppState>) -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(replay_many))
         .routes(routes!(import_mappings))
         .routes(routes!(get_mapping, put_mapping, delete_mapping))
+        .routes(routes!(delivery_status))
+        .routes(routes!(pause_delivery))
+        .routes(routes!(resume_delivery))
         .route_layer(middleware::from_fn_with_state(state, require_admin))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::Extension(BodyLimit(limit)))
@@ -597,4 +600,113 @@ mod tests {
         assert!(parse_csv("a,1,2").unwrap_err().starts_with("line 1"));
         assert!(parse_csv(",5").is_err());
     }
+}
+
+/// The longest pause with a duration: about two years (longer: pause until resumed).
+const PAUSE_MINUTES_MAX: f64 = 1_000_000.0;
+
+/// The deployment's delivery as stored now, with this replica's view of the fleet.
+pub async fn delivery(state: &AppState) -> Result<DeliveryStatus, AppError> {
+    let now = crate::store::now_ms();
+    let pause = state.store.delivery_pause().await?.filter(|p| p.holds(now));
+    let view = state.fleet.view();
+    Ok(DeliveryStatus {
+        paused: pause.is_some(),
+        paused_until: pause.and_then(|p| p.until).map(rfc3339),
+        reason: pause.map(|p| p.reason),
+        rate_limit_per_second: state.config.sprinthub.rate_limit_per_second,
+        concurrency: state.config.sprinthub.concurrency as u64,
+        in_flight: view.in_flight.max(0) as u64,
+        replicas: view.replicas as u64,
+    })
+}
+
+/// Parses the optional body of a pause: `None` for an empty body (until resumed).
+pub fn pause_until(body: &[u8], now: Millis) -> Result<Option<Millis>, AppError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let req: PauseRequest = serde_json::from_slice(body).map_err(|e| {
+        AppError::BadRequest(format!("the body must be {{\"minutes\": N}} or empty: {e}"))
+    })?;
+    match req.minutes {
+        None => Ok(None),
+        Some(m) if m.is_finite() && m > 0.0 && m <= PAUSE_MINUTES_MAX => {
+            Ok(Some(now.saturating_add((m * 60_000.0).round() as i64)))
+        }
+        Some(_) => Err(AppError::BadRequest(format!(
+            "minutes must be more than 0 and at most {PAUSE_MINUTES_MAX}"
+        ))),
+    }
+}
+
+/// Whether delivery is paused, why and until when, and the deployment's limits.
+#[utoipa::path(
+    get,
+    path = "/admin/delivery",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The deployment's delivery", body = DeliveryStatus),
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 404, description = "`not_found`: the admin API is off (no `admin.token`)", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::StorageUnavailable,
+    ),
+    security(("admin_token" = []))
+)]
+async fn delivery_status(State(state): State<Arc<AppState>>) -> Result<Response, AppError> {
+    Ok(axum::Json(delivery(&state).await?).into_response())
+}
+
+/// Pause delivery for the whole deployment (every replica), for `minutes` or until resumed.
+///
+/// Stored, so it outlives restarts. Webhooks are still accepted and queued meanwhile. For a
+/// SprintHub maintenance window, or while a wrong mapping is being fixed.
+#[utoipa::path(
+    post,
+    path = "/admin/delivery/pause",
+    tag = "admin",
+    request_body(content = Option<PauseRequest>, content_type = "application/json",
+        description = "Optional; without it (or without `minutes`) the pause lasts until resumed",
+        example = json!({"minutes": 30})),
+    responses(
+        (status = 200, description = "Paused; the deployment's delivery now", body = DeliveryStatus),
+        (status = 400, description = "`bad_request`: a body other than `{\"minutes\": N}` with 0 < N <= 1000000", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::PayloadTooLarge,
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 404, description = "`not_found`: the admin API is off (no `admin.token`)", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::StorageUnavailable,
+    ),
+    security(("admin_token" = []))
+)]
+async fn pause_delivery(
+    State(state): State<Arc<AppState>>,
+    ApiBytes(body): ApiBytes,
+) -> Result<Response, AppError> {
+    let until = pause_until(&body, crate::store::now_ms())?;
+    state.fleet.pause(until).await?;
+    tracing::warn!(until = until.map(rfc3339), "delivery paused by an operator");
+    Ok(axum::Json(delivery(&state).await?).into_response())
+}
+
+/// Resume delivery (after an operator's pause or a throttling pause).
+#[utoipa::path(
+    post,
+    path = "/admin/delivery/resume",
+    tag = "admin",
+    responses(
+        (status = 200, description = "Running; the deployment's delivery now", body = DeliveryStatus),
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 404, description = "`not_found`: the admin API is off (no `admin.token`)", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::StorageUnavailable,
+    ),
+    security(("admin_token" = []))
+)]
+async fn resume_delivery(State(state): State<Arc<AppState>>) -> Result<Response, AppError> {
+    state.fleet.resume().await?;
+    state.wake.notify_one();
+    tracing::info!("delivery resumed by an operator");
+    Ok(axum::Json(delivery(&state).await?).into_response())
 }

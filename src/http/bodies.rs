@@ -10,7 +10,7 @@ use utoipa::openapi::RefOr;
 use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use utoipa::{PartialSchema, ToSchema};
 
-use crate::domain::{CreationOutcome, EventState, LinkState, ObjectState};
+use crate::domain::{CreationOutcome, EventState, LinkState, ObjectState, PauseReason};
 use crate::http::admin::rfc3339;
 use crate::store::{Attempt, EventDetail, EventSummary, LinkDetail, ObjectAttempt, ObjectDetail};
 
@@ -78,6 +78,11 @@ pub struct WebhookNoop {
     #[schema(pattern = "^(duplicate|ignored)$")]
     pub status: &'static str,
 }
+state_schema!(
+    PauseReason,
+    "Why delivery is paused: `operator` (`POST /admin/delivery/pause`) or `throttled` \
+     (SprintHub answered \"too many requests\"; every replica waits at least 60 s)."
+);
 
 /// `GET /healthz`.
 #[derive(Debug, Serialize, ToSchema)]
@@ -394,4 +399,33 @@ impl Mapping {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Imported {
     pub imported: u64,
+}
+
+/// `GET /admin/delivery` and the answer of pause and resume: the deployment's delivery.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeliveryStatus {
+    /// True while no replica claims or sends anything (webhooks are still accepted).
+    pub paused: bool,
+    /// When the pause ends by itself; null when running or paused until resumed.
+    #[schema(required = true, format = DateTime)]
+    pub paused_until: Option<String>,
+    #[schema(required = true)]
+    pub reason: Option<PauseReason>,
+    /// For the whole deployment; 0 means unlimited.
+    pub rate_limit_per_second: f64,
+    /// Calls in flight at once, for the whole deployment.
+    pub concurrency: u64,
+    /// Calls in flight now, on every replica (as of their last heartbeat, within a second).
+    pub in_flight: u64,
+    /// Replicas sharing the work (live heartbeats on PostgreSQL; 1 on SQLite).
+    pub replicas: u64,
+}
+
+/// The optional body of `POST /admin/delivery/pause`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PauseRequest {
+    /// Resume by itself after this many minutes (fractions allowed); absent: until resumed.
+    #[schema(exclusive_minimum = 0, maximum = 1000000)]
+    pub minutes: Option<f64>,
 }

@@ -54,6 +54,8 @@ pub struct AppState {
     pub auth: Arc<crate::http::auth::Auth>,
     /// Where parked events and storage failures are reported (disabled unless `[[alerts]]`).
     pub alerts: Alerts,
+    /// The deployment-wide pause and this replica's view of the fleet (shared with the worker).
+    pub fleet: Arc<crate::delivery::fleet::Fleet>,
 }
 
 impl AppState {
@@ -77,6 +79,7 @@ impl AppState {
             .map(|s| (s.name.clone(), (s.clone(), Verifier::from_source(s))))
             .collect();
         let auth = crate::http::auth::Auth::new(&config.admin)?;
+        let fleet = crate::delivery::fleet::Fleet::new(store.clone(), &config, metrics.clone());
         Ok(AppState {
             config,
             store,
@@ -88,6 +91,7 @@ impl AppState {
             readiness: tokio::sync::Mutex::new(None),
             auth: Arc::new(auth),
             alerts: Alerts::disabled(),
+            fleet,
         })
     }
 

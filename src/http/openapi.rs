@@ -191,3 +191,12 @@ pub struct CsrfForm {
     /// The token from the page's hidden field.
     pub csrf: Option<String>,
 }
+
+/// The dashboard's pause form.
+#[derive(ToSchema)]
+pub struct PauseForm {
+    /// The token from the page's hidden field.
+    pub csrf: Option<String>,
+    /// Resume by itself after this many minutes; empty: until resumed.
+    pub minutes: Option<String>,
+}

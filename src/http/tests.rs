@@ -147,7 +147,39 @@ async fn operational_routes_answer_without_a_worker() {
     let (status, headers, doc) = call(&app, get("/openapi.json")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers[header::CONTENT_TYPE], "application/json");
-    for path in ["/webhooks/{source}", "/admin/events", "/healthz", "/readyz"] {
+    for path in [
+        "/webhooks/{source}",
+        "/admin/events",
+        "/healthz",
+        "/readyz",
+        "/admin/delivery",
+        "/admin/delivery/pause",
+        "/admin/delivery/resume",
+        "/ui/delivery/pause",
+        "/ui/delivery/resume",
+    ] {
         assert!(doc["paths"].get(path).is_some(), "{path} is not described");
+    }
+    // The pause's body is optional: an empty POST pauses until resumed.
+    let pause = &doc["paths"]["/admin/delivery/pause"]["post"];
+    assert_ne!(pause["requestBody"]["required"], true, "{pause}");
+    let status = &doc["components"]["schemas"]["DeliveryStatus"];
+    for field in [
+        "paused",
+        "paused_until",
+        "reason",
+        "rate_limit_per_second",
+        "concurrency",
+        "in_flight",
+        "replicas",
+    ] {
+        assert!(
+            status["required"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f == field),
+            "{field} is not required in {status}"
+        );
     }
 }

@@ -49,6 +49,8 @@ pub fn routes(state: Arc<AppState>) -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(events_page))
         .routes(routes!(event_page))
         .routes(routes!(replay_action))
+        .routes(routes!(pause_action))
+        .routes(routes!(resume_action))
         .routes(routes!(login_page, login_submit))
         .routes(routes!(logout))
         .route_layer(middleware::from_fn_with_state(state, guard))
@@ -647,6 +649,10 @@ async fn overview(
         stats.queue_depth,
         esc(&source_names(&state).join(", ")),
     );
+    match admin::delivery(&state).await {
+        Ok(d) => c.push_str(&delivery_card(&d, &who)),
+        Err(e) => return e.into_response(),
+    }
     c.push_str("<h2>Latest events</h2>");
     c.push_str(&events_table(&recent, now_ms()));
     c.push_str(
@@ -1018,6 +1024,164 @@ fn attempt_item(a: &Attempt, now: Millis) -> String {
     }
     c.push_str("</li>");
     c
+}
+
+/// The deployment's delivery: running or paused (why, until when), its limits, and the button
+/// that changes it.
+fn delivery_card(d: &crate::http::bodies::DeliveryStatus, who: &Who) -> String {
+    let state = if d.paused {
+        let why = d.reason.map_or("", |r| r.as_str());
+        let until = d
+            .paused_until
+            .as_deref()
+            .map_or("until resumed".to_string(), |u| format!("until {}", esc(u)));
+        format!(
+            "{} <span id=\"delivery-reason\">{}</span> <span class=\"muted\">{}</span>",
+            badge("paused", "b-amber"),
+            esc(why),
+            until
+        )
+    } else {
+        badge("running", "b-green")
+    };
+    let rate = if d.rate_limit_per_second > 0.0 {
+        format!("{}/s", d.rate_limit_per_second)
+    } else {
+        "unlimited".into()
+    };
+    let action = if d.paused {
+        format!(
+            "<form method=\"post\" action=\"/ui/delivery/resume\">{}<button id=\"resume\" type=\"submit\">Resume delivery</button></form>",
+            csrf_field(who)
+        )
+    } else {
+        format!(
+            "<form method=\"post\" action=\"/ui/delivery/pause\">{}\
+             <label>Minutes <input name=\"minutes\" id=\"pause-minutes\" inputmode=\"decimal\" placeholder=\"until resumed\" size=\"8\"></label> \
+             <button id=\"pause\" type=\"submit\">Pause delivery</button></form>",
+            csrf_field(who)
+        )
+    };
+    format!(
+        "<h2>Delivery</h2><div class=\"facts card\" id=\"delivery\"><span class=\"muted\">State</span><span id=\"delivery-state\">{state}</span>\
+         <span class=\"muted\">Rate limit</span><span>{rate} for the deployment</span>\
+         <span class=\"muted\">Concurrency</span><span>{} (<b>{}</b> in flight)</span>\
+         <span class=\"muted\">Replicas</span><span>{}</span></div>{action}",
+        d.concurrency, d.in_flight, d.replicas
+    )
+}
+
+/// A dashboard form posting to a delivery action: the session and CSRF checks of the replay
+/// button, then the form's fields.
+async fn delivery_form(
+    state: &AppState,
+    peer: Peer,
+    headers: &HeaderMap,
+    uri: &Uri,
+    body: Body,
+) -> Result<Vec<(String, String)>, Response> {
+    let who = gate(state, headers, uri, peer).map_err(IntoResponse::into_response)?;
+    if cross_site(&who, headers) {
+        return Err(AppError::Csrf.into_response());
+    }
+    let fields = read_form(headers, body)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    if !csrf_ok(&who, field(&fields, "csrf")) {
+        return Err(AppError::Csrf.into_response());
+    }
+    Ok(fields)
+}
+
+/// Dashboard pause of delivery (the admin API's pause), then back to the overview.
+#[utoipa::path(
+    post,
+    path = "/ui/delivery/pause",
+    tag = "dashboard",
+    request_body(content = crate::http::openapi::PauseForm, content_type = "application/x-www-form-urlencoded",
+        description = "`csrf` is required when signed in with the session cookie; `minutes` is optional"),
+    responses(
+        (status = 303, description = "Paused: to the overview (or, not signed in, to `/ui/login`)", headers(("Location" = String))),
+        (status = 400, description = "`bad_request`: `minutes` is not a number more than 0 and at most 1000000", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 403, description = "`csrf`: the form's CSRF token is missing or wrong, or the browser marks the POST as cross-site", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::PayloadTooLarge,
+        (status = 404, description = "`not_found`: the dashboard is off", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::StorageUnavailable,
+    ),
+    security(("admin_token" = []), ("ui_session" = []))
+)]
+async fn pause_action(
+    State(state): State<Arc<AppState>>,
+    peer: Peer,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Body,
+) -> Response {
+    let fields = match delivery_form(&state, peer, &headers, &uri, body).await {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let minutes = field(&fields, "minutes")
+        .map(str::trim)
+        .filter(|m| !m.is_empty());
+    let until = match minutes {
+        None => None,
+        Some(m) => {
+            let json = match m.parse::<f64>() {
+                Ok(n) if n.is_finite() => format!("{{\"minutes\": {n}}}"),
+                _ => {
+                    return AppError::BadRequest("minutes must be a number".into()).into_response();
+                }
+            };
+            match admin::pause_until(json.as_bytes(), now_ms()) {
+                Ok(u) => u,
+                Err(e) => return e.into_response(),
+            }
+        }
+    };
+    if let Err(e) = state.fleet.pause(until).await {
+        return AppError::from(e).into_response();
+    }
+    tracing::warn!("delivery paused from the dashboard");
+    see_other("/ui")
+}
+
+/// Dashboard resume of delivery (the admin API's resume), then back to the overview.
+#[utoipa::path(
+    post,
+    path = "/ui/delivery/resume",
+    tag = "dashboard",
+    request_body(content = crate::http::openapi::CsrfForm, content_type = "application/x-www-form-urlencoded",
+        description = "`csrf` is required when signed in with the session cookie"),
+    responses(
+        (status = 303, description = "Resumed: to the overview (or, not signed in, to `/ui/login`)", headers(("Location" = String))),
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 403, description = "`csrf`: the form's CSRF token is missing or wrong, or the browser marks the POST as cross-site", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::PayloadTooLarge,
+        (status = 404, description = "`not_found`: the dashboard is off", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::StorageUnavailable,
+    ),
+    security(("admin_token" = []), ("ui_session" = []))
+)]
+async fn resume_action(
+    State(state): State<Arc<AppState>>,
+    peer: Peer,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Body,
+) -> Response {
+    if let Err(r) = delivery_form(&state, peer, &headers, &uri, body).await {
+        return r;
+    }
+    if let Err(e) = state.fleet.resume().await {
+        return AppError::from(e).into_response();
+    }
+    state.wake.notify_one();
+    tracing::info!("delivery resumed from the dashboard");
+    see_other("/ui")
 }
 
 /// Dashboard replay of one event (the admin API's replay), then back to the event page.

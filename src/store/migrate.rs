@@ -41,6 +41,11 @@ pub(super) const SQLITE: &[Migration] = &[
         name: "alert_slots",
         sql: include_str!("../../migrations/sqlite/0005_alert_slots.sql"),
     },
+    Migration {
+        version: 6,
+        name: "fleet",
+        sql: include_str!("../../migrations/sqlite/0006_fleet.sql"),
+    },
 ];
 
 pub(super) const POSTGRES: &[Migration] = &[
@@ -68,6 +73,11 @@ pub(super) const POSTGRES: &[Migration] = &[
         version: 5,
         name: "alert_slots",
         sql: include_str!("../../migrations/postgres/0005_alert_slots.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "fleet",
+        sql: include_str!("../../migrations/postgres/0006_fleet.sql"),
     },
 ];
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::Serialize;
 
-pub use crate::domain::{CreationOutcome, EventState, LinkState, ObjectState};
+pub use crate::domain::{CreationOutcome, EventState, LinkState, ObjectState, PauseReason};
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -530,6 +530,31 @@ impl Stats {
     }
 }
 
+/// The deployment-wide delivery pause as stored: `until` None means until resumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pause {
+    pub reason: PauseReason,
+    pub until: Option<Millis>,
+}
+
+impl Pause {
+    /// Whether this pause still holds at `now`.
+    pub fn holds(&self, now: Millis) -> bool {
+        self.until.is_none_or(|u| u > now)
+    }
+}
+
+/// A live replica as its heartbeat records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    pub id: String,
+    pub joined_at: Millis,
+    pub in_flight: i64,
+}
+
+/// The channel PostgreSQL replicas LISTEN on; ingest and replay NOTIFY it after committing.
+pub const WORK_CHANNEL: &str = "sprintlink_work";
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Commits a batch of events in one transaction (group commit), one outcome per event.
@@ -613,6 +638,31 @@ pub trait Store: Send + Sync + 'static {
     /// interval starting at `window_start`: `true` for the one caller whose claim is first.
     async fn claim_alert_slot(&self, target: i64, kind: &str, window_start: Millis)
     -> Result<bool>;
+    /// The stored delivery pause, if one is set (it may have run out: see [`Pause::holds`]).
+    async fn delivery_pause(&self) -> Result<Option<Pause>>;
+    /// Sets (operator pause) or clears (resume) the pause, whatever it was.
+    async fn set_delivery_pause(&self, pause: Option<Pause>, now: Millis) -> Result<()>;
+    /// A throttling answer: paused with reason `throttled` until `until`, unless a pause that
+    /// lasts longer is already set (an operator's pause is never shortened).
+    async fn throttle_pause(&self, until: Millis, now: Millis) -> Result<()>;
+    /// Records this replica's heartbeat and answers the replicas seen since `live_after`, in
+    /// the order they joined; `None` when the backend serves one replica only (SQLite).
+    async fn heartbeat(
+        &self,
+        _replica: &str,
+        _in_flight: i64,
+        _now: Millis,
+        _live_after: Millis,
+    ) -> Result<Option<Vec<Replica>>> {
+        Ok(None)
+    }
+    /// Removes this replica's heartbeat (a clean stop), so its share is taken over at once.
+    async fn leave(&self, _replica: &str) -> Result<()> {
+        Ok(())
+    }
+    /// Wakes `wake` whenever another replica commits new work (PostgreSQL LISTEN/NOTIFY);
+    /// nothing on a backend with one replica, where the in-process wake-up suffices.
+    fn listen(&self, _wake: Arc<tokio::sync::Notify>) {}
     /// Closes the pools, flushing SQLite's WAL.
     async fn close(&self);
 }

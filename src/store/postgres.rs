@@ -534,6 +534,13 @@ impl PostgresStore {
         for (pk, definition_id, leads, at) in creates {
             objects::want_object(&mut tx, pk, definition_id, leads, at).await?;
         }
+        // Delivered at commit: the other replicas' workers wake instead of waiting for a poll.
+        if out.iter().any(|o| matches!(o, IngestOutcome::Queued)) {
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(WORK_CHANNEL)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(out)
     }
@@ -1297,6 +1304,138 @@ impl Store for PostgresStore {
         .await?
         .rows_affected()
             == 1)
+    }
+
+    async fn delivery_pause(&self) -> Result<Option<Pause>> {
+        let row: Option<(Option<String>, Option<Millis>)> =
+            sqlx::query_as("SELECT reason, paused_until FROM delivery_control WHERE id = 1")
+                .fetch_optional(&self.read)
+                .await?;
+        match row {
+            Some((Some(reason), until)) => Ok(Some(Pause {
+                reason: parse_state(&reason)?,
+                until,
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    async fn set_delivery_pause(&self, pause: Option<Pause>, now: Millis) -> Result<()> {
+        let mut w = self.writer().await?;
+        sqlx::query(
+            "INSERT INTO delivery_control (id, reason, paused_until, changed_at)
+             VALUES (1, $1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET reason = excluded.reason,
+               paused_until = excluded.paused_until, changed_at = excluded.changed_at",
+        )
+        .bind(pause.map(|p| p.reason.as_str()))
+        .bind(pause.and_then(|p| p.until))
+        .bind(now)
+        .execute(&mut *w)
+        .await?;
+        Ok(())
+    }
+
+    async fn throttle_pause(&self, until: Millis, now: Millis) -> Result<()> {
+        let mut w = self.writer().await?;
+        sqlx::query(
+            "INSERT INTO delivery_control (id, reason, paused_until, changed_at)
+             VALUES (1, 'throttled', $1, $2)
+             ON CONFLICT (id) DO UPDATE SET reason = 'throttled',
+               paused_until = excluded.paused_until, changed_at = excluded.changed_at
+             WHERE delivery_control.reason IS NULL
+                OR (delivery_control.paused_until IS NOT NULL
+                    AND delivery_control.paused_until < excluded.paused_until)",
+        )
+        .bind(until)
+        .bind(now)
+        .execute(&mut *w)
+        .await?;
+        Ok(())
+    }
+
+    async fn heartbeat(
+        &self,
+        replica: &str,
+        in_flight: i64,
+        now: Millis,
+        live_after: Millis,
+    ) -> Result<Option<Vec<Replica>>> {
+        let mut w = self.writer().await?;
+        sqlx::query(
+            "INSERT INTO delivery_replicas (replica_id, joined_at, last_seen, in_flight)
+             VALUES ($1, $2, $2, $3)
+             ON CONFLICT (replica_id) DO UPDATE SET last_seen = excluded.last_seen,
+               in_flight = excluded.in_flight",
+        )
+        .bind(replica)
+        .bind(now)
+        .bind(in_flight)
+        .execute(&mut *w)
+        .await?;
+        // Rows of replicas gone for good (crashed, never cleanly stopped) are forgotten after an hour.
+        sqlx::query("DELETE FROM delivery_replicas WHERE last_seen < $1")
+            .bind(live_after.saturating_sub(3_600_000))
+            .execute(&mut *w)
+            .await?;
+        let rows: Vec<(String, Millis, i64)> = sqlx::query_as(
+            "SELECT replica_id, joined_at, in_flight FROM delivery_replicas
+             WHERE last_seen >= $1 ORDER BY joined_at, replica_id",
+        )
+        .bind(live_after)
+        .fetch_all(&mut *w)
+        .await?;
+        Ok(Some(
+            rows.into_iter()
+                .map(|(id, joined_at, in_flight)| Replica {
+                    id,
+                    joined_at,
+                    in_flight,
+                })
+                .collect(),
+        ))
+    }
+
+    async fn leave(&self, replica: &str) -> Result<()> {
+        let mut w = self.writer().await?;
+        sqlx::query("DELETE FROM delivery_replicas WHERE replica_id = $1")
+            .bind(replica)
+            .execute(&mut *w)
+            .await?;
+        Ok(())
+    }
+
+    fn listen(&self, wake: std::sync::Arc<tokio::sync::Notify>) {
+        let pool = self.read.clone();
+        tokio::spawn(async move {
+            // Reconnects after a lost connection; the worker's poll covers the gap.
+            while !pool.is_closed() {
+                let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "LISTEN connection failed; retrying in 1 s");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                if let Err(e) = listener.listen(WORK_CHANNEL).await {
+                    tracing::debug!(error = %e, "LISTEN failed; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                loop {
+                    match listener.try_recv().await {
+                        Ok(Some(_)) => wake.notify_one(),
+                        // The connection was lost: wake once (work may have come meanwhile).
+                        Ok(None) => wake.notify_one(),
+                        Err(_) => break,
+                    }
+                    if pool.is_closed() {
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     async fn close(&self) {

@@ -379,3 +379,80 @@ async fn sqlite_group_commit_equals_postgres_one_by_one() {
     })
     .await;
 }
+
+/// The stored pause: an operator's pause is never shortened by a throttling pause, a shorter
+/// one is extended, a resume clears it; on PostgreSQL, heartbeats list the live replicas in the
+/// order they joined and a replica that left or went silent is not listed.
+async fn pause_and_heartbeats(s: Arc<dyn Store>, shared: bool) {
+    let op = |until| Pause {
+        reason: PauseReason::Operator,
+        until,
+    };
+    let throttled = |until| Pause {
+        reason: PauseReason::Throttled,
+        until: Some(until),
+    };
+    assert_eq!(s.delivery_pause().await.unwrap(), None);
+    s.throttle_pause(61_000, 1_000).await.unwrap();
+    assert_eq!(s.delivery_pause().await.unwrap(), Some(throttled(61_000)));
+    // A later throttling answer extends it; an earlier end does not shorten it.
+    s.throttle_pause(70_000, 10_000).await.unwrap();
+    s.throttle_pause(65_000, 5_000).await.unwrap();
+    assert_eq!(s.delivery_pause().await.unwrap(), Some(throttled(70_000)));
+    // An operator's pause until resumed is kept whatever throttling says.
+    s.set_delivery_pause(Some(op(None)), 11_000).await.unwrap();
+    s.throttle_pause(80_000, 20_000).await.unwrap();
+    assert_eq!(s.delivery_pause().await.unwrap(), Some(op(None)));
+    // A short operator pause gives way to a longer throttling pause.
+    s.set_delivery_pause(Some(op(Some(30_000))), 21_000)
+        .await
+        .unwrap();
+    s.throttle_pause(90_000, 22_000).await.unwrap();
+    assert_eq!(s.delivery_pause().await.unwrap(), Some(throttled(90_000)));
+    assert!(throttled(90_000).holds(89_999) && !throttled(90_000).holds(90_000));
+    s.set_delivery_pause(None, 23_000).await.unwrap();
+    assert_eq!(s.delivery_pause().await.unwrap(), None);
+
+    let live = s.heartbeat("b", 2, 1_000, 0).await.unwrap();
+    if !shared {
+        assert_eq!(live, None, "one replica only");
+        return;
+    }
+    assert_eq!(live.unwrap().len(), 1);
+    s.heartbeat("a", 1, 2_000, 0).await.unwrap();
+    let live = s.heartbeat("b", 3, 3_000, 0).await.unwrap().unwrap();
+    let ids: Vec<(&str, i64, i64)> = live
+        .iter()
+        .map(|r| (r.id.as_str(), r.joined_at, r.in_flight))
+        .collect();
+    assert_eq!(ids, vec![("b", 1_000, 3), ("a", 2_000, 1)]);
+    // "a" last seen at 2 000: not live after 2 500.
+    let live = s.heartbeat("b", 0, 4_000, 2_500).await.unwrap().unwrap();
+    assert_eq!(live.len(), 1);
+    s.heartbeat("a", 0, 5_000, 0).await.unwrap();
+    s.leave("b").await.unwrap();
+    let live = s.heartbeat("a", 0, 6_000, 0).await.unwrap().unwrap();
+    assert_eq!(
+        live.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["a"]
+    );
+}
+
+#[tokio::test]
+async fn sqlite_pause_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&format!("sqlite://{}", dir.path().join("p.db").display()))
+        .await
+        .unwrap();
+    pause_and_heartbeats(s.clone(), false).await;
+    s.close().await;
+}
+
+#[tokio::test]
+async fn postgres_pause_and_heartbeats_are_stored() {
+    if std::env::var("SPRINTLINK_SKIP_PG").is_ok_and(|v| v == "1") {
+        eprintln!("SPRINTLINK_SKIP_PG=1: skipping");
+        return;
+    }
+    on_pg_pair(|pg, _| pause_and_heartbeats(pg, true)).await;
+}

@@ -410,6 +410,16 @@ async fn sprinthub_throttling_waits_at_least_a_minute(b: Backend) {
         next - now
     );
     assert_eq!(app.link_calls().len(), 1);
+    // The throttling answer paused every call of the deployment (SPEC section 8); an operator
+    // lifts that pause here so the next scenario is sent.
+    let d = app.admin_get("/admin/delivery").await.expect(200).clone();
+    assert_eq!(
+        (&d["paused"], &d["reason"]),
+        (&json!(true), &json!("throttled"))
+    );
+    app.admin(reqwest::Method::POST, "/admin/delivery/resume", None)
+        .await
+        .expect(200);
 
     // Any other 401/403 is a credentials problem: retried (it may be fixed), not dead, slowly.
     app.hub.script([Canned::new(403, r#"{"msg":"forbidden"}"#)]);

@@ -15,6 +15,7 @@ mod browser;
 mod config_cli;
 mod crash;
 mod delivery_hardening;
+mod fleet;
 mod integration;
 mod lead_resolution;
 mod migrations;

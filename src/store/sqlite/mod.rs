@@ -25,6 +25,18 @@ use checkpoint::Checkpointer;
 use reads::Reads;
 use writer::WriterHandle;
 
+const SET_PAUSE: &str = "INSERT INTO delivery_control (id, reason, paused_until, changed_at)
+     VALUES (1, ?1, ?2, ?3)
+     ON CONFLICT (id) DO UPDATE SET reason = excluded.reason,
+       paused_until = excluded.paused_until, changed_at = excluded.changed_at";
+
+const THROTTLE_PAUSE: &str = "INSERT INTO delivery_control (id, reason, paused_until, changed_at)
+     VALUES (1, 'throttled', ?1, ?2)
+     ON CONFLICT (id) DO UPDATE SET reason = 'throttled',
+       paused_until = excluded.paused_until, changed_at = excluded.changed_at
+     WHERE delivery_control.reason IS NULL
+        OR (delivery_control.paused_until IS NOT NULL AND delivery_control.paused_until < excluded.paused_until)";
+
 /// States read from and bound as their text column, so a row struct holds the enum.
 macro_rules! state_column {
     ($ty:ty) => {
@@ -1111,6 +1123,45 @@ impl Store for SqliteStore {
                     )?
                     .execute(params![target, kind, window_start, now])?
                     == 1)
+            })
+            .await
+    }
+
+    async fn delivery_pause(&self) -> Result<Option<Pause>> {
+        self.read(|db| {
+            let row: Option<(Option<String>, Option<Millis>)> = db
+                .prepare_cached("SELECT reason, paused_until FROM delivery_control WHERE id = 1")?
+                .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            match row {
+                Some((Some(reason), until)) => Ok(Some(Pause {
+                    reason: parse_state(&reason)?,
+                    until,
+                })),
+                _ => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn set_delivery_pause(&self, pause: Option<Pause>, now: Millis) -> Result<()> {
+        let reason = pause.map(|p| p.reason.as_str());
+        let until = pause.and_then(|p| p.until);
+        self.writer
+            .run(move |db| {
+                db.prepare_cached(SET_PAUSE)?
+                    .execute(params![reason, until, now])?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn throttle_pause(&self, until: Millis, now: Millis) -> Result<()> {
+        self.writer
+            .run(move |db| {
+                db.prepare_cached(THROTTLE_PAUSE)?
+                    .execute(params![until, now])?;
+                Ok(())
             })
             .await
     }
