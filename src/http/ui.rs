@@ -379,6 +379,7 @@ fn event_badge(s: EventState) -> String {
         EventState::Delivered => "b-green",
         EventState::Parked => "b-amber",
         EventState::Dead => "b-red",
+        EventState::Discarded => "b-grey",
     };
     badge(s.as_str(), class)
 }

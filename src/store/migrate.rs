@@ -31,6 +31,11 @@ pub(super) const SQLITE: &[Migration] = &[
         name: "objects",
         sql: include_str!("../../migrations/sqlite/0004_objects.sql"),
     },
+    Migration {
+        version: 6,
+        name: "search",
+        sql: include_str!("../../migrations/sqlite/0006_search.sql"),
+    },
 ];
 
 pub(super) const POSTGRES: &[Migration] = &[
@@ -48,6 +53,11 @@ pub(super) const POSTGRES: &[Migration] = &[
         version: 4,
         name: "objects",
         sql: include_str!("../../migrations/postgres/0004_objects.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "search",
+        sql: include_str!("../../migrations/postgres/0006_search.sql"),
     },
 ];
 

@@ -422,6 +422,17 @@ pub enum ResolveUpdate {
 pub struct EventFilter {
     pub state: Option<EventState>,
     pub source: Option<String>,
+    /// Only events of this object id.
+    pub object_id: Option<String>,
+    /// Only events with a link to this lead.
+    pub lead_id: Option<String>,
+    /// Only events received at or after this time.
+    pub since: Option<Millis>,
+    /// Only events received before this time.
+    pub until: Option<Millis>,
+    /// Events whose id starts with this text, or linked to a lead that this key maps to in a
+    /// mapping table (the lead key itself is not stored on the event).
+    pub q: Option<String>,
     /// Only events older than this internal position (keyset pagination).
     pub before: Option<i64>,
     pub limit: i64,
@@ -493,6 +504,8 @@ pub struct Stats {
     /// Pending links plus events waiting for lead resolution.
     pub queue_depth: i64,
     pub dead_links: i64,
+    /// When the oldest link, lead resolution or object creation still waiting was queued.
+    pub oldest_pending_at: Option<Millis>,
 }
 
 impl Stats {
@@ -503,6 +516,7 @@ impl Stats {
         links_by_state: Vec<(String, i64)>,
         pending_links: i64,
         resolving: i64,
+        oldest_pending_at: Option<Millis>,
     ) -> Result<Stats> {
         let events_by_state = events_by_state
             .iter()
@@ -521,6 +535,7 @@ impl Stats {
             links_by_state,
             queue_depth: pending_links + resolving,
             dead_links,
+            oldest_pending_at,
         })
     }
 }
@@ -574,6 +589,10 @@ pub trait Store: Send + Sync + 'static {
     /// Applies a fresh plan to an existing event: every link not yet linked is due now.
     async fn replay(&self, pk: i64, object_id: Option<&str>, plan: Plan, now: Millis)
     -> Result<()>;
+    /// Marks the event `discarded` with the operator's reason: its resolution and object
+    /// creation stop, and each of its pending pairs that no live event wants is no longer due.
+    /// A replay brings it back.
+    async fn discard(&self, pk: i64, reason: &str, now: Millis) -> Result<()>;
     async fn stats(&self) -> Result<Stats>;
     async fn ping(&self) -> Result<()>;
     async fn mapping_get(&self, source: &str, key: &str) -> Result<Vec<String>>;

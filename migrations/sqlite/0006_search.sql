@@ -1,0 +1,17 @@
+-- sprintlink schema version 6: indexes for the admin search (GET /admin/events filters) and for
+-- sprintlink_oldest_pending_seconds. The event id prefix (`q`) uses the (event_id, source)
+-- unique index of version 1 as a range.
+
+CREATE INDEX IF NOT EXISTS events_object ON events (object_id, id) WHERE object_id IS NOT NULL;
+
+CREATE INDEX IF NOT EXISTS events_received ON events (received_at, id);
+
+CREATE INDEX IF NOT EXISTS links_lead ON links (lead_id);
+
+CREATE INDEX IF NOT EXISTS mappings_key ON mappings (key);
+
+CREATE INDEX IF NOT EXISTS links_pending_first ON links (first_queued_at) WHERE due_at IS NOT NULL;
+
+CREATE INDEX IF NOT EXISTS events_resolve_first ON events (resolve_first) WHERE resolve_due IS NOT NULL;
+
+CREATE INDEX IF NOT EXISTS objects_pending_first ON objects (first_at) WHERE due_at IS NOT NULL;
