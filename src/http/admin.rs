@@ -135,7 +135,20 @@ pub fn parse_rfc3339(text: &str) -> Option<Millis> {
     let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
     let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    let days_in = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    let days_in = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
     if !(1..=12).contains(&mo) || d < 1 || d > days_in[(mo - 1) as usize] {
         return None;
     }
@@ -170,7 +183,11 @@ pub fn parse_rfc3339(text: &str) -> Option<Millis> {
         _ => return None,
     };
     // Howard Hinnant's days_from_civil.
-    let (y2, m2) = if mo <= 2 { (y - 1, mo + 9) } else { (y, mo - 3) };
+    let (y2, m2) = if mo <= 2 {
+        (y - 1, mo + 9)
+    } else {
+        (y, mo - 3)
+    };
     let era = y2.div_euclid(400);
     let yoe = y2 - era * 400;
     let doy = (153 * m2 + 2) / 5 + d - 1;
@@ -869,7 +886,10 @@ mod tests {
             parse_rfc3339("2025-12-31T23:30:00-00:30"),
             parse_rfc3339("2026-01-01T00:00:00.000Z")
         );
-        assert_eq!(parse_rfc3339("2026-01-01T00:00:00.5Z"), Some(1_767_225_600_500));
+        assert_eq!(
+            parse_rfc3339("2026-01-01T00:00:00.5Z"),
+            Some(1_767_225_600_500)
+        );
         for bad in [
             "",
             "yesterday",

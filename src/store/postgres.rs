@@ -694,14 +694,14 @@ impl Store for PostgresStore {
                     error,
                 } => {
                     sqlx::query(AssertSqlSafe(RETRY_LINK.as_str()))
-                    .bind(c.link_id)
-                    .bind(c.lease)
-                    .bind(i64::from(*counted))
-                    .bind(*due_at)
-                    .bind(error)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
+                        .bind(c.link_id)
+                        .bind(c.lease)
+                        .bind(i64::from(*counted))
+                        .bind(*due_at)
+                        .bind(error)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
                     false
                 }
                 LinkUpdate::Dead { error } => {
@@ -937,7 +937,11 @@ impl Store for PostgresStore {
             sql.push_str(&clause.replace("$N", &format!("${}", values.len())));
         };
         if let Some(s) = f.state {
-            cond(&mut values, Bound::Text(s.as_str().into()), " AND state = $N");
+            cond(
+                &mut values,
+                Bound::Text(s.as_str().into()),
+                " AND state = $N",
+            );
         }
         if let Some(s) = &f.source {
             cond(&mut values, Bound::Text(s.clone()), " AND source = $N");
@@ -983,7 +987,11 @@ impl Store for PostgresStore {
         if let Some(b) = f.before {
             cond(&mut values, Bound::Int(b), " AND id < $N");
         }
-        cond(&mut values, Bound::Int(f.limit), " ORDER BY id DESC LIMIT $N");
+        cond(
+            &mut values,
+            Bound::Int(f.limit),
+            " ORDER BY id DESC LIMIT $N",
+        );
         let mut q = sqlx::query(AssertSqlSafe(sql));
         for v in values {
             q = match v {

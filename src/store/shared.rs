@@ -19,7 +19,8 @@ pub(super) const HELD_BY_OPERATOR: &str = "state NOT IN ('parked', 'discarded')"
 
 /// The pair `?1`/`$1` is wanted by an event that is not discarded: otherwise it is not due.
 /// Each event is looked up by primary key (see `EVENT_STATE`).
-pub(super) const PAIR_WANTED: &str = "EXISTS (SELECT 1 FROM event_links el WHERE el.link_id = links.id
+pub(super) const PAIR_WANTED: &str =
+    "EXISTS (SELECT 1 FROM event_links el WHERE el.link_id = links.id
       AND (SELECT e.state FROM events e WHERE e.id = el.event_pk) <> 'discarded')";
 
 /// The highest code point: a text starting with `q` sorts (by bytes, UTF-8 or "C" collation)

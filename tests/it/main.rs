@@ -19,5 +19,6 @@ mod lead_resolution;
 mod migrations;
 mod objects;
 mod robustness;
+mod search;
 mod senders_bodies;
 mod senders_schemes;

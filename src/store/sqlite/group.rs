@@ -84,17 +84,17 @@ pub(super) fn insert(db: &Connection, events: &[NewEvent]) -> Result<Vec<IngestO
         for lead in leads {
             let inserted = insert_pair.execute(params![object_id, lead, e.received_at])? == 1;
             let (link_id, state): (i64, LinkState) = if inserted {
-                    (db.last_insert_rowid(), LinkState::Pending)
-                } else {
-                    find_pair
-                        .query_row(params![object_id, lead], |r| Ok((r.get(0)?, r.get(1)?)))
-                        .optional()?
-                        .ok_or_else(|| {
-                            StoreError::broken(format!(
-                                "pair ({object_id}, {lead}) neither inserted nor found"
-                            ))
-                        })?
-                };
+                (db.last_insert_rowid(), LinkState::Pending)
+            } else {
+                find_pair
+                    .query_row(params![object_id, lead], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?
+                    .ok_or_else(|| {
+                        StoreError::broken(format!(
+                            "pair ({object_id}, {lead}) neither inserted nor found"
+                        ))
+                    })?
+            };
             attach.execute(params![pk, link_id])?;
             if state == LinkState::Linked {
                 continue;

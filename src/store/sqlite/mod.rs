@@ -739,7 +739,11 @@ impl Store for SqliteStore {
             sql.push_str(&clause.replace("?N", &format!("?{}", values.len())));
         };
         if let Some(s) = f.state {
-            cond(&mut values, Value::Text(s.as_str().into()), " AND state = ?N");
+            cond(
+                &mut values,
+                Value::Text(s.as_str().into()),
+                " AND state = ?N",
+            );
         }
         if let Some(s) = &f.source {
             cond(&mut values, Value::Text(s.clone()), " AND source = ?N");
@@ -765,7 +769,11 @@ impl Store for SqliteStore {
             // An id prefix as a range of the (event_id, source) index, or a lead key through
             // the mapping table to its leads' links.
             cond(&mut values, Value::Text(q.clone()), " AND ((event_id >= ?N");
-            cond(&mut values, Value::Text(prefix_end(q)), " AND event_id < ?N)");
+            cond(
+                &mut values,
+                Value::Text(prefix_end(q)),
+                " AND event_id < ?N)",
+            );
             cond(
                 &mut values,
                 Value::Text(q.clone()),
@@ -777,7 +785,11 @@ impl Store for SqliteStore {
         if let Some(b) = f.before {
             cond(&mut values, Value::Integer(b), " AND id < ?N");
         }
-        cond(&mut values, Value::Integer(f.limit), " ORDER BY id DESC LIMIT ?N");
+        cond(
+            &mut values,
+            Value::Integer(f.limit),
+            " ORDER BY id DESC LIMIT ?N",
+        );
         self.read(move |db| summaries(db, &sql, rusqlite::params_from_iter(values)))
             .await
     }
@@ -1018,7 +1030,9 @@ impl Store for SqliteStore {
                       + (SELECT COUNT(*) FROM objects WHERE due_at IS NOT NULL)"
             )),
             // Three MINs, each the first entry of a partial index (migration 6).
-            self.read(|db| Ok(db.prepare_cached(OLDEST_PENDING)?.query_row([], |r| r.get(0))?)),
+            self.read(|db| Ok(db
+                .prepare_cached(OLDEST_PENDING)?
+                .query_row([], |r| r.get(0))?)),
         )?;
         Stats::from_counts(
             events_by_state,
