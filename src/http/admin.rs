@@ -665,7 +665,7 @@ async fn discard_event(
     .into_response())
 }
 
-fn known_source<'a>(
+pub fn known_source<'a>(
     state: &'a AppState,
     source: &str,
 ) -> Result<&'a crate::config::SourceConfig, AppError> {
@@ -677,7 +677,7 @@ fn known_source<'a>(
 }
 
 /// The key as the lookup compares it (emails case-insensitively).
-fn mapping_key(source: &crate::config::SourceConfig, key: &str) -> String {
+pub fn mapping_key(source: &crate::config::SourceConfig, key: &str) -> String {
     crate::mapping::normalize_key(key, source.lead.lookup, source.lead.field)
 }
 
@@ -854,15 +854,25 @@ async fn import_mappings(
             "send the file as Content-Type: text/csv".into(),
         ));
     }
-    let text = std::str::from_utf8(&body)
+    let n = import_csv(&state, src, &body).await?;
+    Ok(axum::Json(Imported { imported: n as u64 }).into_response())
+}
+
+/// Imports `key,lead_id` CSV into a source's mapping table (the admin API's and the
+/// dashboard's upload); a malformed line rejects the whole file, naming its line.
+pub async fn import_csv(
+    state: &AppState,
+    src: &crate::config::SourceConfig,
+    body: &[u8],
+) -> Result<usize, AppError> {
+    let text = std::str::from_utf8(body)
         .map_err(|_| AppError::BadRequest("the CSV is not UTF-8".into()))?;
     let rows = parse_csv(text).map_err(AppError::BadRequest)?;
     let rows: Vec<(String, String)> = rows
         .into_iter()
         .map(|(k, l)| (mapping_key(src, &k), l))
         .collect();
-    let n = state.store.mapping_import(&source, &rows).await?;
-    Ok(axum::Json(Imported { imported: n as u64 }).into_response())
+    Ok(state.store.mapping_import(&src.name, &rows).await?)
 }
 
 #[cfg(test)]

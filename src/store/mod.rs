@@ -598,6 +598,13 @@ pub trait Store: Send + Sync + 'static {
     async fn mapping_get(&self, source: &str, key: &str) -> Result<Vec<String>>;
     async fn mapping_put(&self, source: &str, key: &str, lead_ids: &[String]) -> Result<()>;
     async fn mapping_delete(&self, source: &str, key: &str) -> Result<bool>;
+    /// One page of a source's `(key, lead id)` rows in key order, after the row `after`.
+    async fn mapping_list(
+        &self,
+        source: &str,
+        after: Option<(String, String)>,
+        limit: i64,
+    ) -> Result<Vec<(String, String)>>;
     /// Adds many `key -> lead id` rows in one transaction; returns how many rows were given.
     async fn mapping_import(&self, source: &str, rows: &[(String, String)]) -> Result<usize>;
     /// Closes the pools, flushing SQLite's WAL.

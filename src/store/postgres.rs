@@ -1313,6 +1313,26 @@ impl Store for PostgresStore {
         )
     }
 
+    async fn mapping_list(
+        &self,
+        source: &str,
+        after: Option<(String, String)>,
+        limit: i64,
+    ) -> Result<Vec<(String, String)>> {
+        let (key, lead) = after.unwrap_or_default();
+        // A row value over the primary key (source, key, lead_id): one range scan.
+        Ok(sqlx::query_as(
+            "SELECT key, lead_id FROM mappings WHERE source = $1 AND (key, lead_id) > ($2, $3)
+             ORDER BY key, lead_id LIMIT $4",
+        )
+        .bind(source)
+        .bind(key)
+        .bind(lead)
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?)
+    }
+
     async fn mapping_import(&self, source: &str, rows: &[(String, String)]) -> Result<usize> {
         let mut w = self.writer().await?;
         let mut tx = sqlx::Connection::begin(&mut *w).await?;

@@ -1096,6 +1096,28 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn mapping_list(
+        &self,
+        source: &str,
+        after: Option<(String, String)>,
+        limit: i64,
+    ) -> Result<Vec<(String, String)>> {
+        let source = source.to_string();
+        let (key, lead) = after.unwrap_or_default();
+        self.read(move |db| {
+            // A row value over the primary key (source, key, lead_id): one range scan.
+            let mut st = db.prepare_cached(
+                "SELECT key, lead_id FROM mappings WHERE source = ?1 AND (key, lead_id) > (?2, ?3)
+                 ORDER BY key, lead_id LIMIT ?4",
+            )?;
+            let rows = st.query_map(params![source, key, lead, limit], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
     async fn mapping_import(&self, source: &str, rows: &[(String, String)]) -> Result<usize> {
         let (source, rows) = (source.to_string(), rows.to_vec());
         self.write_tx(move |db| {
