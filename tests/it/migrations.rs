@@ -47,7 +47,7 @@ fn sprintlink(args: &[&str]) -> std::process::Output {
 }
 
 /// The schema versions this binary applies, in order.
-const VERSIONS: &[i64] = &[1, 3, 4];
+const VERSIONS: &[i64] = &[1, 3, 4, 6];
 
 async fn schema_versions(url: &str) -> Vec<i64> {
     use sqlx::Connection;
