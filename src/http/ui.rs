@@ -439,7 +439,7 @@ h2{font-size:16px;margin:28px 0 12px}
 .muted{color:#6b7280}
 .mono,code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,"DejaVu Sans Mono",monospace;font-size:13px}
 .card{background:#fff;border:1px solid #e5e7eb;border-radius:10px;padding:18px 20px}
-.cards{display:grid;grid-template-columns:repeat(4,1fr);gap:16px}
+.cards{display:grid;grid-template-columns:repeat(5,1fr);gap:16px}
 .stat{display:block;color:inherit}
 .stat:hover{text-decoration:none;border-color:#93c5fd}
 .stat .n{font-size:30px;font-weight:700;margin-top:6px}
@@ -468,6 +468,7 @@ a.btn-light{display:inline-block;padding:7px 14px;border:1px solid #d1d5db;borde
 .pager{display:flex;justify-content:space-between;margin-top:14px}
 dl{display:grid;grid-template-columns:140px 1fr;gap:8px 16px;margin:0}
 dt{color:#6b7280}dd{margin:0;word-break:break-all}
+.actions{display:flex;gap:10px;align-items:center}.actions form{margin:0}
 .head{display:flex;justify-content:space-between;align-items:flex-start;gap:16px}
 button.danger{background:#fff;border-color:#fca5a5;color:#991b1b;padding:3px 10px;font-weight:500}
 button.danger:hover{background:#fef2f2}
@@ -922,7 +923,7 @@ async fn event_page(
         c,
         "<div class=\"head\"><h1>Event <span class=\"mono\" id=\"event-id\">{}</span>\
          <span id=\"event-state\">{}</span></h1>\
-         <form method=\"post\" action=\"{}\">{}<button id=\"replay\" type=\"submit\">Replay</button></form></div>",
+         <div class=\"actions\"><form method=\"post\" action=\"{}\">{}<button id=\"replay\" type=\"submit\">Replay</button></form>{}</div></div>",
         esc(&s.event_id),
         event_badge(s.state),
         esc(&format!(
@@ -931,6 +932,24 @@ async fn event_page(
             pct(&s.source)
         )),
         csrf_field(&who),
+        if s.state.discardable() && s.state != EventState::Discarded {
+            // The bulk action with this one event, back to this page.
+            format!(
+                "<form method=\"post\" action=\"/ui/events/bulk\">{}\
+                 <input type=\"hidden\" name=\"pk\" value=\"{}\">\
+                 <input type=\"hidden\" name=\"back\" value=\"{}\">\
+                 <button id=\"discard\" class=\"danger\" type=\"submit\" name=\"action\" value=\"discard\">Discard</button></form>",
+                csrf_field(&who),
+                s.pk,
+                esc(&format!(
+                    "/ui/events/{}?source={}",
+                    pct(&s.event_id),
+                    pct(&s.source)
+                )),
+            )
+        } else {
+            String::new()
+        },
     );
     if q.replayed == Some(true) {
         c.push_str(
@@ -1632,7 +1651,10 @@ fn multipart_parts(raw: &[u8], boundary: &str) -> Option<Vec<(String, Vec<u8>)>>
         description = "`csrf` is required when signed in with the session cookie"),
     responses(
         (status = 303, description = "Imported: back to the table (or, not signed in, to `/ui/login`)", headers(("Location" = String))),
-        (status = 400, description = "The page with the error (a malformed line, named), or `bad_request`: not multipart", content_type = "text/html", body = String),
+        (status = 400, description = "The page with the error (a malformed line, named), or `bad_request` (JSON): not multipart", content(
+            (String = "text/html"),
+            (crate::http::openapi::ErrorBody = "application/json"),
+        )),
         crate::http::openapi::Unauthorized,
         crate::http::openapi::TooManyRequests,
         (status = 403, description = "`csrf`: the form's CSRF token is missing or wrong, or the browser marks the POST as cross-site", body = crate::http::openapi::ErrorBody),
