@@ -7,13 +7,14 @@
 //! exec of the binary), so the ratios stay meaningful on whatever machine runs it.
 //!
 //! Knobs (environment): `BENCH_SECONDS` (10) per timed phase, `BENCH_WARMUP_SECONDS` (2),
-//! `BENCH_BACKENDS` (sqlite,postgres), `BENCH_ONLY` (ingest,paced,delivery,limited,fleet,memory,startup,pruning),
+//! `BENCH_BACKENDS` (sqlite,postgres), `BENCH_ONLY` (ingest,paced,delivery,limited,fleet,memory,search,startup,pruning),
 //! `BENCH_CONNECTIONS` (64), `BENCH_PACED_RATE` (2000), `BENCH_DELIVERY_EVENTS`
 //! (5000 x BENCH_SECONDS), `BENCH_DELIVERY_CONCURRENCY` (64), `BENCH_RATE_LIMIT` (200),
 //! `BENCH_FLEET_RATE` (20: the deployment-wide rate of the fleet phase, PostgreSQL only),
 //! `BENCH_MEMORY_EVENTS` (1000000), `BENCH_PG_MEMORY_EVENTS` (same), `BENCH_MEMORY_SECONDS` (5),
-//! `BENCH_STARTUP_RUNS` (7), `BENCH_PRUNE_EVENTS` (200000, the delivered events the `pruning`
-//! phase has retention delete), `BENCH_CLIENT_THREADS` (2), `SPRINTLINK_TEST_PG_URL` (as the
+//! `BENCH_SEARCH_EVENTS` (1000000: the admin search phase `search`), `BENCH_STARTUP_RUNS` (7),
+//! `BENCH_PRUNE_EVENTS` (200000, the delivered events the `pruning` phase has retention
+//! delete), `BENCH_CLIENT_THREADS` (2), `SPRINTLINK_TEST_PG_URL` (as the
 //! tests: postgres://postgres@127.0.0.1:5432), `BENCH_DIR` (the system temp dir), `BENCH_KEEP` (1 keeps
 //! the temp dir and databases), `BENCH_RUST_LOG` (the service's RUST_LOG, default info),
 //! `BENCH_SERVICE_BIN` (another sprintlink binary to measure, e.g. a build of the previous commit).
@@ -68,6 +69,7 @@ struct Opts {
     prune_events: usize,
     pg_memory_events: usize,
     memory_seconds: f64,
+    search_events: usize,
     startup_runs: usize,
     client_threads: usize,
     dir: PathBuf,
@@ -129,6 +131,7 @@ impl Opts {
             prune_events,
             pg_memory_events: env_or("BENCH_PG_MEMORY_EVENTS", memory_events),
             memory_seconds: env_or("BENCH_MEMORY_SECONDS", 5.0),
+            search_events: env_or("BENCH_SEARCH_EVENTS", 1_000_000usize),
             startup_runs: env_or("BENCH_STARTUP_RUNS", 7),
             client_threads: env_or("BENCH_CLIENT_THREADS", 2),
             dir,
@@ -974,7 +977,8 @@ async fn prefill_from(
                             )),
                             event_id: id,
                             event_type: Some("object.created".into()),
-                            received_at: now,
+                            // One millisecond apart, oldest first, so time filters can cut.
+                            received_at: now - (n - i) as i64,
                             object_id: Some(object.to_string()),
                             plan: Plan::Links(vec![lead.to_string()]),
                         }
@@ -1706,6 +1710,183 @@ async fn phase_memory(env: &Env, backend: Backend, hub: &StandIn) -> Result<Vec<
     r
 }
 
+/// The admin search (issue 17): each filter of `GET /admin/events` as one `Store::list_events`
+/// page of 50, the median of 5 runs, on `BENCH_SEARCH_EVENTS` queued events (one pair each,
+/// 977 leads, received 1 ms apart); beside the unfiltered page as the baseline.
+async fn phase_search(env: &Env, backend: Backend) -> Result<Vec<Row>> {
+    let o = &env.opts;
+    let b = backend.name();
+    let n = o.search_events.max(1000);
+    let dir = env.phase_dir(&format!("{b}-search"))?;
+    let db = env.fresh_db(backend, &dir).await?;
+    let r = async {
+        let tag = format!("{}s", env.run_id);
+        eprintln!("bench: {b}: prefilling {n} events for the search phase");
+        // The prefill's times: event i is received at `now - (n - i)` ms, `now` taken when it
+        // starts (a few ms after this); so the oldest is about `first`, the newest `first + n`.
+        let first = store::now_ms() - n as i64;
+        let newest = first + n as i64;
+        let took = prefill(&db.url, n, 5000, prefill_parallel(backend), &tag).await?;
+        eprintln!("bench: {b}: prefilled in {:.1} s", took.as_secs_f64());
+        if backend == Backend::Postgres {
+            // What autovacuum does after a bulk load; without statistics the planner guesses.
+            let pool = sqlx::PgPool::connect(&db.url).await?;
+            sqlx::query("ANALYZE").execute(&pool).await?;
+            pool.close().await;
+        }
+        let s = store::open(&db.url).await.map_err(|e| anyhow!("{e}"))?;
+        let mid = n / 2;
+        let lead = 8000 + (500_000_000 + mid as u64) % 977;
+        s.mapping_put("erp", "buyer@example.com", &[lead.to_string()])
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let f = |f: store::EventFilter| store::EventFilter { limit: 50, ..f };
+        let cases: Vec<(String, store::EventFilter)> = vec![
+            ("no filter (baseline)".into(), f(Default::default())),
+            (
+                "state=queued".into(),
+                f(store::EventFilter {
+                    state: Some(store::EventState::Queued),
+                    ..Default::default()
+                }),
+            ),
+            (
+                "state=dead (none)".into(),
+                f(store::EventFilter {
+                    state: Some(store::EventState::Dead),
+                    ..Default::default()
+                }),
+            ),
+            (
+                "object_id".into(),
+                f(store::EventFilter {
+                    object_id: Some((500_000_000 + mid as u64).to_string()),
+                    ..Default::default()
+                }),
+            ),
+            (
+                "object_id + source + state".into(),
+                f(store::EventFilter {
+                    object_id: Some((500_000_000 + mid as u64).to_string()),
+                    source: Some("erp".into()),
+                    state: Some(store::EventState::Queued),
+                    ..Default::default()
+                }),
+            ),
+            (
+                format!("lead_id (~{} events)", n / 977),
+                f(store::EventFilter {
+                    lead_id: Some(lead.to_string()),
+                    ..Default::default()
+                }),
+            ),
+            (
+                "lead_id + state=dead (none)".into(),
+                f(store::EventFilter {
+                    lead_id: Some(lead.to_string()),
+                    state: Some(store::EventState::Dead),
+                    ..Default::default()
+                }),
+            ),
+            (
+                "since (newest 1000 ms)".into(),
+                f(store::EventFilter {
+                    since: Some(newest - 1000),
+                    ..Default::default()
+                }),
+            ),
+            (
+                "until (oldest 1000 ms)".into(),
+                f(store::EventFilter {
+                    until: Some(first + 1000),
+                    ..Default::default()
+                }),
+            ),
+            (
+                "since + until (1 s in the middle)".into(),
+                f(store::EventFilter {
+                    since: Some(first + mid as i64),
+                    until: Some(first + mid as i64 + 1000),
+                    ..Default::default()
+                }),
+            ),
+            (
+                "q = event id prefix".into(),
+                f(store::EventFilter {
+                    q: Some(format!("{tag}-{}", mid / 10)),
+                    ..Default::default()
+                }),
+            ),
+            (
+                "q = lead key (mapping)".into(),
+                f(store::EventFilter {
+                    q: Some("buyer@example.com".into()),
+                    ..Default::default()
+                }),
+            ),
+            (
+                "q matching nothing".into(),
+                f(store::EventFilter {
+                    q: Some("nothing-like-it".into()),
+                    ..Default::default()
+                }),
+            ),
+        ];
+        let mut rows = Vec::new();
+        let mut baseline = None;
+        let label = if n == 1_000_000 {
+            "1M".to_string()
+        } else {
+            format!("{n}")
+        };
+        for (name, filter) in cases {
+            let mut times = Vec::new();
+            let mut found = 0;
+            for _ in 0..5 {
+                let t = Instant::now();
+                found = s
+                    .list_events(&filter)
+                    .await
+                    .map_err(|e| anyhow!("{name}: {e}"))?
+                    .len();
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            let ms = median(times);
+            let base = *baseline.get_or_insert(ms);
+            rows.push(row(
+                b,
+                format!("search {label}: {name}"),
+                format!("{ms:.2} ms ({found} rows)"),
+                "< 100 ms",
+                format!("{:.1} x no filter", ms / base.max(0.001)),
+                Some(ms < 100.0),
+            ));
+        }
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            let st = s.stats().await.map_err(|e| anyhow!("stats: {e}"))?;
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+            if st.oldest_pending_at.is_none() {
+                bail!("stats: no oldest pending job with {n} queued");
+            }
+        }
+        rows.push(row(
+            b,
+            format!("stats {label} (with oldest pending)"),
+            format!("{:.1} ms", median(times)),
+            "-",
+            "diagnostic",
+            None,
+        ));
+        s.close().await;
+        anyhow::Ok(rows)
+    }
+    .await;
+    env.drop_db(db).await;
+    r
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -2199,6 +2380,10 @@ async fn run(env: Arc<Env>) -> Vec<Row> {
         groups.push((backend, g));
     }
     for (backend, g) in &mut groups {
+        if o.runs("search") {
+            let r = phase_search(&env, *backend).await;
+            push(g, &format!("{}: search", backend.name()), r);
+        }
         if o.runs("memory") {
             let r = phase_memory(&env, *backend, &hub).await;
             push(g, &format!("{}: memory", backend.name()), r);

@@ -16,14 +16,18 @@ pub enum EventState {
     Parked,
     /// A link or the resolution failed for good.
     Dead,
+    /// An operator said it must not be delivered (`POST /admin/events/{id}/discard`): none of
+    /// its pending links is sent for it, and it stays so until replayed.
+    Discarded,
 }
 
 impl EventState {
-    pub const ALL: [EventState; 4] = [
+    pub const ALL: [EventState; 5] = [
         EventState::Queued,
         EventState::Delivered,
         EventState::Parked,
         EventState::Dead,
+        EventState::Discarded,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -32,6 +36,7 @@ impl EventState {
             EventState::Delivered => "delivered",
             EventState::Parked => "parked",
             EventState::Dead => "dead",
+            EventState::Discarded => "discarded",
         }
     }
 
@@ -39,8 +44,13 @@ impl EventState {
     pub const fn replayable(self) -> bool {
         matches!(
             self,
-            EventState::Dead | EventState::Parked | EventState::Queued
+            EventState::Dead | EventState::Parked | EventState::Queued | EventState::Discarded
         )
+    }
+
+    /// The states an operator can discard: any not yet delivered.
+    pub const fn discardable(self) -> bool {
+        !matches!(self, EventState::Delivered)
     }
 }
 
@@ -210,6 +220,7 @@ mod tests {
             ("delivered", EventState::Delivered),
             ("parked", EventState::Parked),
             ("dead", EventState::Dead),
+            ("discarded", EventState::Discarded),
         ] {
             assert_eq!(text.parse::<EventState>(), Ok(state));
             assert_eq!(state.to_string(), text);

@@ -1,6 +1,6 @@
 //! Retention (SPEC section 9): a task beside the worker that, every `retention.interval`, blanks
 //! the bodies of delivered events (`retention.bodies`), deletes delivered events
-//! (`retention.delivered`) and dead or parked ones (`retention.failed`), then gives the freed
+//! (`retention.delivered`) and dead, parked or discarded ones (`retention.failed`), then gives the freed
 //! space back to the file system (SQLite). It works in batches of `BATCH` events, one short
 //! transaction each, and pauses between them for three times as long as the batch took, so ingest
 //! and delivery keep at least three quarters of the database's time while millions of rows go.

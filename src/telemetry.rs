@@ -307,6 +307,15 @@ impl Metrics {
                 "# HELP sprintlink_dead_links Links that gave up, waiting for a replay.\n# TYPE sprintlink_dead_links gauge\nsprintlink_dead_links {}",
                 s.dead_links
             );
+            // 0 when nothing waits; a clock step back never shows a negative age.
+            let age_ms = s
+                .oldest_pending_at
+                .map_or(0, |at| (crate::store::now_ms() - at).max(0));
+            let _ = writeln!(
+                out,
+                "# HELP sprintlink_oldest_pending_seconds Age of the oldest link, lead resolution or object creation still waiting (0 when none).\n# TYPE sprintlink_oldest_pending_seconds gauge\nsprintlink_oldest_pending_seconds {:.3}",
+                age_ms as f64 / 1000.0
+            );
             let _ = writeln!(
                 out,
                 "# HELP sprintlink_events Stored events by state.\n# TYPE sprintlink_events gauge"
@@ -367,6 +376,19 @@ mod tests {
         assert!(text.contains("sprintlink_links_total{outcome=\"linked\"} 1"));
         assert!(text.contains("sprintlink_queue_depth 4"));
         assert!(text.contains("sprintlink_dead_links 1"));
+        assert!(text.contains("sprintlink_oldest_pending_seconds 0.000"));
+        let old = Stats {
+            oldest_pending_at: Some(crate::store::now_ms() - 90_000),
+            storage_bytes: Some(8192),
+            ..Default::default()
+        };
+        let text = m.render(Some(&old));
+        let age: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("sprintlink_oldest_pending_seconds "))
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        assert!((90.0..100.0).contains(&age), "{age}");
         assert!(text.contains("sprintlink_events{state=\"queued\"} 0"));
         assert!(text.contains("sprintlink_pruned_events_total{rule=\"delivered\"} 520"));
         assert!(text.contains("sprintlink_storage_bytes 8192"));

@@ -21,8 +21,8 @@ use utoipa_axum::routes;
 use crate::http::AppState;
 use crate::http::auth::{Peer, Verdict};
 use crate::http::bodies::{
-    DeliveryStatus, EventDocument, EventList, EventView, Imported, Mapping, MappingRequest,
-    PauseRequest, ReplayManyRequest, Replayed, ReplayedMany,
+    DeliveryStatus, DiscardRequest, Discarded, EventDocument, EventList, EventView, Imported,
+    Mapping, MappingRequest, PauseRequest, ReplayManyRequest, Replayed, ReplayedMany,
 };
 use crate::http::error::{
     ApiBytes, ApiJson, ApiPath as Path, ApiQuery as Query, AppError, BodyLimit,
@@ -41,6 +41,7 @@ pub fn routes(state: Arc<AppState>) -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(list_events))
         .routes(routes!(get_event))
         .routes(routes!(replay_event))
+        .routes(routes!(discard_event))
         .routes(routes!(replay_many))
         .routes(routes!(import_mappings))
         .routes(routes!(get_mapping, put_mapping, delete_mapping))
@@ -96,6 +97,147 @@ async fn require_admin(State(state): State<Arc<AppState>>, req: Request, next: N
 /// RFC 3339 in UTC with milliseconds (shared with the alerts, which sit below `http`).
 pub use crate::domain::rfc3339;
 
+/// Unix milliseconds from RFC 3339 (`2026-01-02T03:04:05Z`, `...05.123+02:00`); `None` when
+/// the text is not one. A `+` offset that a query string decoded into a space is read as `+`.
+pub fn parse_rfc3339(text: &str) -> Option<Millis> {
+    let b = text.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = b.get(r)?;
+        if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(part).ok()?.parse().ok()
+    };
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    if !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days_in = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=12).contains(&mo) || d < 1 || d > days_in[(mo - 1) as usize] {
+        return None;
+    }
+    // A leap second (60) is read as the last second of its minute.
+    if h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut millis = 0;
+    if b[i] == b'.' {
+        let start = i + 1;
+        i = start;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+        let frac = &text[start..i.min(start + 3)];
+        millis = frac.parse::<i64>().ok()? * 10_i64.pow(3 - frac.len() as u32);
+    }
+    let offset = match b.get(i..)? {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-' | b' '), ..] if b.len() == i + 6 && b[i + 3] == b':' => {
+            let (oh, om) = (num(i + 1..i + 3)?, num(i + 4..i + 6)?);
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            let o = (oh * 60 + om) * 60;
+            if *sign == b'-' { -o } else { o }
+        }
+        _ => return None,
+    };
+    // Howard Hinnant's days_from_civil.
+    let (y2, m2) = if mo <= 2 {
+        (y - 1, mo + 9)
+    } else {
+        (y, mo - 3)
+    };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * m2 + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + sec.min(59) - offset;
+    Some(secs * 1000 + millis)
+}
+
+/// The search fields of a list or a bulk replay, validated.
+struct Search {
+    object_id: Option<String>,
+    lead_id: Option<String>,
+    since: Option<Millis>,
+    until: Option<Millis>,
+    q: Option<String>,
+}
+
+/// Longest text a search field may hold.
+const SEARCH_MAX: usize = 1000;
+
+impl Search {
+    fn parse(
+        object_id: &Option<String>,
+        lead_id: &Option<String>,
+        since: &Option<String>,
+        until: &Option<String>,
+        q: &Option<String>,
+    ) -> Result<Search, AppError> {
+        let text = |name: &str, v: &Option<String>| -> Result<Option<String>, AppError> {
+            match v.as_deref().map(str::trim).filter(|v| !v.is_empty()) {
+                Some(v) if v.len() > SEARCH_MAX || v.contains('\0') => Err(AppError::BadRequest(
+                    format!("{name} must be at most {SEARCH_MAX} bytes, without NUL"),
+                )),
+                v => Ok(v.map(str::to_string)),
+            }
+        };
+        let time = |name: &str, v: &Option<String>| -> Result<Option<Millis>, AppError> {
+            match v.as_deref().map(str::trim).filter(|v| !v.is_empty()) {
+                None => Ok(None),
+                Some(t) => parse_rfc3339(t).map(Some).ok_or_else(|| {
+                    AppError::BadRequest(format!(
+                        "{name} must be an RFC 3339 time such as 2026-01-02T03:04:05Z, not {t:?}"
+                    ))
+                }),
+            }
+        };
+        Ok(Search {
+            object_id: text("object_id", object_id)?,
+            lead_id: text("lead_id", lead_id)?,
+            since: time("since", since)?,
+            until: time("until", until)?,
+            q: text("q", q)?,
+        })
+    }
+
+    fn into_filter(self, filter: EventFilter) -> EventFilter {
+        EventFilter {
+            object_id: self.object_id,
+            lead_id: self.lead_id,
+            since: self.since,
+            until: self.until,
+            q: self.q,
+            ..filter
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
@@ -104,6 +246,17 @@ pub struct ListQuery {
     pub state: Option<String>,
     /// Only events of this source.
     pub source: Option<String>,
+    /// Only events of this object id.
+    pub object_id: Option<String>,
+    /// Only events with a link to this lead id.
+    pub lead_id: Option<String>,
+    /// Only events received at or after this time (RFC 3339, e.g. `2026-01-02T03:04:05Z`).
+    pub since: Option<String>,
+    /// Only events received before this time (RFC 3339).
+    pub until: Option<String>,
+    /// An event id prefix, or a lead key of a mapping table: events whose id starts with it,
+    /// or linked to a lead it maps to.
+    pub q: Option<String>,
     /// Page size, 1 to 500 (default 50).
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
@@ -133,12 +286,14 @@ pub fn filter_from(q: &ListQuery) -> Result<EventFilter, AppError> {
             "limit must be between 1 and 500".into(),
         ));
     }
-    Ok(EventFilter {
+    let search = Search::parse(&q.object_id, &q.lead_id, &q.since, &q.until, &q.q)?;
+    Ok(search.into_filter(EventFilter {
         state,
         source: q.source.clone().filter(|s| !s.is_empty()),
         before,
         limit,
-    })
+        ..Default::default()
+    }))
 }
 
 /// List events, newest first.
@@ -149,7 +304,7 @@ pub fn filter_from(q: &ListQuery) -> Result<EventFilter, AppError> {
     params(ListQuery),
     responses(
         (status = 200, description = "A page of events; follow `next_cursor` for older ones", body = EventList),
-        (status = 400, description = "`bad_request`: a bad state, limit or cursor", body = crate::http::openapi::ErrorBody),
+        (status = 400, description = "`bad_request`: a bad state, limit, cursor or RFC 3339 time", body = crate::http::openapi::ErrorBody),
         crate::http::openapi::Unauthorized,
         crate::http::openapi::TooManyRequests,
         (status = 404, description = "`not_found`: the admin API is off (no `admin.token`)", body = crate::http::openapi::ErrorBody),
@@ -301,8 +456,8 @@ async fn replay_event(
         .into_response())
 }
 
-/// Replay the events in a state (default `dead`), optionally of one source, a bounded number
-/// per call.
+/// Replay the events in a state (default `dead`), optionally narrowed by the filters of
+/// `GET /admin/events`, a bounded number per call.
 ///
 /// Each call replays at most `limit` events (default 100, at most 500), newest first, and answers
 /// `next_cursor` while more may remain: call again with `"cursor"` set to it until it is null.
@@ -315,7 +470,7 @@ async fn replay_event(
         example = json!({"state": "dead", "source": "erp", "limit": 100})),
     responses(
         (status = 202, description = "How many events this call replayed, and where the next call goes on", body = ReplayedMany),
-        (status = 400, description = "`bad_request`: not `{\"state\", \"source\", \"limit\", \"cursor\"}`, a state other than dead, parked, queued, a limit outside 1 to 500, or a cursor this API did not give", body = crate::http::openapi::ErrorBody),
+        (status = 400, description = "`bad_request`: not `{\"state\", \"source\", \"object_id\", \"lead_id\", \"since\", \"until\", \"q\", \"limit\", \"cursor\"}`, a state other than dead, parked, queued, discarded, a bad RFC 3339 time, a limit outside 1 to 500, or a cursor this API did not give", body = crate::http::openapi::ErrorBody),
         crate::http::openapi::Unauthorized,
         crate::http::openapi::TooManyRequests,
         (status = 404, description = "`not_found`: the admin API is off (no `admin.token`)", body = crate::http::openapi::ErrorBody),
@@ -335,7 +490,9 @@ async fn replay_many(
             .parse::<EventState>()
             .ok()
             .filter(|s| s.replayable())
-            .ok_or_else(|| AppError::BadRequest("state must be dead, parked or queued".into()))?,
+            .ok_or_else(|| {
+                AppError::BadRequest("state must be dead, parked, queued or discarded".into())
+            })?,
     };
     let limit = req.limit.unwrap_or(REPLAY_LIMIT_DEFAULT);
     if !(1..=REPLAY_LIMIT_MAX).contains(&limit) {
@@ -350,12 +507,14 @@ async fn replay_many(
         ),
         None => None,
     };
-    let filter = EventFilter {
+    let search = Search::parse(&req.object_id, &req.lead_id, &req.since, &req.until, &req.q)?;
+    let filter = search.into_filter(EventFilter {
         state: Some(wanted),
         source: req.source.filter(|s| !s.is_empty()),
         before,
         limit,
-    };
+        ..Default::default()
+    });
     let page = state.store.list_events(&filter).await?;
     for e in &page {
         replay(&state, e).await?;
@@ -373,7 +532,71 @@ async fn replay_many(
         .into_response())
 }
 
-fn known_source<'a>(
+/// Discards the event: nothing more is sent for it, and it stays `discarded` until replayed.
+pub async fn discard(state: &AppState, e: &EventSummary, reason: &str) -> Result<(), AppError> {
+    let reason = reason.trim();
+    if reason.is_empty() || reason.chars().count() > 1000 {
+        return Err(AppError::BadRequest(
+            "reason must be 1 to 1000 characters".into(),
+        ));
+    }
+    if !e.state.discardable() {
+        return Err(AppError::Conflict(format!(
+            "event {:?} is {}: there is nothing left to discard",
+            e.event_id, e.state
+        )));
+    }
+    state
+        .store
+        .discard(e.pk, reason, crate::store::now_ms())
+        .await?;
+    tracing::info!(event_id = %e.event_id, source = %e.source, "event discarded");
+    Ok(())
+}
+
+/// Discard one event.
+///
+/// None of its pending links is sent for it any more (a pair another live event wants is still
+/// sent for that one); its lead resolution and object creation stop. A replay brings it back.
+#[utoipa::path(
+    post,
+    path = "/admin/events/{event_id}/discard",
+    tag = "admin",
+    params(("event_id" = String, Path, description = "The event id (unique per source)"), SourceQuery),
+    request_body(content = DiscardRequest, content_type = "application/json",
+        example = json!({"reason": "sent by mistake"})),
+    responses(
+        (status = 200, description = "Discarded", body = Discarded),
+        (status = 400, description = "`bad_request`: a malformed path or query, or not `{\"reason\"}` with 1 to 1000 characters", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 404, description = "`not_found`: no such event, or the admin API is off (no `admin.token`)", body = crate::http::openapi::ErrorBody),
+        (status = 409, description = "`conflict`: the event is delivered, or several sources have an event with this id (add `?source=`)", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::PayloadTooLarge,
+        crate::http::openapi::UnsupportedMediaType,
+        crate::http::openapi::StorageUnavailable,
+    ),
+    security(("admin_token" = []))
+)]
+async fn discard_event(
+    State(state): State<Arc<AppState>>,
+    Path(event_id): Path<String>,
+    Query(q): Query<SourceQuery>,
+    ApiJson(req): ApiJson<DiscardRequest>,
+) -> Result<Response, AppError> {
+    let e = find_one(&state, &event_id, q.source.as_deref()).await?;
+    discard(&state, &e, &req.reason).await?;
+    let after = find_one(&state, &event_id, Some(&e.source)).await?;
+    Ok(axum::Json(Discarded {
+        event_id: after.event_id,
+        source: after.source,
+        state: after.state,
+        reason: after.reason.unwrap_or_default(),
+    })
+    .into_response())
+}
+
+pub fn known_source<'a>(
     state: &'a AppState,
     source: &str,
 ) -> Result<&'a crate::config::SourceConfig, AppError> {
@@ -385,7 +608,7 @@ fn known_source<'a>(
 }
 
 /// The key as the lookup compares it (emails case-insensitively).
-fn mapping_key(source: &crate::config::SourceConfig, key: &str) -> String {
+pub fn mapping_key(source: &crate::config::SourceConfig, key: &str) -> String {
     crate::mapping::normalize_key(key, source.lead.lookup, source.lead.field)
 }
 
@@ -562,20 +785,67 @@ async fn import_mappings(
             "send the file as Content-Type: text/csv".into(),
         ));
     }
-    let text = std::str::from_utf8(&body)
+    let n = import_csv(&state, src, &body).await?;
+    Ok(axum::Json(Imported { imported: n as u64 }).into_response())
+}
+
+/// Imports `key,lead_id` CSV into a source's mapping table (the admin API's and the
+/// dashboard's upload); a malformed line rejects the whole file, naming its line.
+pub async fn import_csv(
+    state: &AppState,
+    src: &crate::config::SourceConfig,
+    body: &[u8],
+) -> Result<usize, AppError> {
+    let text = std::str::from_utf8(body)
         .map_err(|_| AppError::BadRequest("the CSV is not UTF-8".into()))?;
     let rows = parse_csv(text).map_err(AppError::BadRequest)?;
     let rows: Vec<(String, String)> = rows
         .into_iter()
         .map(|(k, l)| (mapping_key(src, &k), l))
         .collect();
-    let n = state.store.mapping_import(&source, &rows).await?;
-    Ok(axum::Json(Imported { imported: n as u64 }).into_response())
+    Ok(state.store.mapping_import(&src.name, &rows).await?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_parses_what_it_formats_and_offsets() {
+        for ms in [0, 1_767_225_600_123, 951_782_400_000, -86_400_000] {
+            assert_eq!(parse_rfc3339(&rfc3339(ms)), Some(ms));
+        }
+        assert_eq!(
+            parse_rfc3339("2026-01-01T01:00:00+01:00"),
+            parse_rfc3339("2026-01-01T00:00:00Z")
+        );
+        assert_eq!(
+            parse_rfc3339("2026-01-01T01:00:00 01:00"),
+            parse_rfc3339("2026-01-01T00:00:00Z")
+        );
+        assert_eq!(
+            parse_rfc3339("2025-12-31T23:30:00-00:30"),
+            parse_rfc3339("2026-01-01T00:00:00.000Z")
+        );
+        assert_eq!(
+            parse_rfc3339("2026-01-01T00:00:00.5Z"),
+            Some(1_767_225_600_500)
+        );
+        for bad in [
+            "",
+            "yesterday",
+            "2026-01-01",
+            "2026-01-01T00:00:00",
+            "2026-02-30T00:00:00Z",
+            "2026-13-01T00:00:00Z",
+            "2026-01-01T24:00:00Z",
+            "2026-01-01T00:00:00.Z",
+            "2026-01-01T00:00:00+0100",
+            "2026-01-01T00:00:00Zjunk",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn rfc3339_formats_utc() {

@@ -43,7 +43,8 @@ state_schema!(
     EventState,
     "An event's state: `queued` (links pending), `delivered` (every link linked), \
      `parked` (object id or lead missing, or no lead found: waits for an operator), \
-     `dead` (a link, the resolution or the object's creation failed for good)."
+     `dead` (a link, the resolution or the object's creation failed for good), \
+     `discarded` (an operator discarded it: nothing is sent for it until it is replayed)."
 );
 state_schema!(LinkState, "A link's state.");
 state_schema!(
@@ -321,15 +322,43 @@ pub struct Replayed {
     pub state: EventState,
 }
 
+/// `POST /admin/events/{event_id}/discard`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiscardRequest {
+    /// Why, for whoever reads the event later (1 to 1000 characters).
+    #[schema(min_length = 1, max_length = 1000)]
+    pub reason: String,
+}
+
+/// `200` of `POST /admin/events/{event_id}/discard`: the event after the discard.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Discarded {
+    pub event_id: String,
+    pub source: String,
+    pub state: EventState,
+    pub reason: String,
+}
+
 /// Which events `POST /admin/replay` replays.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplayManyRequest {
     /// Default `dead`.
-    #[schema(pattern = "^(dead|parked|queued)$")]
+    #[schema(pattern = "^(dead|parked|queued|discarded)$")]
     pub state: Option<String>,
     /// Default: every source.
     pub source: Option<String>,
+    /// Only events of this object id.
+    pub object_id: Option<String>,
+    /// Only events with a link to this lead id.
+    pub lead_id: Option<String>,
+    /// Only events received at or after this time (RFC 3339).
+    pub since: Option<String>,
+    /// Only events received before this time (RFC 3339).
+    pub until: Option<String>,
+    /// An event id prefix, or a lead key of a mapping table (events linked to its leads).
+    pub q: Option<String>,
     /// Events replayed by this call, 1 to 500 (default 100).
     #[schema(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,

@@ -185,6 +185,40 @@ pub struct LoginForm {
     pub next: Option<String>,
 }
 
+/// The dashboard's bulk action on the selected events.
+#[derive(ToSchema)]
+pub struct BulkForm {
+    /// The token from the page's hidden field.
+    pub csrf: Option<String>,
+    /// `replay` or `discard`.
+    pub action: String,
+    /// The selected events (repeated), as the page's checkboxes name them.
+    pub pk: Vec<String>,
+    /// Why (discard); a default is written when empty.
+    pub reason: Option<String>,
+    /// The dashboard page to go back to.
+    pub back: Option<String>,
+}
+
+/// The dashboard's mapping form: set (`lead_ids` given) or delete a key.
+#[derive(ToSchema)]
+pub struct MappingForm {
+    /// The token from the page's hidden field.
+    pub csrf: Option<String>,
+    pub source: String,
+    pub key: String,
+    /// Lead ids separated by commas or spaces (set only).
+    pub lead_ids: Option<String>,
+}
+
+/// The dashboard's CSV upload: a `csrf` part and a `csv` file part of `key,lead_id` lines.
+#[derive(ToSchema)]
+pub struct CsvUpload {
+    pub csrf: Option<String>,
+    #[schema(format = Binary, value_type = String)]
+    pub csv: Vec<u8>,
+}
+
 /// A dashboard form that changes something; `csrf` is required with a session cookie.
 #[derive(ToSchema)]
 pub struct CsrfForm {

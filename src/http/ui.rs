@@ -51,6 +51,11 @@ pub fn routes(state: Arc<AppState>) -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(replay_action))
         .routes(routes!(pause_action))
         .routes(routes!(resume_action))
+        .routes(routes!(bulk_action))
+        .routes(routes!(mappings_page))
+        .routes(routes!(mapping_set))
+        .routes(routes!(mapping_delete))
+        .routes(routes!(mapping_upload))
         .routes(routes!(login_page, login_submit))
         .routes(routes!(logout))
         .route_layer(middleware::from_fn_with_state(state, guard))
@@ -381,6 +386,7 @@ fn event_badge(s: EventState) -> String {
         EventState::Delivered => "b-green",
         EventState::Parked => "b-amber",
         EventState::Dead => "b-red",
+        EventState::Discarded => "b-grey",
     };
     badge(s.as_str(), class)
 }
@@ -435,7 +441,7 @@ h2{font-size:16px;margin:28px 0 12px}
 .muted{color:#6b7280}
 .mono,code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,"DejaVu Sans Mono",monospace;font-size:13px}
 .card{background:#fff;border:1px solid #e5e7eb;border-radius:10px;padding:18px 20px}
-.cards{display:grid;grid-template-columns:repeat(4,1fr);gap:16px}
+.cards{display:grid;grid-template-columns:repeat(5,1fr);gap:16px}
 .stat{display:block;color:inherit}
 .stat:hover{text-decoration:none;border-color:#93c5fd}
 .stat .n{font-size:30px;font-weight:700;margin-top:6px}
@@ -455,7 +461,7 @@ h1 .mono{font-size:19px;font-weight:600}
 .filters{display:flex;gap:12px;align-items:end;margin-bottom:16px;flex-wrap:wrap}
 .filters button{height:36px;padding-top:0;padding-bottom:0}
 label{display:block;font-size:12px;color:#6b7280;margin-bottom:4px}
-select,input[type=password],input[type=text]{font:inherit;height:36px;padding:0 10px;border:1px solid #d1d5db;border-radius:6px;background:#fff;min-width:160px}
+select,input[type=password],input[type=text],input[type=file]{font:inherit;height:36px;padding:0 10px;border:1px solid #d1d5db;border-radius:6px;background:#fff;min-width:160px}
 button,.btn{font:inherit;font-weight:600;padding:7px 16px;border-radius:6px;border:1px solid #1d4ed8;background:#2563eb;color:#fff;cursor:pointer}
 button:hover{background:#1d4ed8}
 button.ghost{background:transparent;border-color:#4b5563;color:#d1d5db;padding:4px 12px;font-weight:500}
@@ -464,7 +470,10 @@ a.btn-light{display:inline-block;padding:7px 14px;border:1px solid #d1d5db;borde
 .pager{display:flex;justify-content:space-between;margin-top:14px}
 dl{display:grid;grid-template-columns:140px 1fr;gap:8px 16px;margin:0}
 dt{color:#6b7280}dd{margin:0;word-break:break-all}
+.actions{display:flex;gap:10px;align-items:center}.actions form{margin:0}
 .head{display:flex;justify-content:space-between;align-items:flex-start;gap:16px}
+button.danger{background:#fff;border-color:#fca5a5;color:#991b1b;padding:3px 10px;font-weight:500}
+button.danger:hover{background:#fef2f2}
 .notice{background:#ecfdf5;border:1px solid #a7f3d0;color:#065f46;border-radius:8px;padding:10px 14px;margin-bottom:18px}
 .error{background:#fef2f2;border:1px solid #fecaca;color:#991b1b;border-radius:8px;padding:10px 14px;margin-bottom:14px}
 .link{margin-bottom:16px}
@@ -504,6 +513,7 @@ enum Tab {
     Events,
     Dead,
     Parked,
+    Mappings,
     None,
 }
 
@@ -524,11 +534,12 @@ fn page(title: &str, tab: Tab, who: Option<&Who>, content: &str) -> String {
                 ),
             };
             format!(
-                "<nav>{}{}{}{}</nav><div class=\"who\">{account}</div>",
+                "<nav>{}{}{}{}{}</nav><div class=\"who\">{account}</div>",
                 nav_item(Tab::Overview, "/ui", "Overview"),
                 nav_item(Tab::Events, "/ui/events", "Events"),
                 nav_item(Tab::Dead, "/ui/events?state=dead", "Dead"),
                 nav_item(Tab::Parked, "/ui/events?state=parked", "Parked"),
+                nav_item(Tab::Mappings, "/ui/mappings", "Mappings"),
             )
         }
         None => String::new(),
@@ -553,18 +564,30 @@ fn csrf_field(who: &Who) -> String {
     }
 }
 
-fn events_table(events: &[EventSummary], now: Millis) -> String {
+/// The events as a table; with `select`, a checkbox per row (inside the bulk form).
+fn events_table(events: &[EventSummary], now: Millis, select: bool) -> String {
     if events.is_empty() {
         return "<div class=\"card muted\">No events.</div>".into();
     }
-    let mut t = String::from(
-        "<table id=\"events\"><thead><tr><th>Received</th><th>Event</th><th>Source</th>\
+    let mut t = format!(
+        "<table id=\"events\"><thead><tr>{}<th>Received</th><th>Event</th><th>Source</th>\
          <th>Type</th><th>Object</th><th>State</th><th>Reason</th></tr></thead><tbody>",
+        if select { "<th></th>" } else { "" }
     );
     for e in events {
+        let check = if select {
+            format!(
+                "<td><input type=\"checkbox\" name=\"pk\" value=\"{}\" class=\"select\" \
+                 aria-label=\"select {}\"></td>",
+                e.pk,
+                esc(&e.event_id)
+            )
+        } else {
+            String::new()
+        };
         let _ = write!(
             t,
-            "<tr><td>{}</td><td><a class=\"mono\" href=\"{}\">{}</a></td><td>{}</td>\
+            "<tr>{check}<td>{}</td><td><a class=\"mono\" href=\"{}\">{}</a></td><td>{}</td>\
              <td class=\"mono\">{}</td><td class=\"mono\">{}</td><td>{}</td><td class=\"reason\">{}</td></tr>",
             time_tag(e.received_at, now),
             esc(&event_href(e)),
@@ -654,7 +677,7 @@ async fn overview(
         Err(e) => return e.into_response(),
     }
     c.push_str("<h2>Latest events</h2>");
-    c.push_str(&events_table(&recent, now_ms()));
+    c.push_str(&events_table(&recent, now_ms(), false));
     c.push_str(
         "<div class=\"pager\"><span></span><a class=\"btn-light\" href=\"/ui/events\">All events →</a></div>",
     );
@@ -670,7 +693,8 @@ fn source_names(state: &AppState) -> Vec<&str> {
     names
 }
 
-/// Dashboard event list, filtered by state and source, newest first.
+/// Dashboard event list, filtered like `GET /admin/events`, newest first, with bulk replay and
+/// discard of the selected events.
 #[utoipa::path(
     get,
     path = "/ui/events",
@@ -679,7 +703,7 @@ fn source_names(state: &AppState) -> Vec<&str> {
     responses(
         (status = 200, description = "A page of events", content_type = "text/html", body = String),
         (status = 303, description = "Not signed in: to `/ui/login`", headers(("Location" = String))),
-        (status = 400, description = "`bad_request`: a bad state, limit or cursor", body = crate::http::openapi::ErrorBody),
+        (status = 400, description = "`bad_request`: a bad state, limit, cursor or RFC 3339 time", body = crate::http::openapi::ErrorBody),
         crate::http::openapi::Unauthorized,
         crate::http::openapi::TooManyRequests,
         (status = 404, description = "`not_found`: the dashboard is off (no `admin.token`)", body = crate::http::openapi::ErrorBody),
@@ -749,13 +773,74 @@ async fn events_page(
             if s == source_sel { " selected" } else { "" }
         );
     }
-    c.push_str("</select></div><div><button type=\"submit\">Filter</button></div></form>");
-    c.push_str(&events_table(&events, now_ms()));
+    c.push_str("</select></div>");
+    let text_fields = [
+        ("object_id", "Object id", &filter.object_id, ""),
+        ("lead_id", "Lead id", &filter.lead_id, ""),
+        ("q", "Event id prefix or lead key", &filter.q, ""),
+    ];
+    for (name, label, value, hint) in text_fields {
+        let _ = write!(
+            c,
+            "<div><label for=\"{name}\">{label}</label><input type=\"text\" id=\"{name}\" name=\"{name}\" value=\"{}\" placeholder=\"{hint}\"></div>",
+            esc(value.as_deref().unwrap_or(""))
+        );
+    }
+    // The times as typed (they were valid RFC 3339, or the page would be a 400).
+    for (name, label, value) in [
+        ("since", "Received since", &q.since),
+        ("until", "Received before", &q.until),
+    ] {
+        let _ = write!(
+            c,
+            "<div><label for=\"{name}\">{label}</label><input type=\"text\" id=\"{name}\" name=\"{name}\" value=\"{}\" placeholder=\"2026-01-02T03:04:05Z\"></div>",
+            esc(value.as_deref().unwrap_or("").trim())
+        );
+    }
+    c.push_str("<div><button type=\"submit\" id=\"filter\">Filter</button></div></form>");
+    if let Some(n) = notice(&uri) {
+        let _ = write!(
+            c,
+            "<div class=\"notice\" id=\"bulk-notice\">{}</div>",
+            esc(&n)
+        );
+    }
+    let back = uri
+        .path_and_query()
+        .map_or("/ui/events".to_string(), |p| without_notice(p.as_str()));
+    if !events.is_empty() {
+        let _ = write!(
+            c,
+            "<form method=\"post\" action=\"/ui/events/bulk\" id=\"bulk\">{}\
+             <input type=\"hidden\" name=\"back\" value=\"{}\">\
+             <div class=\"filters\"><div><label for=\"reason\">Reason (discard)</label>\
+             <input type=\"text\" id=\"reason\" name=\"reason\" placeholder=\"discarded from the dashboard\"></div>\
+             <div><button type=\"submit\" name=\"action\" value=\"replay\" id=\"bulk-replay\">Replay selected</button></div>\
+             <div><button type=\"submit\" name=\"action\" value=\"discard\" id=\"bulk-discard\">Discard selected</button></div></div>",
+            csrf_field(&who),
+            esc(&back)
+        );
+    }
+    c.push_str(&events_table(&events, now_ms(), true));
+    if !events.is_empty() {
+        c.push_str("</form>");
+    }
     let mut keep = format!(
         "state={}&source={}",
         pct(filter.state.map_or("", EventState::as_str)),
         pct(source_sel)
     );
+    for (name, value) in [
+        ("object_id", &filter.object_id),
+        ("lead_id", &filter.lead_id),
+        ("q", &filter.q),
+        ("since", &q.since),
+        ("until", &q.until),
+    ] {
+        if let Some(v) = value.as_deref().filter(|v| !v.trim().is_empty()) {
+            let _ = write!(keep, "&{name}={}", pct(v.trim()));
+        }
+    }
     if let Some(l) = q.limit {
         let _ = write!(keep, "&limit={l}");
     }
@@ -844,7 +929,7 @@ async fn event_page(
         c,
         "<div class=\"head\"><h1>Event <span class=\"mono\" id=\"event-id\">{}</span>\
          <span id=\"event-state\">{}</span></h1>\
-         <form method=\"post\" action=\"{}\">{}<button id=\"replay\" type=\"submit\">Replay</button></form></div>",
+         <div class=\"actions\"><form method=\"post\" action=\"{}\">{}<button id=\"replay\" type=\"submit\">Replay</button></form>{}</div></div>",
         esc(&s.event_id),
         event_badge(s.state),
         esc(&format!(
@@ -853,6 +938,24 @@ async fn event_page(
             pct(&s.source)
         )),
         csrf_field(&who),
+        if s.state.discardable() && s.state != EventState::Discarded {
+            // The bulk action with this one event, back to this page.
+            format!(
+                "<form method=\"post\" action=\"/ui/events/bulk\">{}\
+                 <input type=\"hidden\" name=\"pk\" value=\"{}\">\
+                 <input type=\"hidden\" name=\"back\" value=\"{}\">\
+                 <button id=\"discard\" class=\"danger\" type=\"submit\" name=\"action\" value=\"discard\">Discard</button></form>",
+                csrf_field(&who),
+                s.pk,
+                esc(&format!(
+                    "/ui/events/{}?source={}",
+                    pct(&s.event_id),
+                    pct(&s.source)
+                )),
+            )
+        } else {
+            String::new()
+        },
     );
     if q.replayed == Some(true) {
         c.push_str(
@@ -1249,6 +1352,560 @@ async fn replay_action(
         pct(&e.event_id),
         pct(&e.source)
     ))
+}
+
+/// The query parameters a bulk action adds to the page it returns to.
+const NOTICE_PARAMS: [&str; 3] = ["done", "n", "skipped"];
+
+/// What the last bulk action did, from the parameters it added to the page's URL.
+fn notice(uri: &Uri) -> Option<String> {
+    let mut done = None;
+    let (mut n, mut skipped) = (0u64, 0u64);
+    for (k, v) in form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
+        match &*k {
+            "done" => done = Some(v.into_owned()),
+            "n" => n = v.parse().unwrap_or(0),
+            "skipped" => skipped = v.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    let verb = match done.as_deref()? {
+        "replayed" => "Replayed",
+        "discarded" => "Discarded",
+        _ => return None,
+    };
+    let plural = |n: u64| if n == 1 { "event" } else { "events" };
+    let mut text = format!("{verb} {n} {}.", plural(n));
+    if skipped > 0 {
+        let _ = write!(
+            text,
+            " {skipped} {} skipped (delivered, or no longer there).",
+            plural(skipped)
+        );
+    }
+    Some(text)
+}
+
+/// A dashboard URL without the parameters of a previous bulk action's notice.
+fn without_notice(path_and_query: &str) -> String {
+    let (path, query) = path_and_query
+        .split_once('?')
+        .unwrap_or((path_and_query, ""));
+    let mut out = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if !NOTICE_PARAMS.contains(&&*k) {
+            out.append_pair(&k, &v);
+        }
+    }
+    let query = out.finish();
+    if query.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{query}")
+    }
+}
+
+/// The most events one bulk action handles (a form of 8 KiB holds fewer anyway).
+const BULK_MAX: usize = 500;
+
+/// Dashboard bulk replay or discard of the selected events, then back to the list.
+#[utoipa::path(
+    post,
+    path = "/ui/events/bulk",
+    tag = "dashboard",
+    request_body(content = crate::http::openapi::BulkForm, content_type = "application/x-www-form-urlencoded",
+        description = "`csrf` is required when signed in with the session cookie"),
+    responses(
+        (status = 303, description = "Done: back to the list with a notice (or, not signed in, to `/ui/login`)", headers(("Location" = String))),
+        (status = 400, description = "`bad_request`: no `action` of replay or discard, or a selection that is not the page's", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 403, description = "`csrf`: the form's CSRF token is missing or wrong, or the browser marks the POST as cross-site", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::PayloadTooLarge,
+        (status = 404, description = "`not_found`: the dashboard is off", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::StorageUnavailable,
+    ),
+    security(("admin_token" = []), ("ui_session" = []))
+)]
+async fn bulk_action(
+    State(state): State<Arc<AppState>>,
+    peer: Peer,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Body,
+) -> Response {
+    let fields = match form_post(&state, &headers, &uri, peer, body).await {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let discard = match field(&fields, "action") {
+        Some("replay") => false,
+        Some("discard") => true,
+        _ => {
+            return AppError::BadRequest("action must be replay or discard".into()).into_response();
+        }
+    };
+    let pks: Option<Vec<i64>> = fields
+        .iter()
+        .filter(|(k, _)| k == "pk")
+        .map(|(_, v)| v.parse().ok())
+        .collect();
+    let Some(pks) = pks.filter(|p| p.len() <= BULK_MAX) else {
+        return AppError::BadRequest(format!(
+            "pk must be up to {BULK_MAX} event positions from the page"
+        ))
+        .into_response();
+    };
+    let reason = field(&fields, "reason")
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .unwrap_or("discarded from the dashboard");
+    let (mut done, mut skipped) = (0, 0);
+    for pk in pks {
+        let one = LinkPage {
+            after: None,
+            limit: 1,
+        };
+        let e = match state.store.event_detail(pk, one).await {
+            Ok(Some(d)) => d.summary,
+            Ok(None) => {
+                skipped += 1;
+                continue;
+            }
+            Err(e) => return AppError::from(e).into_response(),
+        };
+        let r = if discard {
+            if !e.state.discardable() {
+                skipped += 1;
+                continue;
+            }
+            admin::discard(&state, &e, reason).await
+        } else {
+            admin::replay(&state, &e).await
+        };
+        if let Err(err) = r {
+            return err.into_response();
+        }
+        done += 1;
+    }
+    let back = without_notice(safe_next(field(&fields, "back")));
+    let sep = if back.contains('?') { '&' } else { '?' };
+    see_other(&format!(
+        "{back}{sep}done={}&n={done}&skipped={skipped}",
+        if discard { "discarded" } else { "replayed" }
+    ))
+}
+
+/// A form POST of a signed-in operator: checked same-origin, read (8 KiB at most) and its CSRF
+/// token verified, in that order; or the answer that refuses it.
+async fn form_post(
+    state: &AppState,
+    headers: &HeaderMap,
+    uri: &Uri,
+    peer: Peer,
+    body: Body,
+) -> Result<Vec<(String, String)>, Response> {
+    let who = gate(state, headers, uri, peer).map_err(IntoResponse::into_response)?;
+    if cross_site(&who, headers) {
+        return Err(AppError::Csrf.into_response());
+    }
+    let fields = read_form(headers, body)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    if !csrf_ok(&who, field(&fields, "csrf")) {
+        return Err(AppError::Csrf.into_response());
+    }
+    Ok(fields)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct MappingsQuery {
+    /// The source whose table is shown (default: the first by name).
+    source: Option<String>,
+    /// The last key of the previous page.
+    after_key: Option<String>,
+    /// The last lead id of the previous page.
+    after_lead: Option<String>,
+    /// Show the notice of the last change.
+    done: Option<String>,
+}
+
+/// Rows of the mapping table per page.
+const MAPPING_PAGE: i64 = 50;
+
+/// The mapping table page: one source's rows, the set/delete forms and the CSV upload; `error`
+/// is a rejected upload's or form's message.
+async fn render_mappings(
+    state: &AppState,
+    who: &Who,
+    q: &MappingsQuery,
+    error: Option<&str>,
+) -> Result<String, AppError> {
+    let names = source_names(state);
+    let source = match q.source.as_deref().filter(|s| !s.is_empty()) {
+        Some(s) => admin::known_source(state, s)?.name.clone(),
+        None => names.first().map(|s| s.to_string()).unwrap_or_default(),
+    };
+    let after = match (&q.after_key, &q.after_lead) {
+        (Some(k), Some(l)) => Some((k.clone(), l.clone())),
+        _ => None,
+    };
+    let rows = if source.is_empty() {
+        Vec::new()
+    } else {
+        state
+            .store
+            .mapping_list(&source, after.clone(), MAPPING_PAGE)
+            .await?
+    };
+    let mut c = String::from("<h1>Lead mappings</h1>");
+    if let Some(e) = error {
+        let _ = write!(
+            c,
+            "<div class=\"error\" id=\"mapping-error\">{}</div>",
+            esc(e)
+        );
+    }
+    match q.done.as_deref() {
+        Some("imported") | Some("set") | Some("deleted") => {
+            let _ = write!(
+                c,
+                "<div class=\"notice\" id=\"mapping-notice\">Mapping {}.</div>",
+                esc(q.done.as_deref().unwrap_or(""))
+            );
+        }
+        _ => {}
+    }
+    c.push_str("<form class=\"filters\" method=\"get\" action=\"/ui/mappings\"><div><label for=\"msource\">Source</label><select id=\"msource\" name=\"source\">");
+    for s in &names {
+        let _ = write!(
+            c,
+            "<option value=\"{0}\"{1}>{0}</option>",
+            esc(s),
+            if *s == source { " selected" } else { "" }
+        );
+    }
+    c.push_str("</select></div><div><button type=\"submit\">Show</button></div></form>");
+    let src = pct(&source);
+    let _ = write!(
+        c,
+        "<form class=\"filters card\" method=\"post\" action=\"/ui/mappings/set\">{csrf}\
+         <input type=\"hidden\" name=\"source\" value=\"{s}\">\
+         <div><label for=\"mkey\">Key</label><input type=\"text\" id=\"mkey\" name=\"key\"></div>\
+         <div><label for=\"mleads\">Lead ids</label><input type=\"text\" id=\"mleads\" name=\"lead_ids\" placeholder=\"17, 18\"></div>\
+         <div><button type=\"submit\" id=\"mapping-add\">Set</button></div></form>\
+         <form class=\"filters card\" method=\"post\" action=\"/ui/mappings/upload?source={src}\" enctype=\"multipart/form-data\">{csrf}\
+         <div><label for=\"csv\">CSV of key,lead_id lines</label><input type=\"file\" id=\"csv\" name=\"csv\" accept=\".csv,text/csv,text/plain\"></div>\
+         <div><button type=\"submit\" id=\"mapping-upload\">Upload</button></div></form>",
+        csrf = csrf_field(who),
+        s = esc(&source),
+    );
+    if rows.is_empty() {
+        c.push_str("<div class=\"card muted\">No mappings.</div>");
+    } else {
+        c.push_str("<table id=\"mappings\"><thead><tr><th>Key</th><th>Lead id</th><th></th></tr></thead><tbody>");
+        for (key, lead) in &rows {
+            let _ = write!(
+                c,
+                "<tr><td class=\"mono\">{k}</td><td class=\"mono\">{l}</td><td>\
+                 <form method=\"post\" action=\"/ui/mappings/delete\">{csrf}\
+                 <input type=\"hidden\" name=\"source\" value=\"{s}\"><input type=\"hidden\" name=\"key\" value=\"{k}\">\
+                 <button type=\"submit\" class=\"danger\">Delete key</button></form></td></tr>",
+                k = esc(key),
+                l = esc(lead),
+                csrf = csrf_field(who),
+                s = esc(&source),
+            );
+        }
+        c.push_str("</tbody></table>");
+    }
+    let first = if after.is_some() {
+        format!(
+            "<a class=\"btn-light\" href=\"{}\">← First</a>",
+            esc(&format!("/ui/mappings?source={src}"))
+        )
+    } else {
+        "<span></span>".into()
+    };
+    let next = match rows.last() {
+        Some((k, l)) if rows.len() as i64 == MAPPING_PAGE => format!(
+            "<a class=\"btn-light\" id=\"mappings-next\" href=\"{}\">Next →</a>",
+            esc(&format!(
+                "/ui/mappings?source={src}&after_key={}&after_lead={}",
+                pct(k),
+                pct(l)
+            ))
+        ),
+        _ => "<span></span>".into(),
+    };
+    let _ = write!(c, "<div class=\"pager\">{first}{next}</div>");
+    Ok(page("Lead mappings", Tab::Mappings, Some(who), &c))
+}
+
+/// Dashboard mapping table of a source, with add, delete and CSV upload.
+#[utoipa::path(
+    get,
+    path = "/ui/mappings",
+    tag = "dashboard",
+    params(MappingsQuery),
+    responses(
+        (status = 200, description = "The mapping table page", content_type = "text/html", body = String),
+        (status = 303, description = "Not signed in: to `/ui/login`", headers(("Location" = String))),
+        (status = 400, description = "`bad_request`: a malformed query", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 404, description = "`unknown_source`, or `not_found`: the dashboard is off", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::StorageUnavailable,
+    ),
+    security(("admin_token" = []), ("ui_session" = []))
+)]
+async fn mappings_page(
+    State(state): State<Arc<AppState>>,
+    peer: Peer,
+    headers: HeaderMap,
+    uri: Uri,
+    q: Result<Query<MappingsQuery>, QueryRejection>,
+) -> Response {
+    let who = match gate(&state, &headers, &uri, peer) {
+        Ok(w) => w,
+        Err(d) => return d.into_response(),
+    };
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return AppError::BadRequest(e.body_text()).into_response(),
+    };
+    match render_mappings(&state, &who, &q, None).await {
+        Ok(body) => html(StatusCode::OK, body),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn mappings_url(source: &str, done: &str) -> String {
+    format!("/ui/mappings?source={}&done={done}", pct(source))
+}
+
+/// Dashboard: set the lead ids a key maps to (the admin API's `PUT /admin/mappings`).
+#[utoipa::path(
+    post,
+    path = "/ui/mappings/set",
+    tag = "dashboard",
+    request_body(content = crate::http::openapi::MappingForm, content_type = "application/x-www-form-urlencoded",
+        description = "`csrf` is required when signed in with the session cookie"),
+    responses(
+        (status = 303, description = "Set: back to the table (or, not signed in, to `/ui/login`)", headers(("Location" = String))),
+        (status = 400, description = "`bad_request`: no key, or no valid lead id", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 403, description = "`csrf`: the form's CSRF token is missing or wrong, or the browser marks the POST as cross-site", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::PayloadTooLarge,
+        (status = 404, description = "`unknown_source`, or `not_found`: the dashboard is off", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::StorageUnavailable,
+    ),
+    security(("admin_token" = []), ("ui_session" = []))
+)]
+async fn mapping_set(
+    State(state): State<Arc<AppState>>,
+    peer: Peer,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Body,
+) -> Response {
+    let fields = match form_post(&state, &headers, &uri, peer, body).await {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let src = match admin::known_source(&state, field(&fields, "source").unwrap_or("")) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
+    let key = field(&fields, "key").map(str::trim).unwrap_or("");
+    let ids: Option<Vec<String>> = field(&fields, "lead_ids")
+        .unwrap_or("")
+        .split([',', ' '])
+        .filter(|t| !t.is_empty())
+        .map(|t| crate::mapping::id_text(&serde_json::Value::String(t.to_string())))
+        .collect();
+    let ids = match ids.filter(|i| !i.is_empty()) {
+        Some(ids) if !key.is_empty() => ids,
+        _ => {
+            return AppError::BadRequest("a key and at least one valid lead id are needed".into())
+                .into_response();
+        }
+    };
+    let key = admin::mapping_key(src, key);
+    if let Err(e) = state.store.mapping_put(&src.name, &key, &ids).await {
+        return AppError::from(e).into_response();
+    }
+    see_other(&mappings_url(&src.name, "set"))
+}
+
+/// Dashboard: remove a key's mapping (the admin API's `DELETE /admin/mappings`).
+#[utoipa::path(
+    post,
+    path = "/ui/mappings/delete",
+    tag = "dashboard",
+    request_body(content = crate::http::openapi::MappingForm, content_type = "application/x-www-form-urlencoded",
+        description = "`csrf` is required when signed in with the session cookie"),
+    responses(
+        (status = 303, description = "Deleted (or already gone): back to the table (or, not signed in, to `/ui/login`)", headers(("Location" = String))),
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 403, description = "`csrf`: the form's CSRF token is missing or wrong, or the browser marks the POST as cross-site", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::PayloadTooLarge,
+        (status = 404, description = "`unknown_source`, or `not_found`: the dashboard is off", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::StorageUnavailable,
+    ),
+    security(("admin_token" = []), ("ui_session" = []))
+)]
+async fn mapping_delete(
+    State(state): State<Arc<AppState>>,
+    peer: Peer,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Body,
+) -> Response {
+    let fields = match form_post(&state, &headers, &uri, peer, body).await {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let src = match admin::known_source(&state, field(&fields, "source").unwrap_or("")) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
+    let key = admin::mapping_key(src, field(&fields, "key").unwrap_or("").trim());
+    if let Err(e) = state.store.mapping_delete(&src.name, &key).await {
+        return AppError::from(e).into_response();
+    }
+    see_other(&mappings_url(&src.name, "deleted"))
+}
+
+/// The parts of a multipart/form-data body as `(name, bytes)`; `None` when it is not one.
+fn multipart_parts(raw: &[u8], boundary: &str) -> Option<Vec<(String, Vec<u8>)>> {
+    fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+        hay.get(from..)?
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .map(|i| i + from)
+    }
+    let delim = format!("--{boundary}");
+    let next = format!("\r\n--{boundary}");
+    let mut at = find(raw, delim.as_bytes(), 0)? + delim.len();
+    let mut parts = Vec::new();
+    while !raw.get(at..)?.starts_with(b"--") {
+        let head_end = find(raw, b"\r\n\r\n", at)?;
+        let head = std::str::from_utf8(&raw[at..head_end]).ok()?;
+        let end = find(raw, next.as_bytes(), head_end + 4)?;
+        let name = head
+            .split(';')
+            .map(str::trim)
+            .find_map(|p| p.strip_prefix("name="))
+            .map(|n| {
+                n.split(['\r', '\n'])
+                    .next()
+                    .unwrap_or("")
+                    .trim_matches('"')
+                    .to_string()
+            })
+            .unwrap_or_default();
+        parts.push((name, raw[head_end + 4..end].to_vec()));
+        at = end + next.len();
+    }
+    Some(parts)
+}
+
+/// Dashboard CSV upload into a source's mapping table (the admin API's import): a malformed
+/// line is shown on the page with its line number, and nothing is imported.
+#[utoipa::path(
+    post,
+    path = "/ui/mappings/upload",
+    tag = "dashboard",
+    params(("source" = String, Query, description = "A configured source name")),
+    request_body(content = crate::http::openapi::CsvUpload, content_type = "multipart/form-data",
+        description = "`csrf` is required when signed in with the session cookie"),
+    responses(
+        (status = 303, description = "Imported: back to the table (or, not signed in, to `/ui/login`)", headers(("Location" = String))),
+        (status = 400, description = "The page with the error (a malformed line, named), or `bad_request` (JSON): not multipart", content(
+            (String = "text/html"),
+            (crate::http::openapi::ErrorBody = "application/json"),
+        )),
+        crate::http::openapi::Unauthorized,
+        crate::http::openapi::TooManyRequests,
+        (status = 403, description = "`csrf`: the form's CSRF token is missing or wrong, or the browser marks the POST as cross-site", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::PayloadTooLarge,
+        (status = 404, description = "`unknown_source`, or `not_found`: the dashboard is off", body = crate::http::openapi::ErrorBody),
+        crate::http::openapi::StorageUnavailable,
+    ),
+    security(("admin_token" = []), ("ui_session" = []))
+)]
+async fn mapping_upload(
+    State(state): State<Arc<AppState>>,
+    peer: Peer,
+    headers: HeaderMap,
+    uri: Uri,
+    q: Result<Query<SourceQuery>, QueryRejection>,
+    body: Body,
+) -> Response {
+    let who = match gate(&state, &headers, &uri, peer) {
+        Ok(w) => w,
+        Err(d) => return d.into_response(),
+    };
+    if cross_site(&who, &headers) {
+        return AppError::Csrf.into_response();
+    }
+    let limit = state.config.server.max_body_bytes;
+    let raw = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(_) => return AppError::PayloadTooLarge(limit).into_response(),
+    };
+    let boundary = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|ct| ct.starts_with("multipart/form-data"))
+        .and_then(|ct| {
+            ct.split(';')
+                .map(str::trim)
+                .find_map(|p| p.strip_prefix("boundary="))
+        })
+        .map(|b| b.trim_matches('"').to_string());
+    let Some(parts) = boundary.and_then(|b| multipart_parts(&raw, &b)) else {
+        return AppError::BadRequest("send the file as multipart/form-data".into()).into_response();
+    };
+    let text_of = |name: &str| {
+        parts
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    };
+    let csrf = text_of("csrf").and_then(|v| std::str::from_utf8(v).ok());
+    if !csrf_ok(&who, csrf) {
+        return AppError::Csrf.into_response();
+    }
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return AppError::BadRequest(e.body_text()).into_response(),
+    };
+    let src = match admin::known_source(&state, q.source.as_deref().unwrap_or("")) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
+    match admin::import_csv(&state, src, text_of("csv").unwrap_or_default()).await {
+        Ok(_) => see_other(&mappings_url(&src.name, "imported")),
+        Err(AppError::BadRequest(msg)) => {
+            let q = MappingsQuery {
+                source: Some(src.name.clone()),
+                after_key: None,
+                after_lead: None,
+                done: None,
+            };
+            match render_mappings(&state, &who, &q, Some(&format!("Nothing imported: {msg}"))).await
+            {
+                Ok(body) => html(StatusCode::BAD_REQUEST, body),
+                Err(e) => e.into_response(),
+            }
+        }
+        Err(e) => e.into_response(),
+    }
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

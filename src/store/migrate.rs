@@ -46,6 +46,11 @@ pub(super) const SQLITE: &[Migration] = &[
         name: "fleet",
         sql: include_str!("../../migrations/sqlite/0006_fleet.sql"),
     },
+    Migration {
+        version: 7,
+        name: "search",
+        sql: include_str!("../../migrations/sqlite/0007_search.sql"),
+    },
 ];
 
 pub(super) const POSTGRES: &[Migration] = &[
@@ -78,6 +83,11 @@ pub(super) const POSTGRES: &[Migration] = &[
         version: 6,
         name: "fleet",
         sql: include_str!("../../migrations/postgres/0006_fleet.sql"),
+    },
+    Migration {
+        version: 7,
+        name: "search",
+        sql: include_str!("../../migrations/postgres/0007_search.sql"),
     },
 ];
 

@@ -422,6 +422,17 @@ pub enum ResolveUpdate {
 pub struct EventFilter {
     pub state: Option<EventState>,
     pub source: Option<String>,
+    /// Only events of this object id.
+    pub object_id: Option<String>,
+    /// Only events with a link to this lead.
+    pub lead_id: Option<String>,
+    /// Only events received at or after this time.
+    pub since: Option<Millis>,
+    /// Only events received before this time.
+    pub until: Option<Millis>,
+    /// Events whose id starts with this text, or linked to a lead that this key maps to in a
+    /// mapping table (the lead key itself is not stored on the event).
+    pub q: Option<String>,
     /// Only events older than this internal position (keyset pagination).
     pub before: Option<i64>,
     pub limit: i64,
@@ -497,6 +508,8 @@ pub struct Stats {
     pub dead_links: i64,
     /// What the database takes on disk (`Store::storage_bytes`), when `/metrics` read it.
     pub storage_bytes: Option<i64>,
+    /// When the oldest link, lead resolution or object creation still waiting was queued.
+    pub oldest_pending_at: Option<Millis>,
 }
 
 impl Stats {
@@ -507,6 +520,7 @@ impl Stats {
         links_by_state: Vec<(String, i64)>,
         pending_links: i64,
         resolving: i64,
+        oldest_pending_at: Option<Millis>,
     ) -> Result<Stats> {
         let events_by_state = events_by_state
             .iter()
@@ -526,6 +540,7 @@ impl Stats {
             queue_depth: pending_links + resolving,
             dead_links,
             storage_bytes: None,
+            oldest_pending_at,
         })
     }
 }
@@ -604,11 +619,22 @@ pub trait Store: Send + Sync + 'static {
     /// Applies a fresh plan to an existing event: every link not yet linked is due now.
     async fn replay(&self, pk: i64, object_id: Option<&str>, plan: Plan, now: Millis)
     -> Result<()>;
+    /// Marks the event `discarded` with the operator's reason: its resolution and object
+    /// creation stop, and each of its pending pairs that no live event wants is no longer due.
+    /// A replay brings it back.
+    async fn discard(&self, pk: i64, reason: &str, now: Millis) -> Result<()>;
     async fn stats(&self) -> Result<Stats>;
     async fn ping(&self) -> Result<()>;
     async fn mapping_get(&self, source: &str, key: &str) -> Result<Vec<String>>;
     async fn mapping_put(&self, source: &str, key: &str, lead_ids: &[String]) -> Result<()>;
     async fn mapping_delete(&self, source: &str, key: &str) -> Result<bool>;
+    /// One page of a source's `(key, lead id)` rows in key order, after the row `after`.
+    async fn mapping_list(
+        &self,
+        source: &str,
+        after: Option<(String, String)>,
+        limit: i64,
+    ) -> Result<Vec<(String, String)>>;
     /// Adds many `key -> lead id` rows in one transaction; returns how many rows were given.
     async fn mapping_import(&self, source: &str, rows: &[(String, String)]) -> Result<usize>;
     /// Retention, one batch: blanks the bodies of at most `limit` events delivered before

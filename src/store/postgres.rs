@@ -9,7 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::{AssertSqlSafe, Row};
 
-use super::shared::{EVENT_STATE, SUMMARY_COLUMNS, lease_token};
+use super::shared::{
+    EVENT_STATE, HELD_BY_OPERATOR, PAIR_WANTED, SUMMARY_COLUMNS, lease_token, prefix_end,
+};
 use super::*;
 
 mod objects;
@@ -72,12 +74,15 @@ fn request_of(r: &sqlx::postgres::PgRow) -> std::result::Result<StoredRequest, s
     ))
 }
 
-/// Creates the pair, or finds it (the no-op update takes the row lock, which orders this
-/// against a concurrent completion of the same pair) and says in which state it is.
+/// Creates the pair, or finds it (the update takes the row lock, which orders this against a
+/// concurrent completion of the same pair) and says in which state it is. A pending pair held
+/// because every event wanting it was discarded is due again: a live event wants it now.
 const UPSERT_LINK: &str =
     "INSERT INTO links (object_id, lead_id, state, attempts, due_at, first_queued_at, updated_at)
     VALUES ($1, $2, 'pending', 0, $3, $3, $3)
-    ON CONFLICT (object_id, lead_id) DO UPDATE SET updated_at = links.updated_at
+    ON CONFLICT (object_id, lead_id) DO UPDATE SET updated_at = links.updated_at,
+      due_at = CASE WHEN links.state = 'pending' AND links.due_at IS NULL THEN excluded.due_at
+               ELSE links.due_at END
     RETURNING id, state";
 
 /// Makes a pair that is not linked due now with a fresh attempt budget: a dead pair named by a
@@ -188,7 +193,9 @@ static UPSERT_LINKS: MultiRow = MultiRow::new(
             .into()
     },
     "({}, {}, 'pending', 0, {}, {}, {})",
-    " ON CONFLICT (object_id, lead_id) DO UPDATE SET updated_at = links.updated_at
+    " ON CONFLICT (object_id, lead_id) DO UPDATE SET updated_at = links.updated_at,
+      due_at = CASE WHEN links.state = 'pending' AND links.due_at IS NULL THEN excluded.due_at
+               ELSE links.due_at END
     RETURNING id, object_id, lead_id, state",
 );
 
@@ -255,7 +262,7 @@ static RECOMPUTE_EVENTS: MultiRow = MultiRow::new(
     || {
         format!(
             "UPDATE events SET state = {EVENT_STATE}
-         WHERE state <> 'parked' AND resolve_due IS NULL AND id IN ("
+         WHERE {HELD_BY_OPERATOR} AND resolve_due IS NULL AND id IN ("
         )
     },
     "{}",
@@ -266,13 +273,38 @@ fn recompute_for_link_sql() -> String {
     format!(
         "UPDATE events SET state = {EVENT_STATE}
          WHERE id IN (SELECT event_pk FROM event_links WHERE link_id = $1)
-           AND state <> 'parked' AND resolve_due IS NULL"
+           AND {HELD_BY_OPERATOR} AND resolve_due IS NULL"
     )
 }
 
 fn recompute_event_sql() -> String {
     format!("UPDATE events SET state = {EVENT_STATE}, reason = NULL WHERE id = $1")
 }
+
+/// A pair whose every event was discarded while its call was in flight is not due again.
+static RETRY_LINK: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "UPDATE links SET attempts = attempts + $3,
+         due_at = CASE WHEN {PAIR_WANTED} THEN $4 ELSE NULL END, locked_until = 0,
+         last_error = $5, updated_at = $6 WHERE id = $1 AND lease = $2 AND state = 'pending'"
+    )
+});
+
+/// The event's pending pairs that no live event wants any more are not due.
+static HOLD_UNWANTED_PAIRS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "UPDATE links SET due_at = NULL
+         WHERE id IN (SELECT link_id FROM event_links WHERE event_pk = $1)
+           AND state = 'pending' AND due_at IS NOT NULL AND NOT {PAIR_WANTED}"
+    )
+});
+
+/// When the oldest waiting job was queued: a pending link, a lead resolution or an object
+/// creation. Each MIN is the first entry of a partial index (migration 6).
+const OLDEST_PENDING: &str = "SELECT LEAST(
+      (SELECT MIN(first_queued_at) FROM links WHERE due_at IS NOT NULL),
+      (SELECT MIN(resolve_first) FROM events WHERE resolve_due IS NOT NULL),
+      (SELECT MIN(first_at) FROM objects WHERE due_at IS NOT NULL))";
 
 const RECORD_VERSION: &str =
     "INSERT INTO schema_version (version, name, applied_at) VALUES ($1, $2, $3)";
@@ -669,19 +701,15 @@ impl Store for PostgresStore {
                     counted,
                     error,
                 } => {
-                    sqlx::query(
-                        "UPDATE links SET attempts = attempts + $3, due_at = $4, locked_until = 0,
-                         last_error = $5, updated_at = $6
-                         WHERE id = $1 AND lease = $2 AND state = 'pending'",
-                    )
-                    .bind(c.link_id)
-                    .bind(c.lease)
-                    .bind(i64::from(*counted))
-                    .bind(*due_at)
-                    .bind(error)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
+                    sqlx::query(AssertSqlSafe(RETRY_LINK.as_str()))
+                        .bind(c.link_id)
+                        .bind(c.lease)
+                        .bind(i64::from(*counted))
+                        .bind(*due_at)
+                        .bind(error)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
                     false
                 }
                 LinkUpdate::Dead { error } => {
@@ -906,33 +934,80 @@ impl Store for PostgresStore {
     }
 
     async fn list_events(&self, f: &EventFilter) -> Result<Vec<EventSummary>> {
+        enum Bound {
+            Text(String),
+            Int(i64),
+        }
         let mut sql = format!("SELECT {SUMMARY_COLUMNS} FROM events WHERE 1 = 1");
-        let mut n = 0;
-        let mut next = || {
-            n += 1;
-            n
+        let mut values: Vec<Bound> = Vec::new();
+        let mut cond = |values: &mut Vec<Bound>, v: Bound, clause: &str| {
+            values.push(v);
+            sql.push_str(&clause.replace("$N", &format!("${}", values.len())));
         };
-        if f.state.is_some() {
-            sql.push_str(&format!(" AND state = ${}", next()));
-        }
-        if f.source.is_some() {
-            sql.push_str(&format!(" AND source = ${}", next()));
-        }
-        if f.before.is_some() {
-            sql.push_str(&format!(" AND id < ${}", next()));
-        }
-        sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", next()));
-        let mut q = sqlx::query(AssertSqlSafe(sql));
         if let Some(s) = f.state {
-            q = q.bind(s);
+            cond(
+                &mut values,
+                Bound::Text(s.as_str().into()),
+                " AND state = $N",
+            );
         }
         if let Some(s) = &f.source {
-            q = q.bind(s);
+            cond(&mut values, Bound::Text(s.clone()), " AND source = $N");
+        }
+        if let Some(o) = &f.object_id {
+            cond(&mut values, Bound::Text(o.clone()), " AND object_id = $N");
+        }
+        if let Some(l) = &f.lead_id {
+            cond(
+                &mut values,
+                Bound::Text(l.clone()),
+                " AND id IN (SELECT el.event_pk FROM links l JOIN event_links el ON el.link_id = l.id
+                   WHERE l.lead_id = $N)",
+            );
+        }
+        if let Some(t) = f.since {
+            cond(&mut values, Bound::Int(t), " AND received_at >= $N");
+        }
+        if let Some(t) = f.until {
+            cond(&mut values, Bound::Int(t), " AND received_at < $N");
+        }
+        if let Some(q) = &f.q {
+            // An id prefix as a byte-order range of `events_event_id_c`, or a lead key through
+            // the mapping table to its leads' links.
+            cond(
+                &mut values,
+                Bound::Text(q.clone()),
+                " AND ((event_id COLLATE \"C\" >= $N",
+            );
+            cond(
+                &mut values,
+                Bound::Text(prefix_end(q)),
+                " AND event_id COLLATE \"C\" < $N)",
+            );
+            cond(
+                &mut values,
+                Bound::Text(q.clone()),
+                " OR id IN (SELECT el.event_pk FROM mappings m JOIN links l ON l.lead_id = m.lead_id
+                   JOIN event_links el ON el.link_id = l.id WHERE m.key IN ($N",
+            );
+            cond(&mut values, Bound::Text(q.to_lowercase()), ", $N)))");
         }
         if let Some(b) = f.before {
-            q = q.bind(b);
+            cond(&mut values, Bound::Int(b), " AND id < $N");
         }
-        let rows = q.bind(f.limit).fetch_all(&self.read).await?;
+        cond(
+            &mut values,
+            Bound::Int(f.limit),
+            " ORDER BY id DESC LIMIT $N",
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for v in values {
+            q = match v {
+                Bound::Text(t) => q.bind(t),
+                Bound::Int(i) => q.bind(i),
+            };
+        }
+        let rows = q.fetch_all(&self.read).await?;
         rows.iter().map(summary).collect()
     }
 
@@ -1145,6 +1220,27 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn discard(&self, pk: i64, reason: &str, _now: Millis) -> Result<()> {
+        let mut w = self.writer().await?;
+        let mut tx = sqlx::Connection::begin(&mut *w).await?;
+        sqlx::query(
+            "UPDATE events SET state = $2, reason = $3, resolve_due = NULL,
+             resolve_locked_until = 0 WHERE id = $1",
+        )
+        .bind(pk)
+        .bind(EventState::Discarded)
+        .bind(without_nul(reason))
+        .execute(&mut *tx)
+        .await?;
+        objects::hold_object(&mut tx, pk).await?;
+        sqlx::query(AssertSqlSafe(HOLD_UNWANTED_PAIRS.as_str()))
+            .bind(pk)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn stats(&self) -> Result<Stats> {
         let count_by = |sql: &'static str| async move {
             let rows = sqlx::query(sql).fetch_all(&self.read).await?;
@@ -1155,7 +1251,7 @@ impl Store for PostgresStore {
         let count = |sql: &'static str| sqlx::query_scalar::<_, i64>(sql).fetch_one(&self.read);
         // Each is a scan of a large queue's index; on connections of their own they run
         // side by side.
-        let (events_by_state, links_by_state, pending_links, resolving) = tokio::try_join!(
+        let (events_by_state, links_by_state, pending_links, resolving, oldest) = tokio::try_join!(
             count_by("SELECT state, COUNT(*) FROM events GROUP BY state"),
             count_by("SELECT state, COUNT(*) FROM links GROUP BY state"),
             count("SELECT COUNT(*) FROM links WHERE due_at IS NOT NULL"),
@@ -1163,8 +1259,15 @@ impl Store for PostgresStore {
                 "SELECT (SELECT COUNT(*) FROM events WHERE resolve_due IS NOT NULL)
                       + (SELECT COUNT(*) FROM objects WHERE due_at IS NOT NULL)"
             ),
+            sqlx::query_scalar::<_, Option<i64>>(OLDEST_PENDING).fetch_one(&self.read),
         )?;
-        Stats::from_counts(events_by_state, links_by_state, pending_links, resolving)
+        Stats::from_counts(
+            events_by_state,
+            links_by_state,
+            pending_links,
+            resolving,
+            oldest,
+        )
     }
 
     /// A write, not a `SELECT 1`: a database that answers but cannot commit is not ready.
@@ -1218,6 +1321,26 @@ impl Store for PostgresStore {
                 .rows_affected()
                 > 0,
         )
+    }
+
+    async fn mapping_list(
+        &self,
+        source: &str,
+        after: Option<(String, String)>,
+        limit: i64,
+    ) -> Result<Vec<(String, String)>> {
+        let (key, lead) = after.unwrap_or_default();
+        // A row value over the primary key (source, key, lead_id): one range scan.
+        Ok(sqlx::query_as(
+            "SELECT key, lead_id FROM mappings WHERE source = $1 AND (key, lead_id) > ($2, $3)
+             ORDER BY key, lead_id LIMIT $4",
+        )
+        .bind(source)
+        .bind(key)
+        .bind(lead)
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?)
     }
 
     async fn mapping_import(&self, source: &str, rows: &[(String, String)]) -> Result<usize> {

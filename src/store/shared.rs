@@ -13,6 +13,22 @@ pub(super) const EVENT_STATE: &str = "CASE
                    AND (SELECT l.state FROM links l WHERE l.id = el.link_id) = 'pending') THEN 'queued'
       ELSE 'delivered' END";
 
+/// An event whose state its links no longer decide: parked or discarded, it waits for an
+/// operator's replay (appended to every recomputation's `WHERE`).
+pub(super) const HELD_BY_OPERATOR: &str = "state NOT IN ('parked', 'discarded')";
+
+/// The pair `?1`/`$1` is wanted by an event that is not discarded: otherwise it is not due.
+/// Each event is looked up by primary key (see `EVENT_STATE`).
+pub(super) const PAIR_WANTED: &str =
+    "EXISTS (SELECT 1 FROM event_links el WHERE el.link_id = links.id
+      AND (SELECT e.state FROM events e WHERE e.id = el.event_pk) <> 'discarded')";
+
+/// The highest code point: a text starting with `q` sorts (by bytes, UTF-8 or "C" collation)
+/// at or after `q` and before `q` followed by this.
+pub(super) fn prefix_end(q: &str) -> String {
+    format!("{q}\u{10FFFF}")
+}
+
 /// The columns of an `EventSummary`, in the order both backends read them.
 pub(super) const SUMMARY_COLUMNS: &str =
     "id, event_id, source, state, received_at, object_id, event_type, reason";

@@ -262,6 +262,11 @@ impl Browser {
             .to_string()
     }
 
+    /// Chooses a state in the events page's filter.
+    async fn select_state(&self, state: &str) {
+        self.click(&format!("#state option[value='{state}']")).await;
+    }
+
     async fn cookie(&self, name: &str) -> Value {
         self.cmd("GET", &format!("/cookie/{name}"), None).await
     }
@@ -560,6 +565,81 @@ async fn dashboard_login_then_replay_a_dead_event_in_chromium() {
     if screenshots {
         save("event.png", &browser.screenshot(1280).await);
     }
+
+    // Search, select two events, discard them: the list shows them discarded.
+    browser.goto(&format!("{base}/ui/events")).await;
+    browser.type_into("#q", "evt_100").await;
+    browser.click("#filter").await;
+    browser
+        .wait_url("the filtered list", |u| u.contains("q=evt_100"))
+        .await;
+    assert_eq!(browser.count("#events tbody tr").await, 5);
+    browser
+        .click("#events input[aria-label='select evt_1003']")
+        .await;
+    browser
+        .click("#events input[aria-label='select evt_1004']")
+        .await;
+    browser.type_into("#reason", "test traffic").await;
+    browser.click("#bulk-discard").await;
+    browser
+        .wait_url("the list after the discard", |u| {
+            u.contains("done=discarded")
+        })
+        .await;
+    assert_eq!(browser.text("#bulk-notice").await, "Discarded 2 events.");
+    assert!(
+        browser.url().await.contains("q=evt_100"),
+        "the filter is kept"
+    );
+    for id in ["evt_1003", "evt_1004"] {
+        let e = svc.admin(&format!("/admin/events/{id}")).await;
+        assert_eq!(e["state"], "discarded", "{e}");
+        assert_eq!(e["reason"], "test traffic", "{e}");
+    }
+    browser.select_state("discarded").await;
+    browser.click("#filter").await;
+    browser
+        .wait_url("the discarded list", |u| u.contains("state=discarded"))
+        .await;
+    assert_eq!(browser.count("#events tbody tr").await, 2);
+    let table = browser.text("#events").await;
+    assert!(
+        table.contains("evt_1003") && table.contains("evt_1004"),
+        "{table}"
+    );
+    assert_eq!(browser.count("#events .badge.b-grey").await, 2);
+
+    // The mapping table: add a key, a CSV with a bad line is refused with its line number
+    // (nothing imported), then delete the key.
+    browser.click("nav a[href='/ui/mappings']").await;
+    browser
+        .wait_url("the mappings page", |u| u.ends_with("/ui/mappings"))
+        .await;
+    browser.type_into("#mkey", "ann@example.com").await;
+    browser.type_into("#mleads", "17, 18").await;
+    browser.click("#mapping-add").await;
+    browser
+        .wait_url("the table after the add", |u| u.contains("done=set"))
+        .await;
+    assert_eq!(browser.count("#mappings tbody tr").await, 2);
+    let csv_dir = tempfile::tempdir().unwrap();
+    let csv = csv_dir.path().join("leads.csv");
+    std::fs::write(&csv, "key,lead_id\nbob@example.com,19\nthis line is bad\n").unwrap();
+    browser.type_into("#csv", &csv.display().to_string()).await;
+    browser.click("#mapping-upload").await;
+    let error = browser.text("#mapping-error").await;
+    assert!(error.contains("line 3"), "{error}");
+    assert_eq!(
+        browser.count("#mappings tbody tr").await,
+        2,
+        "nothing imported"
+    );
+    browser.click("#mappings button.danger").await;
+    browser
+        .wait_url("the table after the delete", |u| u.contains("done=deleted"))
+        .await;
+    assert_eq!(browser.count("#mappings tbody tr").await, 0);
 
     // Log out: the cookie goes, and the dashboard asks for the token again.
     browser.click("#logout").await;

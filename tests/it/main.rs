@@ -22,5 +22,6 @@ mod migrations;
 mod objects;
 mod retention;
 mod robustness;
+mod search;
 mod senders_bodies;
 mod senders_schemes;

@@ -221,7 +221,7 @@ pub(super) async fn complete(tx: &mut Tx<'_>, c: &ObjectCompletion, now: Millis)
             // An event replayed meanwhile into a plan that parks it, or that resolves its leads
             // again, keeps the id for that plan, and sends nothing now.
             if let Some((state, None)) = event
-                && state != EventState::Parked
+                && !matches!(state, EventState::Parked | EventState::Discarded)
             {
                 PostgresStore::attach_links(tx, pk, object_id, &leads, now, false).await?;
                 sqlx::query(AssertSqlSafe(recompute_sql()))

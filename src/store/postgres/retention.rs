@@ -32,11 +32,11 @@ const LOCK_DELIVERED: &str = "SELECT id FROM events
     WHERE id = ANY($1) AND delivered_at < $2 AND state = 'delivered' ORDER BY id FOR UPDATE";
 
 const FAILED_BEFORE: &str = "SELECT id FROM events
-    WHERE state IN ('dead', 'parked') AND received_at < $1
+    WHERE state IN ('dead', 'parked', 'discarded') AND received_at < $1
     ORDER BY received_at LIMIT $2";
 
 const LOCK_FAILED: &str = "SELECT id FROM events
-    WHERE id = ANY($1) AND state IN ('dead', 'parked') AND received_at < $2 ORDER BY id FOR UPDATE";
+    WHERE id = ANY($1) AND state IN ('dead', 'parked', 'discarded') AND received_at < $2 ORDER BY id FOR UPDATE";
 
 /// The pairs of some events, locked before the events (the order ingest and delivery use), so
 /// that an event attached to one meanwhile is seen by the statements after this one.

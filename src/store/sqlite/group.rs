@@ -4,7 +4,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{ATTACH, RECOMPUTE_FOR_LINK, REVIVE_LINK};
+use super::{ATTACH, RECOMPUTE_FOR_LINK, REVIVE_LINK, WAKE_PAIR};
 use crate::store::{
     EventState, IngestOutcome, LinkState, NewEvent, Plan, Result, StoreError, StoredRequest,
 };
@@ -82,24 +82,29 @@ pub(super) fn insert(db: &Connection, events: &[NewEvent]) -> Result<Vec<IngestO
         let object_id = e.object_id.as_deref().unwrap_or_default();
         let mut all_linked = true;
         for lead in leads {
-            let (link_id, state): (i64, LinkState) =
-                if insert_pair.execute(params![object_id, lead, e.received_at])? == 1 {
-                    (db.last_insert_rowid(), LinkState::Pending)
-                } else {
-                    find_pair
-                        .query_row(params![object_id, lead], |r| Ok((r.get(0)?, r.get(1)?)))
-                        .optional()?
-                        .ok_or_else(|| {
-                            StoreError::broken(format!(
-                                "pair ({object_id}, {lead}) neither inserted nor found"
-                            ))
-                        })?
-                };
+            let inserted = insert_pair.execute(params![object_id, lead, e.received_at])? == 1;
+            let (link_id, state): (i64, LinkState) = if inserted {
+                (db.last_insert_rowid(), LinkState::Pending)
+            } else {
+                find_pair
+                    .query_row(params![object_id, lead], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?
+                    .ok_or_else(|| {
+                        StoreError::broken(format!(
+                            "pair ({object_id}, {lead}) neither inserted nor found"
+                        ))
+                    })?
+            };
             attach.execute(params![pk, link_id])?;
             if state == LinkState::Linked {
                 continue;
             }
             all_linked = false;
+            if state == LinkState::Pending && !inserted {
+                // A pair held because every event wanting it was discarded: wanted again.
+                db.prepare_cached(WAKE_PAIR)?
+                    .execute(params![link_id, e.received_at])?;
+            }
             if state == LinkState::Dead {
                 // The pair comes back to life, and so do the other events waiting on it.
                 db.prepare_cached(REVIVE_LINK)?

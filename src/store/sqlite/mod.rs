@@ -19,7 +19,9 @@ use async_trait::async_trait;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 
-use super::shared::{EVENT_STATE, SUMMARY_COLUMNS, lease_token};
+use super::shared::{
+    EVENT_STATE, HELD_BY_OPERATOR, PAIR_WANTED, SUMMARY_COLUMNS, lease_token, prefix_end,
+};
 use super::*;
 use checkpoint::Checkpointer;
 use reads::Reads;
@@ -114,7 +116,7 @@ static RECOMPUTE_FOR_LINK: LazyLock<String> = LazyLock::new(|| {
     format!(
         "UPDATE events SET state = {EVENT_STATE}
          WHERE id IN (SELECT event_pk FROM event_links WHERE link_id = ?1)
-           AND state <> 'parked' AND resolve_due IS NULL"
+           AND {HELD_BY_OPERATOR} AND resolve_due IS NULL"
     )
 });
 
@@ -122,7 +124,7 @@ static RECOMPUTE_FOR_LINK: LazyLock<String> = LazyLock::new(|| {
 static RECOMPUTE_EVENT: LazyLock<String> = LazyLock::new(|| {
     format!(
         "UPDATE events SET state = {EVENT_STATE}
-         WHERE state <> 'parked' AND resolve_due IS NULL AND id = ?1"
+         WHERE {HELD_BY_OPERATOR} AND resolve_due IS NULL AND id = ?1"
     )
 });
 
@@ -134,7 +136,6 @@ static RECOMPUTE_EVENT_CLEARING_REASON: LazyLock<String> = LazyLock::new(|| {
 const INSERT_ATTEMPT: &str = "INSERT INTO attempts
     (link_id, at, status_code, error, response_excerpt, duration_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 
-/// Linked is a fact, whoever holds the lease now.
 /// The first-queued time of the oldest pending link, lead resolution or object creation: each
 /// a `MIN` over the rows a partial index already lists.
 const OLDEST_PENDING: &str = "SELECT MIN(t) FROM (
@@ -145,11 +146,32 @@ const OLDEST_PENDING: &str = "SELECT MIN(t) FROM (
 /// Alert slots older than this are deleted (an interval is at most a day).
 const ALERT_SLOT_KEEP_MS: Millis = 2 * 86_400_000;
 
+/// Linked is a fact, whoever holds the lease now.
 const MARK_LINKED: &str = "UPDATE links SET state = 'linked', due_at = NULL, locked_until = 0,
     last_error = NULL, updated_at = ?2 WHERE id = ?1";
 
-const RETRY_LINK: &str = "UPDATE links SET attempts = attempts + ?3, due_at = ?4, locked_until = 0,
-    last_error = ?5, updated_at = ?6 WHERE id = ?1 AND lease = ?2 AND state = 'pending'";
+/// A pair whose every event was discarded while its call was in flight is not due again.
+static RETRY_LINK: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE links SET attempts = attempts + ?3,
+         due_at = CASE WHEN {PAIR_WANTED} THEN ?4 ELSE NULL END, locked_until = 0,
+         last_error = ?5, updated_at = ?6 WHERE id = ?1 AND lease = ?2 AND state = 'pending'"
+    )
+});
+
+/// The event's pending pairs that no live event wants any more are not due.
+static HOLD_UNWANTED_PAIRS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE links SET due_at = NULL
+         WHERE id IN (SELECT link_id FROM event_links WHERE event_pk = ?1)
+           AND state = 'pending' AND due_at IS NOT NULL AND NOT {PAIR_WANTED}"
+    )
+});
+
+/// A pending pair that was held (every event wanting it discarded) is due again: a live event
+/// wants it now.
+pub(super) const WAKE_PAIR: &str =
+    "UPDATE links SET due_at = ?2 WHERE id = ?1 AND state = 'pending' AND due_at IS NULL";
 
 const KILL_LINK: &str = "UPDATE links SET state = 'dead', attempts = attempts + 1, due_at = NULL,
     locked_until = 0, last_error = ?3, updated_at = ?4
@@ -544,7 +566,7 @@ impl Store for SqliteStore {
                         counted,
                         error,
                     } => {
-                        db.prepare_cached(RETRY_LINK)?.execute(params![
+                        db.prepare_cached(&RETRY_LINK)?.execute(params![
                             c.link_id,
                             c.lease,
                             i64::from(*counted),
@@ -739,20 +761,62 @@ impl Store for SqliteStore {
     async fn list_events(&self, f: &EventFilter) -> Result<Vec<EventSummary>> {
         let mut sql = format!("SELECT {SUMMARY_COLUMNS} FROM events WHERE 1 = 1");
         let mut values: Vec<Value> = Vec::new();
+        let mut cond = |values: &mut Vec<Value>, v: Value, clause: &str| {
+            values.push(v);
+            sql.push_str(&clause.replace("?N", &format!("?{}", values.len())));
+        };
         if let Some(s) = f.state {
-            values.push(Value::Text(s.as_str().into()));
-            sql.push_str(&format!(" AND state = ?{}", values.len()));
+            cond(
+                &mut values,
+                Value::Text(s.as_str().into()),
+                " AND state = ?N",
+            );
         }
         if let Some(s) = &f.source {
-            values.push(Value::Text(s.clone()));
-            sql.push_str(&format!(" AND source = ?{}", values.len()));
+            cond(&mut values, Value::Text(s.clone()), " AND source = ?N");
+        }
+        if let Some(o) = &f.object_id {
+            cond(&mut values, Value::Text(o.clone()), " AND object_id = ?N");
+        }
+        if let Some(l) = &f.lead_id {
+            cond(
+                &mut values,
+                Value::Text(l.clone()),
+                " AND id IN (SELECT el.event_pk FROM links l JOIN event_links el ON el.link_id = l.id
+                   WHERE l.lead_id = ?N)",
+            );
+        }
+        if let Some(t) = f.since {
+            cond(&mut values, Value::Integer(t), " AND received_at >= ?N");
+        }
+        if let Some(t) = f.until {
+            cond(&mut values, Value::Integer(t), " AND received_at < ?N");
+        }
+        if let Some(q) = &f.q {
+            // An id prefix as a range of the (event_id, source) index, or a lead key through
+            // the mapping table to its leads' links.
+            cond(&mut values, Value::Text(q.clone()), " AND ((event_id >= ?N");
+            cond(
+                &mut values,
+                Value::Text(prefix_end(q)),
+                " AND event_id < ?N)",
+            );
+            cond(
+                &mut values,
+                Value::Text(q.clone()),
+                " OR id IN (SELECT el.event_pk FROM mappings m JOIN links l ON l.lead_id = m.lead_id
+                   JOIN event_links el ON el.link_id = l.id WHERE m.key IN (?N",
+            );
+            cond(&mut values, Value::Text(q.to_lowercase()), ", ?N)))");
         }
         if let Some(b) = f.before {
-            values.push(Value::Integer(b));
-            sql.push_str(&format!(" AND id < ?{}", values.len()));
+            cond(&mut values, Value::Integer(b), " AND id < ?N");
         }
-        values.push(Value::Integer(f.limit));
-        sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", values.len()));
+        cond(
+            &mut values,
+            Value::Integer(f.limit),
+            " ORDER BY id DESC LIMIT ?N",
+        );
         self.read(move |db| summaries(db, &sql, rusqlite::params_from_iter(values)))
             .await
     }
@@ -959,6 +1023,22 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn discard(&self, pk: i64, reason: &str, _now: Millis) -> Result<()> {
+        let reason = reason.to_string();
+        self.write_tx(move |db| {
+            db.prepare_cached(
+                "UPDATE events SET state = ?2, reason = ?3, resolve_due = NULL,
+                 resolve_locked_until = 0 WHERE id = ?1",
+            )?
+            .execute(params![pk, EventState::Discarded, reason])?;
+            objects::hold_object(db, pk)?;
+            db.prepare_cached(&HOLD_UNWANTED_PAIRS)?
+                .execute(params![pk])?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn stats(&self) -> Result<Stats> {
         fn count_by(db: &Connection, sql: &str) -> Result<Vec<(String, i64)>> {
             let mut st = db.prepare_cached(sql)?;
@@ -970,7 +1050,7 @@ impl Store for SqliteStore {
         }
         // Each is a scan of a large queue's index; on connections of their own they run side
         // by side.
-        let (events_by_state, links_by_state, pending_links, resolving) = tokio::try_join!(
+        let (events_by_state, links_by_state, pending_links, resolving, oldest) = tokio::try_join!(
             self.read(|db| count_by(db, "SELECT state, COUNT(*) FROM events GROUP BY state")),
             self.read(|db| count_by(db, "SELECT state, COUNT(*) FROM links GROUP BY state")),
             self.read(|db| count(db, "SELECT COUNT(*) FROM links WHERE due_at IS NOT NULL")),
@@ -979,8 +1059,18 @@ impl Store for SqliteStore {
                 "SELECT (SELECT COUNT(*) FROM events WHERE resolve_due IS NOT NULL)
                       + (SELECT COUNT(*) FROM objects WHERE due_at IS NOT NULL)"
             )),
+            // Three MINs, each the first entry of a partial index (migration 6).
+            self.read(|db| Ok(db
+                .prepare_cached(OLDEST_PENDING)?
+                .query_row([], |r| r.get(0))?)),
         )?;
-        Stats::from_counts(events_by_state, links_by_state, pending_links, resolving)
+        Stats::from_counts(
+            events_by_state,
+            links_by_state,
+            pending_links,
+            resolving,
+            oldest,
+        )
     }
 
     /// A write, not a `SELECT 1`: a database that answers but cannot commit is not ready.
@@ -1034,6 +1124,28 @@ impl Store for SqliteStore {
                     > 0)
             })
             .await
+    }
+
+    async fn mapping_list(
+        &self,
+        source: &str,
+        after: Option<(String, String)>,
+        limit: i64,
+    ) -> Result<Vec<(String, String)>> {
+        let source = source.to_string();
+        let (key, lead) = after.unwrap_or_default();
+        self.read(move |db| {
+            // A row value over the primary key (source, key, lead_id): one range scan.
+            let mut st = db.prepare_cached(
+                "SELECT key, lead_id FROM mappings WHERE source = ?1 AND (key, lead_id) > (?2, ?3)
+                 ORDER BY key, lead_id LIMIT ?4",
+            )?;
+            let rows = st.query_map(params![source, key, lead, limit], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
     }
 
     async fn mapping_import(&self, source: &str, rows: &[(String, String)]) -> Result<usize> {

@@ -77,7 +77,7 @@ pub(super) fn want_object(
     Ok(())
 }
 
-/// A parked event creates nothing until it is replayed.
+/// A parked or discarded event creates nothing until it is replayed.
 pub(super) fn hold_object(db: &Connection, pk: i64) -> Result<()> {
     db.prepare_cached(
         "UPDATE objects SET due_at = NULL WHERE event_pk = ?1 AND state = 'pending'",
@@ -185,7 +185,7 @@ pub(super) fn complete(db: &Connection, c: &ObjectCompletion, now: Millis) -> Re
             // An event replayed meanwhile into a plan that parks it, or that resolves its leads
             // again, keeps the id for that plan, and sends nothing now.
             if let Some((state, None)) = event
-                && state != EventState::Parked
+                && !matches!(state, EventState::Parked | EventState::Discarded)
             {
                 attach_links(db, pk, object_id, &leads, now)?;
                 db.prepare_cached(&format!(

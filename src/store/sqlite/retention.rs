@@ -31,8 +31,8 @@ const DELIVERED_BEFORE: &str = "SELECT id FROM events INDEXED BY events_delivere
     WHERE delivered_at IS NOT NULL AND delivered_at < ?1 AND state = 'delivered'
     ORDER BY delivered_at LIMIT ?2";
 
-const FAILED_BEFORE: &str = "SELECT id FROM events INDEXED BY events_failed
-    WHERE state IN ('dead', 'parked') AND received_at < ?1
+const FAILED_BEFORE: &str = "SELECT id FROM events INDEXED BY events_closed
+    WHERE state IN ('dead', 'parked', 'discarded') AND received_at < ?1
     ORDER BY received_at LIMIT ?2";
 
 const DETACH_EVENT: &str = "DELETE FROM event_links WHERE event_pk = ?1 RETURNING link_id";
