@@ -4,7 +4,6 @@
 //! the SprintHub stand-in.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -13,8 +12,8 @@ use sprintlink::signature::Verifier;
 use sprintlink::standin::{Canned, StandIn};
 
 use crate::common::{
-    ADMIN_TOKEN, Backend, ERP_SECRET, LINK, TestApp, TestDb, erp_event, parse_rfc3339, unix_ms,
-    wait_until,
+    ADMIN_TOKEN, Backend, ERP_SECRET, LINK, Process, TestApp, TestDb, erp_event, free_port,
+    parse_rfc3339, unix_ms, wait_until,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -225,14 +224,6 @@ mod pause {
 // ---------------------------------------------------------------------------------------------
 // Real replicas on one PostgreSQL database
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Limits {
     rate: f64,
     concurrency: usize,
@@ -278,8 +269,9 @@ id = "/data/lead_id"
     path
 }
 
+/// One replica: the tests' real-process helper, with the fleet's admin calls.
 struct Replica {
-    child: Child,
+    process: Process,
     base: String,
 }
 
@@ -287,32 +279,13 @@ impl Replica {
     async fn spawn(dir: &Path, storage: &str, hub: &StandIn, l: &Limits) -> Replica {
         let port = free_port();
         let config = write_config(dir, port, storage, &hub.url(), l);
-        let child = Command::new(env!("CARGO_BIN_EXE_sprintlink"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start sprintlink");
-        let base = format!("http://127.0.0.1:{port}");
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(r) = client.get(format!("{base}/readyz")).send().await
-                && r.status() == 200
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "replica on {port} not ready");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Replica { child, base }
+        let process = Process::serve(&config, port).await;
+        let base = process.base.clone();
+        Replica { process, base }
     }
 
     fn kill9(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
+        self.process.kill9();
     }
 
     async fn admin(&self, method: reqwest::Method, path: &str) -> Value {
@@ -349,13 +322,6 @@ impl Replica {
             .text()
             .await
             .unwrap()
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
