@@ -7,7 +7,7 @@
 //! exec of the binary), so the ratios stay meaningful on whatever machine runs it.
 //!
 //! Knobs (environment): `BENCH_SECONDS` (10) per timed phase, `BENCH_WARMUP_SECONDS` (2),
-//! `BENCH_BACKENDS` (sqlite,postgres), `BENCH_ONLY` (ingest,paced,delivery,limited,fleet,memory,search,startup,pruning),
+//! `BENCH_BACKENDS` (sqlite,postgres), `BENCH_ONLY` (ingest,paced,delivery,limited,fleet,memory,search,startup,pruning,versus),
 //! `BENCH_CONNECTIONS` (64), `BENCH_PACED_RATE` (2000), `BENCH_DELIVERY_EVENTS`
 //! (5000 x BENCH_SECONDS), `BENCH_DELIVERY_CONCURRENCY` (64), `BENCH_RATE_LIMIT` (200),
 //! `BENCH_FLEET_RATE` (20: the deployment-wide rate of the fleet phase, PostgreSQL only),
@@ -17,7 +17,10 @@
 //! delete), `BENCH_CLIENT_THREADS` (2), `SPRINTLINK_TEST_PG_URL` (as the
 //! tests: postgres://postgres@127.0.0.1:5432), `BENCH_DIR` (the system temp dir), `BENCH_KEEP` (1 keeps
 //! the temp dir and databases), `BENCH_RUST_LOG` (the service's RUST_LOG, default info),
-//! `BENCH_SERVICE_BIN` (another sprintlink binary to measure, e.g. a build of the previous commit).
+//! `BENCH_SERVICE_BIN` (another sprintlink binary to measure, e.g. a build of the previous commit),
+//! `BENCH_BASELINE_BIN` (the `versus` phase: this binary and that one, alternating round by
+//! round in one run, JSON ingest and unlimited delivery; `BENCH_VERSUS_ROUNDS` 3,
+//! `BENCH_VERSUS_EVENTS` 20000 per delivery round).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -75,6 +78,10 @@ struct Opts {
     dir: PathBuf,
     keep: bool,
     rust_log: String,
+    /// `BENCH_BASELINE_BIN`: the binary the `versus` phase measures beside this one.
+    baseline_bin: Option<String>,
+    versus_rounds: usize,
+    versus_events: usize,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -137,6 +144,11 @@ impl Opts {
             dir,
             keep: env_or("BENCH_KEEP", 0u8) == 1,
             rust_log: std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            baseline_bin: std::env::var("BENCH_BASELINE_BIN")
+                .ok()
+                .filter(|s| !s.is_empty()),
+            versus_rounds: env_or("BENCH_VERSUS_ROUNDS", 3usize).max(1),
+            versus_events: env_or("BENCH_VERSUS_EVENTS", 20_000usize),
         })
     }
 
@@ -333,8 +345,46 @@ struct Signer {
     /// Object ids start here; connection `c`'s request `i` uses `base + c * 10_000_000 + i`.
     base: u64,
     ts: i64,
-    /// Post the event as `application/x-www-form-urlencoded` (bracketed keys) instead of JSON.
-    form: bool,
+    body: BodyKind,
+}
+
+/// How a `Signer` posts its events.
+#[derive(Clone)]
+enum BodyKind {
+    /// JSON to `erp`, signed `v1` (HMAC-SHA256).
+    Json,
+    /// The same fields as `application/x-www-form-urlencoded` (bracketed keys) to `erp`.
+    Form,
+    /// JSON to `erp-ed`, signed `v1a` (Ed25519) with this key.
+    Ed25519(Arc<ed25519_dalek::SigningKey>),
+}
+
+/// The bench's Ed25519 key: fixed, so that the `erp-ed` source's `whpk_` key is known ahead.
+fn ed25519_key() -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[7u8; 32])
+}
+
+/// `[[sources]]` `erp-ed`: `erp` with the bench key's `whpk_` public key (Standard Webhooks
+/// `v1a`), for the current binary only (0.1.0 has no `v1a`).
+fn ed25519_source() -> String {
+    use base64::Engine as _;
+    let public =
+        base64::engine::general_purpose::STANDARD.encode(ed25519_key().verifying_key().to_bytes());
+    format!(
+        r#"
+[[sources]]
+name = "erp-ed"
+scheme = "standard-webhooks"
+secrets = ["whpk_{public}"]
+event_id = "/id"
+event_type = "/type"
+accept_types = ["object.created"]
+object_id = "/data/object_id"
+
+[sources.lead]
+id = "/data/lead_id"
+"#
+    )
 }
 
 impl Signer {
@@ -345,40 +395,62 @@ impl Signer {
             tag: tag.into(),
             base,
             ts: store::now_ms() / 1000,
-            form: false,
+            body: BodyKind::Json,
         }
     }
 
     /// The same events as form bodies.
     fn forms(mut self) -> Signer {
-        self.form = true;
+        self.body = BodyKind::Form;
+        self
+    }
+
+    /// The same events, signed with Ed25519 for the `erp-ed` source.
+    fn ed25519(mut self) -> Signer {
+        self.body = BodyKind::Ed25519(Arc::new(ed25519_key()));
         self
     }
 
     fn request(&self, conn: usize, seq: usize) -> Vec<u8> {
         let object = self.base + conn as u64 * 10_000_000 + seq as u64;
         let id = format!("{}-{conn}-{seq}", self.tag);
-        let (body, content_type) = if self.form {
-            (
-                form_body(&id, object, 8000 + object % 977),
+        let lead = 8000 + object % 977;
+        let (source, body, content_type) = match self.body {
+            BodyKind::Form => (
+                "erp",
+                form_body(&id, object, lead),
                 "application/x-www-form-urlencoded",
-            )
-        } else {
-            (
-                event_body(&id, object, 8000 + object % 977),
-                "application/json",
-            )
+            ),
+            BodyKind::Json => ("erp", event_body(&id, object, lead), "application/json"),
+            BodyKind::Ed25519(_) => ("erp-ed", event_body(&id, object, lead), "application/json"),
         };
         let mut req = format!(
-            "POST /webhooks/erp HTTP/1.1\r\nhost: {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n",
+            "POST /webhooks/{source} HTTP/1.1\r\nhost: {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n",
             self.addr,
             body.len()
         );
-        for (k, v) in self.verifier.sign(
-            body.as_bytes(),
-            self.ts,
-            &format!("msg_{}_{conn}_{seq}", self.tag),
-        ) {
+        let msg_id = format!("msg_{}_{conn}_{seq}", self.tag);
+        let headers = match &self.body {
+            BodyKind::Ed25519(key) => {
+                use base64::Engine as _;
+                use ed25519_dalek::Signer as _;
+                let signed = format!("{msg_id}.{}.{body}", self.ts);
+                let sig = key.sign(signed.as_bytes()).to_bytes();
+                vec![
+                    ("webhook-id".to_string(), msg_id),
+                    ("webhook-timestamp".to_string(), self.ts.to_string()),
+                    (
+                        "webhook-signature".to_string(),
+                        format!(
+                            "v1a,{}",
+                            base64::engine::general_purpose::STANDARD.encode(sig)
+                        ),
+                    ),
+                ]
+            }
+            _ => self.verifier.sign(body.as_bytes(), self.ts, &msg_id),
+        };
+        for (k, v) in headers {
             let _ = write!(req, "{k}: {v}\r\n");
         }
         req.push_str("\r\n");
@@ -772,12 +844,16 @@ struct Service {
 
 impl Service {
     fn spawn(dir: &Path, cfg: &ServiceCfg, rust_log: &str) -> Result<Service> {
+        Service::spawn_bin(&bin(), dir, cfg, rust_log)
+    }
+
+    fn spawn_bin(bin: &str, dir: &Path, cfg: &ServiceCfg, rust_log: &str) -> Result<Service> {
         let port = free_port()?;
         let config = dir.join("sprintlink.toml");
         std::fs::write(&config, config_toml(port, cfg))?;
         let log = dir.join("service.log");
         let out = std::fs::File::create(&log)?;
-        let mut cmd = Command::new(bin());
+        let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .arg("--config")
             .arg(&config)
@@ -792,7 +868,7 @@ impl Service {
         }
         cmd.env("RUST_LOG", rust_log);
         let spawned = Instant::now();
-        let child = cmd.spawn().with_context(|| format!("spawning {}", bin()))?;
+        let child = cmd.spawn().with_context(|| format!("spawning {bin}"))?;
         Ok(Service {
             child: Some(child),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -1010,6 +1086,13 @@ async fn phase_ingest(
     let b = backend.name();
     let dir = env.phase_dir(&format!("{b}-ingest"))?;
     let db = env.fresh_db(backend, &dir).await?;
+    // Another binary (`BENCH_SERVICE_BIN`, e.g. 0.1.0) may know neither `v1a` nor form bodies.
+    let current = std::env::var_os("BENCH_SERVICE_BIN").is_none();
+    let extra = if current {
+        ed25519_source()
+    } else {
+        String::new()
+    };
     let result = async {
         let url = hub.url();
         let mut svc = Service::spawn(
@@ -1019,7 +1102,7 @@ async fn phase_ingest(
                 hub: &url,
                 concurrency: 8,
                 rate: 5.0,
-                extra: "",
+                extra: &extra,
             },
             &o.rust_log,
         )?;
@@ -1052,24 +1135,34 @@ async fn phase_ingest(
             per_conn,
         )
         .await?;
-        eprintln!(
-            "bench: {b}: POST /webhooks/erp as forms, {} connections, closed loop",
-            o.connections
-        );
-        let form_signer = Arc::new(
-            Signer::new(v, svc.addr, &format!("{}f{}", env.run_id, env.next()), 3_000_000_000)
-                .forms(),
-        );
-        let mut f = closed_loop(
-            svc.addr,
-            o.connections,
-            o.warm(),
-            o.dur(),
-            Work::Ingest(form_signer),
-            202,
-            per_conn,
-        )
-        .await?;
+        let mut form = None;
+        let mut ed = None;
+        if current {
+            eprintln!(
+                "bench: {b}: POST /webhooks/erp as forms, {} connections, closed loop",
+                o.connections
+            );
+            let form_signer = Arc::new(
+                Signer::new(v, svc.addr, &format!("{}f{}", env.run_id, env.next()), 3_000_000_000)
+                    .forms(),
+            );
+            form = Some(
+                closed_loop(svc.addr, o.connections, o.warm(), o.dur(), Work::Ingest(form_signer), 202, per_conn)
+                    .await?,
+            );
+            eprintln!(
+                "bench: {b}: POST /webhooks/erp-ed signed v1a (Ed25519), {} connections, closed loop",
+                o.connections
+            );
+            let ed_signer = Arc::new(
+                Signer::new(v, svc.addr, &format!("{}e{}", env.run_id, env.next()), 5_000_000_000)
+                    .ed25519(),
+            );
+            ed = Some(
+                closed_loop(svc.addr, o.connections, o.warm(), o.dur(), Work::Ingest(ed_signer), 202, per_conn)
+                    .await?,
+            );
+        }
         let rss = rss_kb(svc.pid()).map(|r| r.1).unwrap_or(0);
         svc.stop();
         if i.built_late > 0 {
@@ -1106,15 +1199,20 @@ async fn phase_ingest(
                 format!("p99 {:.1} x healthz p99", ip99 / hp99),
                 Some(ip99 < 20_000.0),
             ),
-            row(
-                b,
-                format!("form-body ingest 202/s @{} conns", o.connections),
-                format!("{} (p99 {}){}", per_s(f.rate()), ms(f.pct(0.99)), f.problems()),
-                "-",
-                format!("{:.2} x JSON ingest", f.rate() / i.rate()),
-                None,
-            ),
         ];
+        let mut rows = rows;
+        for (what, load) in [("form-body", form), ("Ed25519 (v1a)", ed)] {
+            if let Some(mut l) = load {
+                rows.push(row(
+                    b,
+                    format!("{what} ingest 202/s @{} conns", o.connections),
+                    format!("{} (p50 {}, p99 {}){}", per_s(l.rate()), ms(l.pct(0.50)), ms(l.pct(0.99)), l.problems()),
+                    "-",
+                    format!("{:.2} x JSON ingest", l.rate() / i.rate()),
+                    Some(l.other.is_empty() && l.io_errors == 0),
+                ));
+            }
+        }
         env.note(format!(
             "{b}: service peak RSS after the closed-loop ingest run: {}",
             mb(rss)
@@ -2265,6 +2363,227 @@ async fn phase_pruning(env: &Env, backend: Backend, v: &Verifier) -> Result<Vec<
     ])
 }
 
+// ---------------------------------------------------------------------------------------------
+// This binary against another (`BENCH_BASELINE_BIN`), in one run
+
+/// Sends `n` signed events over `conns` connections, each answered 202; answers how many were
+/// not.
+async fn post_all(addr: SocketAddr, signer: Arc<Signer>, n: usize, conns: usize) -> Result<usize> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..conns {
+        let signer = signer.clone();
+        let count = n / conns + usize::from(c < n % conns);
+        tasks.spawn(async move {
+            let mut conn = Conn::connect(addr).await?;
+            let mut bad = 0;
+            for seq in 0..count {
+                if conn.roundtrip(&signer.request(c, seq)).await? != 202 {
+                    bad += 1;
+                }
+            }
+            anyhow::Ok(bad)
+        });
+    }
+    let mut bad = 0;
+    while let Some(r) = tasks.join_next().await {
+        bad += r??;
+    }
+    Ok(bad)
+}
+
+/// One ingest round: a fresh database, the binary, JSON webhooks closed loop. Answers (202/s, p99 µs).
+async fn versus_ingest(
+    env: &Env,
+    backend: Backend,
+    v: &Verifier,
+    bin: &str,
+    hub: &StandIn,
+) -> Result<(f64, f64)> {
+    let o = &env.opts;
+    let dir = env.phase_dir(&format!("{}-versus-ingest", backend.name()))?;
+    let db = env.fresh_db(backend, &dir).await?;
+    let r = async {
+        let url = hub.url();
+        let cfg = ServiceCfg {
+            storage: &db.url,
+            hub: &url,
+            concurrency: 8,
+            rate: 5.0,
+            extra: "",
+        };
+        let mut svc = Service::spawn_bin(bin, &dir, &cfg, &o.rust_log)?;
+        svc.wait_ready(Duration::from_secs(60)).await?;
+        let per_conn = ((o.presign_rate * (o.seconds + o.warmup)) as usize).div_ceil(o.connections);
+        let signer = Arc::new(Signer::new(
+            v,
+            svc.addr,
+            &format!("{}v{}", env.run_id, env.next()),
+            7_000_000_000,
+        ));
+        let mut l = closed_loop(
+            svc.addr,
+            o.connections,
+            o.warm(),
+            o.dur(),
+            Work::Ingest(signer),
+            202,
+            per_conn,
+        )
+        .await?;
+        svc.stop();
+        if !l.other.is_empty() || l.io_errors > 0 {
+            bail!("{bin}: ingest had errors:{}", l.problems());
+        }
+        anyhow::Ok((l.rate(), l.pct(0.99)))
+    }
+    .await;
+    env.drop_db(db).await;
+    r
+}
+
+/// One delivery round: the binary takes `versus_events` webhooks while the stand-in holds every
+/// call, then the stand-in lets go and the backlog drains with no rate limit. Answers links/s.
+async fn versus_delivery(env: &Env, backend: Backend, v: &Verifier, bin: &str) -> Result<f64> {
+    let o = &env.opts;
+    let n = o.versus_events;
+    let dir = env.phase_dir(&format!("{}-versus-delivery", backend.name()))?;
+    let db = env.fresh_db(backend, &dir).await?;
+    let r = async {
+        let hub = StandIn::start().await?;
+        hub.set_held(true);
+        let url = hub.url();
+        let cfg = ServiceCfg {
+            storage: &db.url,
+            hub: &url,
+            concurrency: o.delivery_concurrency,
+            rate: 0.0,
+            extra: "",
+        };
+        let mut svc = Service::spawn_bin(bin, &dir, &cfg, &o.rust_log)?;
+        svc.wait_ready(Duration::from_secs(60)).await?;
+        let signer = Arc::new(Signer::new(
+            v,
+            svc.addr,
+            &format!("{}w{}", env.run_id, env.next()),
+            8_000_000_000,
+        ));
+        let bad = post_all(svc.addr, signer, n, 16).await?;
+        if bad > 0 {
+            bail!("{bin}: {bad} of {n} webhooks were not accepted");
+        }
+        hub.set_held(false);
+        let d = wait_links(&hub, n, Duration::from_secs_f64(n as f64 / 500.0 + 60.0)).await;
+        svc.stop();
+        if d.at.len() < n {
+            bail!("{bin}: {} of {n} linked before the timeout", d.at.len());
+        }
+        anyhow::Ok(steady_rate(&d.at))
+    }
+    .await;
+    env.drop_db(db).await;
+    r
+}
+
+/// JSON ingest and unlimited delivery of this binary against `BENCH_BASELINE_BIN`, round by
+/// round alternating which goes first, so drift of a shared machine falls on both. The ratio is
+/// of the medians.
+async fn phase_versus(
+    env: &Env,
+    backend: Backend,
+    v: &Verifier,
+    hub: &StandIn,
+) -> Result<Vec<Row>> {
+    let o = &env.opts;
+    let b = backend.name();
+    let Some(base) = o.baseline_bin.clone() else {
+        bail!(
+            "BENCH_BASELINE_BIN is not set (the binary to compare with, e.g. a release build of 0.1.0)"
+        );
+    };
+    let this: String = env!("CARGO_BIN_EXE_sprintlink").into();
+    let order = |round: usize| {
+        if round.is_multiple_of(2) {
+            [(0, &base), (1, &this)]
+        } else {
+            [(1, &this), (0, &base)]
+        }
+    };
+    let mut ingest: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+    let mut delivery: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..o.versus_rounds {
+        for (k, bin) in order(round) {
+            eprintln!("bench: {b}: versus round {}: ingest, {bin}", round + 1);
+            ingest[k].push(versus_ingest(env, backend, v, bin, hub).await?);
+        }
+    }
+    for round in 0..o.versus_rounds {
+        for (k, bin) in order(round) {
+            eprintln!(
+                "bench: {b}: versus round {}: delivery of {}, {bin}",
+                round + 1,
+                o.versus_events
+            );
+            delivery[k].push(versus_delivery(env, backend, v, bin).await?);
+        }
+    }
+    let list = |xs: &[f64], f: &dyn Fn(f64) -> String| {
+        xs.iter().map(|x| f(*x)).collect::<Vec<_>>().join(", ")
+    };
+    let rates = |k: usize| ingest[k].iter().map(|r| r.0).collect::<Vec<_>>();
+    let p99s = |k: usize| ingest[k].iter().map(|r| r.1).collect::<Vec<_>>();
+    let (ib, it) = (median(rates(0)), median(rates(1)));
+    let (pb, pt) = (median(p99s(0)), median(p99s(1)));
+    let (db_, dt) = (median(delivery[0].clone()), median(delivery[1].clone()));
+    let name = Path::new(&base).display().to_string();
+    env.note(format!("{b}: versus: baseline binary {name}"));
+    Ok(vec![
+        row(
+            b,
+            format!(
+                "JSON ingest 202/s @{} conns, this vs baseline",
+                o.connections
+            ),
+            format!(
+                "{} vs {} (medians of {}; this: {}; baseline: {})",
+                per_s(it),
+                per_s(ib),
+                o.versus_rounds,
+                list(&rates(1), &|x| per_s(x)),
+                list(&rates(0), &|x| per_s(x))
+            ),
+            ">= 0.95 x baseline",
+            format!("{:.3} x baseline", it / ib),
+            Some(it / ib >= 0.95),
+        ),
+        row(
+            b,
+            "JSON ingest p99, this vs baseline".to_string(),
+            format!("{} vs {} (medians)", ms(pt), ms(pb)),
+            "-",
+            format!("{:.2} x baseline", pt / pb),
+            None,
+        ),
+        row(
+            b,
+            format!(
+                "delivery links/s, concurrency {}, no limit, this vs baseline",
+                o.delivery_concurrency
+            ),
+            format!(
+                "{} vs {} (medians of {}; this: {}; baseline: {})",
+                per_s(dt),
+                per_s(db_),
+                o.versus_rounds,
+                list(&delivery[1], &|x| per_s(x)),
+                list(&delivery[0], &|x| per_s(x))
+            ),
+            ">= 0.95 x baseline",
+            format!("{:.3} x baseline", dt / db_),
+            Some(dt / db_ >= 0.95),
+        ),
+    ])
+}
+
 async fn run(env: Arc<Env>) -> Vec<Row> {
     let o = env.opts.clone();
     let mut rows = Vec::new();
@@ -2348,6 +2667,14 @@ async fn run(env: Arc<Env>) -> Vec<Row> {
             push(&mut g, &format!("{b}: connect"), Err(anyhow!(e)));
             rows.append(&mut g);
             continue;
+        }
+        if o.only
+            .as_ref()
+            .is_some_and(|p| p.iter().any(|p| p == "versus"))
+            || (o.only.is_none() && o.baseline_bin.is_some())
+        {
+            let r = phase_versus(&env, backend, &v, &hub).await;
+            push(&mut g, &format!("{b}: versus baseline"), r);
         }
         if o.runs("ingest") {
             let r = phase_ingest(&env, backend, &hub, &v).await;

@@ -83,6 +83,9 @@ struct Inner {
     max_in_flight: AtomicUsize,
     delay_ms: AtomicI64,
     down: AtomicBool,
+    /// While set, calls wait (unanswered) until `release` is notified.
+    held: AtomicBool,
+    release: tokio::sync::Notify,
 }
 
 /// A running stand-in. Dropping it does not stop it; it lives as long as the runtime.
@@ -195,6 +198,15 @@ impl StandIn {
         self.inner.down.store(down, Ordering::SeqCst);
     }
 
+    /// While held, calls wait unanswered; releasing answers them all and lets the rest through
+    /// (a backlog built up in the service, then drained at once).
+    pub fn set_held(&self, held: bool) {
+        self.inner.held.store(held, Ordering::SeqCst);
+        if !held {
+            self.inner.release.notify_waiters();
+        }
+    }
+
     /// Each call waits this long before answering.
     pub fn set_delay(&self, d: Duration) {
         self.inner
@@ -239,6 +251,14 @@ async fn handle(
     body: axum::body::Bytes,
 ) -> Response {
     let path = format!("/{path}");
+    loop {
+        // Created before the check, so a release between the two is not missed.
+        let released = inner.release.notified();
+        if !inner.held.load(Ordering::SeqCst) {
+            break;
+        }
+        released.await;
+    }
     let now = inner.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     inner.max_in_flight.fetch_max(now, Ordering::SeqCst);
     let delay = inner.delay_ms.load(Ordering::SeqCst);

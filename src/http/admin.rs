@@ -412,7 +412,7 @@ async fn get_event(
 
 /// Maps the stored event again with today's configuration and queues every link not linked.
 pub async fn replay(state: &AppState, e: &EventSummary) -> Result<(), AppError> {
-    let source = state.sources.get(&e.source).map(|(s, _)| s);
+    let source = state.sources.get(&e.source).map(|e| &e.source);
     crate::operations::replay(&*state.store, source, e).await?;
     state.wake.notify_one();
     Ok(())
@@ -603,7 +603,7 @@ pub fn known_source<'a>(
     state
         .sources
         .get(source)
-        .map(|(s, _)| s)
+        .map(|e| &e.source)
         .ok_or_else(|| AppError::UnknownSource(source.to_string()))
 }
 

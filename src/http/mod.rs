@@ -32,8 +32,7 @@ use utoipa_axum::routes;
 
 use crate::alerts::{Alerts, Example};
 use crate::batch::Batcher;
-use crate::config::{AlertKind, Config, SourceConfig};
-use crate::signature::Verifier;
+use crate::config::{AlertKind, Config};
 use crate::store::{IngestOutcome, NewEvent, Store};
 use crate::telemetry::Metrics;
 use error::AppError;
@@ -42,7 +41,7 @@ use error::AppError;
 pub struct AppState {
     pub config: Arc<Config>,
     pub store: Arc<dyn Store>,
-    pub sources: HashMap<String, (SourceConfig, Verifier)>,
+    pub sources: HashMap<String, webhooks::Endpoint>,
     pub ingest: Batcher<NewEvent, IngestOutcome>,
     pub wake: Arc<Notify>,
     pub metrics: Arc<Metrics>,
@@ -76,7 +75,7 @@ impl AppState {
         let sources = config
             .sources
             .iter()
-            .map(|s| (s.name.clone(), (s.clone(), Verifier::from_source(s))))
+            .map(|s| (s.name.clone(), webhooks::Endpoint::new(s)))
             .collect();
         let auth = crate::http::auth::Auth::new(&config.admin)?;
         let fleet = crate::delivery::fleet::Fleet::new(store.clone(), &config, metrics.clone());

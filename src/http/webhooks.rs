@@ -17,7 +17,7 @@ use crate::http::AppState;
 use crate::http::bodies::{WebhookAccepted, WebhookNoop};
 use crate::http::error::{ApiPath as Path, AppError};
 use crate::mapping::{self, Input, body::Kind};
-use crate::signature::WithQuery;
+use crate::signature::{Verifier, WithQuery};
 use crate::store::{IngestOutcome, NewEvent, Plan, StoredRequest, now_ms};
 
 /// Receive a signed webhook.
@@ -113,10 +113,11 @@ async fn accept(
             "the service is shutting down, retry shortly".into(),
         ));
     }
-    let (source, verifier) = state
+    let endpoint = state
         .sources
         .get(source_name)
         .ok_or_else(|| AppError::UnknownSource(source_name.to_string()))?;
+    let (source, verifier) = (&endpoint.source, &endpoint.verifier);
     if !source.allow_ips.is_empty() {
         let client = client_address(from.peer, headers, &state.config.server.trusted_proxies);
         if !source.allows(client) {
@@ -162,8 +163,8 @@ async fn accept(
     let verified = verifier.verify(&signed, &raw, now.div_euclid(1000))?;
     let request = StoredRequest {
         content_type: content_type.map(str::to_string),
-        headers: referenced_headers(source, headers),
-        query: referenced_query(source, from.query),
+        headers: endpoint.kept_headers(headers),
+        query: endpoint.kept_query(from.query),
         body: raw,
     };
     let json = Input::read(&request)?;
@@ -265,34 +266,59 @@ async fn accept(
     Ok((answer.0, (answer.1, answer.2).into_response()))
 }
 
-/// The headers some `header:` reference of the source names, as the request carried them (the
-/// first value of each; one that is not text is left out, as if missing).
-fn referenced_headers(source: &SourceConfig, headers: &HeaderMap) -> BTreeMap<String, String> {
-    source
-        .referenced_headers()
-        .into_iter()
-        .filter_map(|name| {
-            let value = headers.get(name)?.to_str().ok()?;
-            Some((name.to_string(), value.to_string()))
-        })
-        .collect()
+/// A configured source as the webhook route uses it: its verifier, and the header and query
+/// names its references read, worked out once at start-up rather than per request.
+pub struct Endpoint {
+    pub source: SourceConfig,
+    pub verifier: Verifier,
+    headers: Vec<String>,
+    query: Vec<String>,
 }
 
-/// The query parameters some `query:` reference of the source names (the first value of
-/// each). No other parameter is kept: a credential in the URL is never stored.
-fn referenced_query(source: &SourceConfig, query: Option<&str>) -> BTreeMap<String, String> {
-    let names = source.referenced_query();
-    let mut out = BTreeMap::new();
-    let Some(query) = query.filter(|_| !names.is_empty()) else {
-        return out;
-    };
-    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
-        if let Some(name) = names.iter().find(|n| **n == k) {
-            out.entry(name.to_string())
-                .or_insert_with(|| v.into_owned());
+impl Endpoint {
+    pub fn new(source: &SourceConfig) -> Endpoint {
+        Endpoint {
+            verifier: Verifier::from_source(source),
+            headers: source
+                .referenced_headers()
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+            query: source
+                .referenced_query()
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+            source: source.clone(),
         }
     }
-    out
+
+    /// The headers some `header:` reference of the source names, as the request carried them
+    /// (the first value of each; one that is not text is left out, as if missing).
+    fn kept_headers(&self, headers: &HeaderMap) -> BTreeMap<String, String> {
+        self.headers
+            .iter()
+            .filter_map(|name| {
+                let value = headers.get(name.as_str())?.to_str().ok()?;
+                Some((name.clone(), value.to_string()))
+            })
+            .collect()
+    }
+
+    /// The query parameters some `query:` reference of the source names (the first value of
+    /// each). No other parameter is kept: a credential in the URL is never stored.
+    fn kept_query(&self, query: Option<&str>) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        let Some(query) = query.filter(|_| !self.query.is_empty()) else {
+            return out;
+        };
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            if let Some(name) = self.query.iter().find(|n| **n == k) {
+                out.entry(name.clone()).or_insert_with(|| v.into_owned());
+            }
+        }
+        out
+    }
 }
 
 /// The sender's address (SPEC 6.3): the TCP peer, unless the peer is a trusted proxy; then

@@ -1,9 +1,6 @@
 //! Alerts (SPEC 10) to a local receiver: a notification for each kind the stand-in can provoke,
 //! coalescing, a failing receiver that costs ingest nothing, the slack and json bodies, one
-//! notification from a fleet of two, and `sprintlink alert-test`.
-//!
-//! Storage alerts are not provoked here: failing a group commit on demand needs a broken disk
-//! (the tmpfs test in `robustness` does that for ingest); the code path is one `report` call.
+//! notification from a fleet of two, a storage fault, and `sprintlink alert-test`.
 
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
@@ -202,6 +199,56 @@ async fn each_kind_reaches_a_local_receiver(b: Backend) {
     );
 }
 
+/// A database that cannot commit: the webhook gets its 503 and a `storage` notification says
+/// what failed, naming the event but holding no body.
+async fn a_storage_fault_is_announced(b: Backend) {
+    let rx = Receiver::start(200).await;
+    let url = rx.url.clone();
+    let app = TestApp::builder(b)
+        .config(move |c| c.alerts = vec![json_target(&url, &[AlertKind::Storage])])
+        .spawn()
+        .await;
+    app.post_webhook("erp", &erp_event("evt_before", 30, 40))
+        .await
+        .expect(202);
+    let fault = StorageFault::begin(&app.db.url).await;
+    app.post_webhook("erp", &erp_event("evt_lost_commit", 31, 41))
+        .await
+        .expect_error(503, "unavailable");
+    let storage = rx.wait_for_kind("storage").await;
+    fault.end().await;
+    let example = &storage["examples"][0];
+    assert_eq!(example["event_id"], "evt_lost_commit", "{storage}");
+    assert_eq!(example["source"], "erp", "{storage}");
+    assert!(
+        example["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("could not be committed")),
+        "{storage}"
+    );
+    let text = serde_json::to_string(&storage).unwrap();
+    assert!(!text.contains("object.created"), "no event body: {text}");
+    assert!(rx.of_kind("dead").is_empty() && rx.of_kind("parked").is_empty());
+    // The service recovers by itself, and the notification is counted as sent.
+    wait_until("readiness recovers", Duration::from_secs(30), async || {
+        app.client
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    app.post_webhook("erp", &erp_event("evt_after", 32, 42))
+        .await
+        .expect(202);
+    app.wait_for_state("evt_after", "delivered").await;
+    assert!(
+        app.metrics()
+            .await
+            .contains("sprintlink_alerts_total{kind=\"storage\",outcome=\"sent\"} 1")
+    );
+}
+
 async fn several_deads_in_one_interval_are_one_notification(b: Backend) {
     let rx = Receiver::start(200).await;
     let url = rx.url.clone();
@@ -303,6 +350,7 @@ async fn slack_is_one_text(b: Backend) {
 }
 
 both_backends!(
+    a_storage_fault_is_announced,
     each_kind_reaches_a_local_receiver,
     several_deads_in_one_interval_are_one_notification,
     a_failing_receiver_does_not_slow_ingest,

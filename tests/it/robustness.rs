@@ -100,66 +100,6 @@ async fn storage_fault_then_recovery(backend: Backend) {
     );
 }
 
-/// How each backend is made to fail without disturbing other tests: SQLite is write-locked by
-/// another connection past the busy timeout; the PostgreSQL database refuses connections and
-/// the service's sessions are terminated.
-enum StorageFault {
-    Sqlite(rusqlite::Connection),
-    Postgres(String),
-}
-
-impl StorageFault {
-    async fn begin(url: &str) -> StorageFault {
-        use sqlx::Connection;
-        if let Some(path) = url.strip_prefix("sqlite://") {
-            let conn = rusqlite::Connection::open(path).unwrap();
-            conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
-            StorageFault::Sqlite(conn)
-        } else {
-            let name = url.rsplit('/').next().unwrap().to_string();
-            let mut admin =
-                sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres")
-                    .await
-                    .unwrap();
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "ALTER DATABASE {name} ALLOW_CONNECTIONS false"
-            )))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-            sqlx::query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
-            )
-            .bind(&name)
-            .execute(&mut admin)
-            .await
-            .unwrap();
-            StorageFault::Postgres(name)
-        }
-    }
-
-    async fn end(self) {
-        use sqlx::Connection;
-        match self {
-            StorageFault::Sqlite(conn) => {
-                conn.execute_batch("ROLLBACK").unwrap();
-            }
-            StorageFault::Postgres(name) => {
-                let mut admin =
-                    sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres")
-                        .await
-                        .unwrap();
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "ALTER DATABASE {name} ALLOW_CONNECTIONS true"
-                )))
-                .execute(&mut admin)
-                .await
-                .unwrap();
-            }
-        }
-    }
-}
-
 both_backends!(outage_then_recovery, storage_fault_then_recovery);
 
 /// A full disk under SQLite: once the file system has no room, webhooks get 503 and readiness
