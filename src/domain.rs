@@ -185,6 +185,88 @@ text_enum!(ObjectState);
 text_enum!(CreationOutcome);
 text_enum!(PauseReason);
 
+/// Ids that cross module borders: each its own type, so an event's row number cannot be
+/// passed where a link's is expected (or a lease, or an attempt count, all `i64` too), nor a
+/// lead id where an object id is. Stored as the plain column they always were.
+macro_rules! int_id {
+    ($(#[$doc:meta])* $ty:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $ty(pub i64);
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+int_id!(
+    /// The store's row number of an event: internal (keyset pages, joins), never the sender's
+    /// event id.
+    EventPk
+);
+int_id!(
+    /// The store's row number of an (object, lead) pair.
+    LinkId
+);
+
+macro_rules! text_id {
+    ($(#[$doc:meta])* $ty:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+        pub struct $ty(String);
+        impl $ty {
+            pub fn new(id: impl Into<String>) -> $ty {
+                $ty(id.into())
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+            pub fn into_string(self) -> String {
+                self.0
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl From<String> for $ty {
+            fn from(id: String) -> $ty {
+                $ty(id)
+            }
+        }
+        impl From<&str> for $ty {
+            fn from(id: &str) -> $ty {
+                $ty(id.to_string())
+            }
+        }
+        impl PartialEq<str> for $ty {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+        impl PartialEq<&str> for $ty {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+    };
+}
+text_id!(
+    /// A SprintHub custom object's id, as text (SprintHub answers numbers, senders send either).
+    ObjectId
+);
+text_id!(
+    /// A SprintHub lead's id, as text.
+    LeadId
+);
+
 /// RFC 3339 in UTC with milliseconds, from Unix milliseconds.
 pub fn rfc3339(ms: i64) -> String {
     let secs = ms.div_euclid(1000);

@@ -21,7 +21,7 @@ use crate::alerts::{Alerts, Example};
 use crate::batch::Batcher;
 use crate::config::{AlertKind, Config};
 use crate::sprinthub::{Failure, SprintHubClient};
-use crate::store::{Attempt, Completion, LinkJob, LinkUpdate, Store, now_ms};
+use crate::store::{Attempt, Completion, LinkId, LinkJob, LinkUpdate, Store, now_ms};
 use crate::telemetry::Metrics;
 use backoff::{Next, after_failure};
 use fleet::Fleet;
@@ -61,7 +61,7 @@ pub struct Worker {
     creator: Creator,
     fleet: Arc<Fleet>,
     /// Jobs whose call is in progress, so a forced shutdown can hand them back.
-    in_flight: Mutex<HashMap<i64, i64>>,
+    in_flight: Mutex<HashMap<LinkId, i64>>,
 }
 
 impl Worker {
@@ -291,7 +291,7 @@ impl Worker {
             tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             tasks.abort_all();
-            let left: Vec<(i64, i64)> = self
+            let left: Vec<(LinkId, i64)> = self
                 .in_flight
                 .lock()
                 .expect("in-flight lock")
@@ -331,7 +331,7 @@ impl Worker {
             events = job.events.len(),
             object_id = %job.object_id,
             lead_id = %job.lead_id,
-            link = job.link_id
+            link = job.link_id.0
         );
         let _enter = span.enter();
         drop(_enter);

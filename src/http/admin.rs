@@ -28,7 +28,7 @@ use crate::http::error::{
     ApiBytes, ApiJson, ApiPath as Path, ApiQuery as Query, AppError, BodyLimit,
 };
 use crate::operations::FindError;
-use crate::store::{EventFilter, EventState, EventSummary, LinkPage, Millis};
+use crate::store::{EventFilter, EventPk, EventState, EventSummary, LinkPage, Millis};
 
 /// `POST /admin/replay`: events per call by default, and at most.
 const REPLAY_LIMIT_DEFAULT: i64 = 100;
@@ -273,13 +273,7 @@ pub fn filter_from(q: &ListQuery) -> Result<EventFilter, AppError> {
         })?),
         None => None,
     };
-    let before = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
-        Some(c) => Some(
-            c.parse::<i64>()
-                .map_err(|_| AppError::BadRequest("cursor is not one this API gave".into()))?,
-        ),
-        None => None,
-    };
+    let before = event_cursor(q.cursor.as_deref())?;
     let limit = q.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
         return Err(AppError::BadRequest(
@@ -359,7 +353,10 @@ impl EventQuery {
                 AppError::BadRequest(format!("links_cursor {c:?} is not a cursor this API gave"))
             })?),
         };
-        Ok(LinkPage { after, limit })
+        Ok(LinkPage {
+            after: after.map(crate::store::LinkId),
+            limit,
+        })
     }
 }
 
@@ -408,6 +405,17 @@ async fn get_event(
         .await?
         .ok_or_else(|| AppError::NotFound(format!("no event with id {event_id:?}")))?;
     Ok(axum::Json(EventDocument::from(&detail)).into_response())
+}
+
+/// The event a page's `cursor` names (the last one of the previous page); empty is none.
+fn event_cursor(cursor: Option<&str>) -> Result<Option<EventPk>, AppError> {
+    match cursor.filter(|c| !c.is_empty()) {
+        Some(c) => c
+            .parse::<i64>()
+            .map(|pk| Some(EventPk(pk)))
+            .map_err(|_| AppError::BadRequest("cursor is not one this API gave".into())),
+        None => Ok(None),
+    }
 }
 
 /// Maps the stored event again with today's configuration and queues every link not linked.
@@ -500,13 +508,7 @@ async fn replay_many(
             "limit must be between 1 and {REPLAY_LIMIT_MAX}"
         )));
     }
-    let before = match req.cursor.as_deref().filter(|c| !c.is_empty()) {
-        Some(c) => Some(
-            c.parse::<i64>()
-                .map_err(|_| AppError::BadRequest("cursor is not one this API gave".into()))?,
-        ),
-        None => None,
-    };
+    let before = event_cursor(req.cursor.as_deref())?;
     let search = Search::parse(&req.object_id, &req.lead_id, &req.since, &req.until, &req.q)?;
     let filter = search.into_filter(EventFilter {
         state: Some(wanted),

@@ -34,7 +34,8 @@ use crate::http::admin::{self, ListQuery, SourceQuery, check_token};
 use crate::http::auth::{Peer, SESSION_SECONDS};
 use crate::http::error::AppError;
 use crate::store::{
-    Attempt, EventFilter, EventState, EventSummary, LinkDetail, LinkPage, LinkState, Millis, now_ms,
+    Attempt, EventFilter, EventPk, EventState, EventSummary, LinkDetail, LinkPage, LinkState,
+    Millis, now_ms,
 };
 
 /// The session cookie's name.
@@ -1466,7 +1467,7 @@ async fn bulk_action(
             after: None,
             limit: 1,
         };
-        let e = match state.store.event_detail(pk, one).await {
+        let e = match state.store.event_detail(EventPk(pk), one).await {
             Ok(Some(d)) => d.summary,
             Ok(None) => {
                 skipped += 1;

@@ -16,7 +16,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::Serialize;
 
-pub use crate::domain::{CreationOutcome, EventState, LinkState, ObjectState, PauseReason};
+pub use crate::domain::{
+    CreationOutcome, EventPk, EventState, LeadId, LinkId, LinkState, ObjectId, ObjectState,
+    PauseReason,
+};
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -280,7 +283,7 @@ pub enum IngestOutcome {
 /// A link claimed for delivery under `lease` until the lease expires.
 #[derive(Debug, Clone)]
 pub struct LinkJob {
-    pub link_id: i64,
+    pub link_id: LinkId,
     pub lease: i64,
     pub object_id: String,
     pub lead_id: String,
@@ -294,7 +297,7 @@ pub struct LinkJob {
 /// An event whose lead key must be resolved, claimed under `lease`.
 #[derive(Debug, Clone)]
 pub struct ResolveJob {
-    pub event_pk: i64,
+    pub event_pk: EventPk,
     pub lease: i64,
     pub source: String,
     pub event_id: String,
@@ -306,7 +309,7 @@ pub struct ResolveJob {
 /// An event whose custom object must be created, claimed under `lease`.
 #[derive(Debug, Clone)]
 pub struct ObjectJob {
-    pub event_pk: i64,
+    pub event_pk: EventPk,
     pub lease: i64,
     pub source: String,
     pub event_id: String,
@@ -346,7 +349,7 @@ pub enum ObjectUpdate {
 
 #[derive(Debug, Clone)]
 pub struct ObjectCompletion {
-    pub event_pk: i64,
+    pub event_pk: EventPk,
     pub lease: i64,
     pub attempt: Option<ObjectAttempt>,
     pub update: ObjectUpdate,
@@ -392,7 +395,7 @@ pub enum LinkUpdate {
 
 #[derive(Debug, Clone)]
 pub struct Completion {
-    pub link_id: i64,
+    pub link_id: LinkId,
     pub lease: i64,
     pub attempt: Option<Attempt>,
     pub update: LinkUpdate,
@@ -434,14 +437,14 @@ pub struct EventFilter {
     /// mapping table (the lead key itself is not stored on the event).
     pub q: Option<String>,
     /// Only events older than this internal position (keyset pagination).
-    pub before: Option<i64>,
+    pub before: Option<EventPk>,
     pub limit: i64,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EventSummary {
     #[serde(skip)]
-    pub pk: i64,
+    pub pk: EventPk,
     pub event_id: String,
     pub source: String,
     pub state: EventState,
@@ -454,7 +457,7 @@ pub struct EventSummary {
 #[derive(Debug, Clone, Serialize)]
 pub struct LinkDetail {
     #[serde(skip)]
-    pub link_id: i64,
+    pub link_id: LinkId,
     pub object_id: String,
     pub lead_id: String,
     pub state: LinkState,
@@ -477,7 +480,7 @@ pub struct EventDetail {
     pub links: Vec<LinkDetail>,
     /// Where the next page of links starts (`LinkPage::after`), when there is one.
     #[serde(skip)]
-    pub more_links_after: Option<i64>,
+    pub more_links_after: Option<LinkId>,
 }
 
 /// Which of an event's links an event document holds: an event may name up to 100 leads, and
@@ -485,7 +488,7 @@ pub struct EventDetail {
 #[derive(Debug, Clone, Copy)]
 pub struct LinkPage {
     /// Only links stored after this position (the previous page's `more_links_after`).
-    pub after: Option<i64>,
+    pub after: Option<LinkId>,
     pub limit: i64,
 }
 
@@ -613,16 +616,21 @@ pub trait Store: Send + Sync + 'static {
     async fn list_events(&self, filter: &EventFilter) -> Result<Vec<EventSummary>>;
     /// Events with this id (one per source at most), optionally of one source.
     async fn find_events(&self, event_id: &str, source: Option<&str>) -> Result<Vec<EventSummary>>;
-    async fn event_detail(&self, pk: i64, links: LinkPage) -> Result<Option<EventDetail>>;
+    async fn event_detail(&self, pk: EventPk, links: LinkPage) -> Result<Option<EventDetail>>;
     /// The stored request of an event: what a replay maps.
-    async fn event_request(&self, pk: i64) -> Result<Option<StoredRequest>>;
+    async fn event_request(&self, pk: EventPk) -> Result<Option<StoredRequest>>;
     /// Applies a fresh plan to an existing event: every link not yet linked is due now.
-    async fn replay(&self, pk: i64, object_id: Option<&str>, plan: Plan, now: Millis)
-    -> Result<()>;
+    async fn replay(
+        &self,
+        pk: EventPk,
+        object_id: Option<&str>,
+        plan: Plan,
+        now: Millis,
+    ) -> Result<()>;
     /// Marks the event `discarded` with the operator's reason: its resolution and object
     /// creation stop, and each of its pending pairs that no live event wants is no longer due.
     /// A replay brings it back.
-    async fn discard(&self, pk: i64, reason: &str, now: Millis) -> Result<()>;
+    async fn discard(&self, pk: EventPk, reason: &str, now: Millis) -> Result<()>;
     async fn stats(&self) -> Result<Stats>;
     async fn ping(&self) -> Result<()>;
     async fn mapping_get(&self, source: &str, key: &str) -> Result<Vec<String>>;

@@ -50,6 +50,64 @@ state_column!(LinkState);
 state_column!(ObjectState);
 state_column!(CreationOutcome);
 
+/// Ids read from and bound as their BIGINT or text column.
+macro_rules! id_column {
+    ($ty:ty, int) => {
+        impl sqlx::Type<sqlx::Postgres> for $ty {
+            fn type_info() -> sqlx::postgres::PgTypeInfo {
+                <i64 as sqlx::Type<sqlx::Postgres>>::type_info()
+            }
+            fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+                <i64 as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+            }
+        }
+        impl<'r> sqlx::Decode<'r, sqlx::Postgres> for $ty {
+            fn decode(
+                v: sqlx::postgres::PgValueRef<'r>,
+            ) -> std::result::Result<Self, sqlx::error::BoxDynError> {
+                Ok(Self(<i64 as sqlx::Decode<sqlx::Postgres>>::decode(v)?))
+            }
+        }
+        impl sqlx::Encode<'_, sqlx::Postgres> for $ty {
+            fn encode_by_ref(
+                &self,
+                buf: &mut sqlx::postgres::PgArgumentBuffer,
+            ) -> std::result::Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+                <i64 as sqlx::Encode<sqlx::Postgres>>::encode_by_ref(&self.0, buf)
+            }
+        }
+    };
+    ($ty:ty, text) => {
+        impl sqlx::Type<sqlx::Postgres> for $ty {
+            fn type_info() -> sqlx::postgres::PgTypeInfo {
+                <&str as sqlx::Type<sqlx::Postgres>>::type_info()
+            }
+            fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+                <&str as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+            }
+        }
+        impl<'r> sqlx::Decode<'r, sqlx::Postgres> for $ty {
+            fn decode(
+                v: sqlx::postgres::PgValueRef<'r>,
+            ) -> std::result::Result<Self, sqlx::error::BoxDynError> {
+                Ok(<&str as sqlx::Decode<sqlx::Postgres>>::decode(v)?.into())
+            }
+        }
+        impl sqlx::Encode<'_, sqlx::Postgres> for $ty {
+            fn encode_by_ref(
+                &self,
+                buf: &mut sqlx::postgres::PgArgumentBuffer,
+            ) -> std::result::Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+                <&str as sqlx::Encode<sqlx::Postgres>>::encode_by_ref(&self.as_str(), buf)
+            }
+        }
+    };
+}
+id_column!(EventPk, int);
+id_column!(LinkId, int);
+id_column!(ObjectId, text);
+id_column!(LeadId, text);
+
 const CLAIM_LINKS: &str = "UPDATE links SET locked_until = $1, lease = $2
     WHERE id IN (SELECT id FROM links WHERE due_at IS NOT NULL AND due_at <= $3 AND locked_until <= $3
                  ORDER BY due_at LIMIT $4 FOR UPDATE SKIP LOCKED)
@@ -564,7 +622,7 @@ impl PostgresStore {
             q.execute(&mut *tx).await?;
         }
         for (pk, definition_id, leads, at) in creates {
-            objects::want_object(&mut tx, pk, definition_id, leads, at).await?;
+            objects::want_object(&mut tx, EventPk(pk), definition_id, leads, at).await?;
         }
         // Delivered at commit: the other replicas' workers wake instead of waiting for a poll.
         if out.iter().any(|o| matches!(o, IngestOutcome::Queued)) {
@@ -616,14 +674,14 @@ impl Store for PostgresStore {
         // The claim is committed; the events each pair serves (so every log line about a
         // delivery names them) are a read, which need not keep ingest waiting for the writer.
         drop(w);
-        let ids: Vec<i64> = jobs.iter().map(|j| j.link_id).collect();
+        let ids: Vec<LinkId> = jobs.iter().map(|j| j.link_id).collect();
         for chunk in chunks_upto(&ids, LOOKUP_CHUNK) {
             let mut q = sqlx::query(EVENT_KEYS_OF_LINKS.sql(chunk.len()));
             for id in chunk {
                 q = q.bind(*id);
             }
             for r in q.fetch_all(&self.read).await? {
-                let link_id: i64 = r.try_get("link_id")?;
+                let link_id: LinkId = r.try_get("link_id")?;
                 if let Some(job) = jobs.iter_mut().find(|j| j.link_id == link_id) {
                     job.events
                         .push((r.try_get("source")?, r.try_get("event_id")?));
@@ -642,7 +700,7 @@ impl Store for PostgresStore {
         let mut seen = std::collections::HashSet::with_capacity(done.len());
         let distinct = done.iter().all(|c| seen.insert(c.link_id));
         if distinct {
-            let attempts: Vec<(i64, &Attempt)> = done
+            let attempts: Vec<(LinkId, &Attempt)> = done
                 .iter()
                 .filter_map(|c| Some((c.link_id, c.attempt.as_ref()?)))
                 .collect();
@@ -661,8 +719,8 @@ impl Store for PostgresStore {
             }
         }
         // Links whose state changed: their events' states are computed again.
-        let mut changed: Vec<i64> = Vec::new();
-        let mut linked: Vec<i64> = Vec::new();
+        let mut changed: Vec<LinkId> = Vec::new();
+        let mut linked: Vec<LinkId> = Vec::new();
         for c in done {
             if !distinct && let Some(a) = &c.attempt {
                 sqlx::query(
@@ -750,7 +808,7 @@ impl Store for PostgresStore {
             for link_id in chunk {
                 q = q.bind(*link_id);
             }
-            changed.extend(q.fetch_all(&mut *tx).await?);
+            changed.extend(q.fetch_all(&mut *tx).await?.into_iter().map(LinkId));
         }
         // Their events, recomputed once all the batch's links have their new state.
         let mut events: Vec<i64> = Vec::new();
@@ -993,7 +1051,7 @@ impl Store for PostgresStore {
             cond(&mut values, Bound::Text(q.to_lowercase()), ", $N)))");
         }
         if let Some(b) = f.before {
-            cond(&mut values, Bound::Int(b), " AND id < $N");
+            cond(&mut values, Bound::Int(b.0), " AND id < $N");
         }
         cond(
             &mut values,
@@ -1034,7 +1092,7 @@ impl Store for PostgresStore {
         rows.iter().map(summary).collect()
     }
 
-    async fn event_detail(&self, pk: i64, page: LinkPage) -> Result<Option<EventDetail>> {
+    async fn event_detail(&self, pk: EventPk, page: LinkPage) -> Result<Option<EventDetail>> {
         // One snapshot for the event, its links and their attempts, so that a delivery
         // committing meanwhile cannot show a link's new state beside its old attempts.
         let mut tx = self
@@ -1058,7 +1116,7 @@ impl Store for PostgresStore {
              WHERE el.event_pk = $1 AND el.link_id > $2 ORDER BY el.link_id LIMIT $3",
         )
         .bind(pk)
-        .bind(page.after.unwrap_or(i64::MIN))
+        .bind(page.after.unwrap_or(LinkId(i64::MIN)))
         .bind(page.limit.saturating_add(1))
         .fetch_all(&mut *tx)
         .await?;
@@ -1087,7 +1145,7 @@ impl Store for PostgresStore {
             })
             .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?;
             links.push(LinkDetail {
-                link_id,
+                link_id: LinkId(link_id),
                 object_id: r.try_get("object_id")?,
                 lead_id: r.try_get("lead_id")?,
                 state: r.try_get("state")?,
@@ -1112,7 +1170,7 @@ impl Store for PostgresStore {
         }))
     }
 
-    async fn event_request(&self, pk: i64) -> Result<Option<StoredRequest>> {
+    async fn event_request(&self, pk: EventPk) -> Result<Option<StoredRequest>> {
         let row = sqlx::query(AssertSqlSafe(format!(
             "SELECT {REQUEST_COLUMNS} FROM events WHERE id = $1"
         )))
@@ -1124,7 +1182,7 @@ impl Store for PostgresStore {
 
     async fn replay(
         &self,
-        pk: i64,
+        pk: EventPk,
         object_id: Option<&str>,
         plan: Plan,
         now: Millis,
@@ -1165,7 +1223,7 @@ impl Store for PostgresStore {
             }
             // A pair whose call is in flight stays until that call's outcome is recorded
             // (`complete_links` removes it then, unless it was linked).
-            Self::drop_orphan(&mut tx, link_id, Some(now)).await?;
+            Self::drop_orphan(&mut tx, LinkId(link_id), Some(now)).await?;
         }
         match plan {
             Plan::Parked(reason) => {
@@ -1220,7 +1278,7 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    async fn discard(&self, pk: i64, reason: &str, _now: Millis) -> Result<()> {
+    async fn discard(&self, pk: EventPk, reason: &str, _now: Millis) -> Result<()> {
         let mut w = self.writer().await?;
         let mut tx = sqlx::Connection::begin(&mut *w).await?;
         sqlx::query(
@@ -1574,7 +1632,7 @@ impl PostgresStore {
     /// attempts, unless (given `now`) a call for it is in flight.
     async fn drop_orphan(
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-        link_id: i64,
+        link_id: LinkId,
         now: Option<Millis>,
     ) -> Result<()> {
         let gone = sqlx::query(
@@ -1600,7 +1658,7 @@ impl PostgresStore {
     /// `delivered` at once if every pair was already linked.
     async fn attach_links(
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-        pk: i64,
+        pk: EventPk,
         object_id: &str,
         leads: &[String],
         now: Millis,

@@ -5,6 +5,7 @@
 use sqlx::{AssertSqlSafe, Row};
 
 use super::{EVENT_STATE, PostgresStore};
+use crate::store::EventPk;
 use crate::store::shared::{LOST_ANSWER, lost_attempt};
 use crate::store::{
     Attempt, EventState, Millis, ObjectAttempt, ObjectCompletion, ObjectDetail, ObjectJob,
@@ -18,7 +19,7 @@ const CLAIM: &str = "UPDATE objects SET locked_until = $1, lease = $2
                        AND locked_until <= $3 ORDER BY due_at LIMIT $4 FOR UPDATE SKIP LOCKED)
     RETURNING event_pk, definition_id, attempts, first_at, sending_at";
 
-async fn insert_attempt(tx: &mut Tx<'_>, pk: i64, a: &ObjectAttempt) -> Result<()> {
+async fn insert_attempt(tx: &mut Tx<'_>, pk: EventPk, a: &ObjectAttempt) -> Result<()> {
     sqlx::query(
         "INSERT INTO object_attempts (event_pk, at, status_code, error, response_excerpt, duration_ms, outcome)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -40,7 +41,7 @@ fn recompute_sql() -> String {
 }
 
 /// The id of the event's object, once created.
-pub(super) async fn created_id(tx: &mut Tx<'_>, pk: i64) -> Result<Option<String>> {
+pub(super) async fn created_id(tx: &mut Tx<'_>, pk: EventPk) -> Result<Option<String>> {
     let id: Option<Option<String>> = sqlx::query_scalar(
         "SELECT object_id FROM objects WHERE event_pk = $1 AND state = 'created'",
     )
@@ -55,7 +56,7 @@ pub(super) async fn created_id(tx: &mut Tx<'_>, pk: i64) -> Result<Option<String
 /// A creation in flight keeps its lease.
 pub(super) async fn want_object(
     tx: &mut Tx<'_>,
-    pk: i64,
+    pk: EventPk,
     definition_id: &str,
     leads: &[String],
     now: Millis,
@@ -104,7 +105,7 @@ pub(super) async fn want_object(
 }
 
 /// A parked event creates nothing until it is replayed.
-pub(super) async fn hold_object(tx: &mut Tx<'_>, pk: i64) -> Result<()> {
+pub(super) async fn hold_object(tx: &mut Tx<'_>, pk: EventPk) -> Result<()> {
     sqlx::query("UPDATE objects SET due_at = NULL WHERE event_pk = $1 AND state = 'pending'")
         .bind(pk)
         .execute(&mut **tx)
@@ -133,7 +134,7 @@ pub(super) async fn claim(
         let attempts: i64 = r.try_get("attempts")?;
         let lost = sending_at.is_some();
         if let Some(at) = sending_at {
-            insert_attempt(tx, pk, &lost_attempt(at)).await?;
+            insert_attempt(tx, EventPk(pk), &lost_attempt(at)).await?;
             sqlx::query(
                 "UPDATE objects SET sending_at = NULL, attempts = attempts + 1, last_error = $2 WHERE event_pk = $1",
             )
@@ -150,7 +151,7 @@ pub(super) async fn claim(
         .fetch_one(&mut **tx)
         .await?;
         jobs.push(ObjectJob {
-            event_pk: pk,
+            event_pk: EventPk(pk),
             lease,
             source: e.try_get("source")?,
             event_id: e.try_get("event_id")?,
@@ -286,7 +287,7 @@ pub(super) async fn complete(tx: &mut Tx<'_>, c: &ObjectCompletion, now: Millis)
 }
 
 /// The event's object with its latest 100 attempts, oldest first.
-pub(super) async fn detail(tx: &mut Tx<'_>, pk: i64) -> Result<Option<ObjectDetail>> {
+pub(super) async fn detail(tx: &mut Tx<'_>, pk: EventPk) -> Result<Option<ObjectDetail>> {
     let row = sqlx::query(
         "SELECT object_id, definition_id, state, due_at FROM objects WHERE event_pk = $1",
     )

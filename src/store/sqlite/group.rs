@@ -6,7 +6,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{ATTACH, RECOMPUTE_FOR_LINK, REVIVE_LINK, WAKE_PAIR};
 use crate::store::{
-    EventState, IngestOutcome, LinkState, NewEvent, Plan, Result, StoreError, StoredRequest,
+    EventPk, EventState, IngestOutcome, LinkState, NewEvent, Plan, Result, StoreError,
+    StoredRequest,
 };
 
 const INSERT_EVENT: &str = "INSERT INTO events
@@ -73,7 +74,13 @@ pub(super) fn insert(db: &Connection, events: &[NewEvent]) -> Result<Vec<IngestO
                 definition_id,
                 leads,
             } => {
-                super::objects::want_object(db, pk, definition_id.as_str(), leads, e.received_at)?;
+                super::objects::want_object(
+                    db,
+                    EventPk(pk),
+                    definition_id.as_str(),
+                    leads,
+                    e.received_at,
+                )?;
                 out.push(IngestOutcome::Queued);
                 continue;
             }

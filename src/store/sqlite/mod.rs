@@ -63,6 +63,42 @@ state_column!(LinkState);
 state_column!(ObjectState);
 state_column!(CreationOutcome);
 
+/// Ids read from and bound as their integer or text column.
+macro_rules! id_column {
+    ($ty:ty, int) => {
+        impl rusqlite::types::ToSql for $ty {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(self.0.into())
+            }
+        }
+        impl rusqlite::types::FromSql for $ty {
+            fn column_result(
+                v: rusqlite::types::ValueRef<'_>,
+            ) -> rusqlite::types::FromSqlResult<Self> {
+                v.as_i64().map(Self)
+            }
+        }
+    };
+    ($ty:ty, text) => {
+        impl rusqlite::types::ToSql for $ty {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(self.as_str().into())
+            }
+        }
+        impl rusqlite::types::FromSql for $ty {
+            fn column_result(
+                v: rusqlite::types::ValueRef<'_>,
+            ) -> rusqlite::types::FromSqlResult<Self> {
+                v.as_str().map(<$ty>::from)
+            }
+        }
+    };
+}
+id_column!(EventPk, int);
+id_column!(LinkId, int);
+id_column!(ObjectId, text);
+id_column!(LeadId, text);
+
 /// The columns of a `StoredRequest`, in the order `request_at` reads them.
 const REQUEST_COLUMNS: &str = "raw_body, body, content_type, request_headers, request_query";
 
@@ -444,7 +480,7 @@ fn summaries(
 
 /// Removes a pair that is not linked and that no event names any more, with its attempts,
 /// unless (given `now`) a call for it is in flight.
-fn drop_orphan(db: &Connection, link_id: i64, now: Option<Millis>) -> Result<()> {
+fn drop_orphan(db: &Connection, link_id: LinkId, now: Option<Millis>) -> Result<()> {
     let gone = db
         .prepare_cached(DROP_ORPHAN)?
         .execute(params![link_id, now.unwrap_or(i64::MAX)])?
@@ -460,7 +496,7 @@ fn drop_orphan(db: &Connection, link_id: i64, now: Option<Millis>) -> Result<()>
 /// due now).
 fn attach_links(
     db: &Connection,
-    pk: i64,
+    pk: EventPk,
     object_id: &str,
     leads: &[String],
     now: Millis,
@@ -543,7 +579,7 @@ impl Store for SqliteStore {
     async fn complete_links(&self, done: &[Completion], now: Millis) -> Result<()> {
         let done = done.to_vec();
         self.write_tx(move |db| {
-            let mut changed: Vec<i64> = Vec::new();
+            let mut changed: Vec<LinkId> = Vec::new();
             for c in &done {
                 if let Some(a) = &c.attempt {
                     db.prepare_cached(INSERT_ATTEMPT)?.execute(params![
@@ -810,7 +846,7 @@ impl Store for SqliteStore {
             cond(&mut values, Value::Text(q.to_lowercase()), ", ?N)))");
         }
         if let Some(b) = f.before {
-            cond(&mut values, Value::Integer(b), " AND id < ?N");
+            cond(&mut values, Value::Integer(b.0), " AND id < ?N");
         }
         cond(
             &mut values,
@@ -840,7 +876,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn event_detail(&self, pk: i64, page: LinkPage) -> Result<Option<EventDetail>> {
+    async fn event_detail(&self, pk: EventPk, page: LinkPage) -> Result<Option<EventDetail>> {
         self.reads
             .run(move |conn| {
                 // One snapshot (a deferred transaction: taken by the first read, held to the
@@ -868,7 +904,7 @@ impl Store for SqliteStore {
                     .query_map(
                         params![
                             pk,
-                            page.after.unwrap_or(i64::MIN),
+                            page.after.unwrap_or(LinkId(i64::MIN)),
                             page.limit.saturating_add(1)
                         ],
                         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
@@ -895,7 +931,7 @@ impl Store for SqliteStore {
                         .collect::<rusqlite::Result<Vec<_>>>()?;
                     attempts.reverse();
                     links.push(LinkDetail {
-                        link_id,
+                        link_id: LinkId(link_id),
                         object_id,
                         lead_id,
                         state,
@@ -923,7 +959,7 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn event_request(&self, pk: i64) -> Result<Option<StoredRequest>> {
+    async fn event_request(&self, pk: EventPk) -> Result<Option<StoredRequest>> {
         self.read(move |db| {
             Ok(db
                 .prepare_cached(&format!(
@@ -937,7 +973,7 @@ impl Store for SqliteStore {
 
     async fn replay(
         &self,
-        pk: i64,
+        pk: EventPk,
         object_id: Option<&str>,
         plan: Plan,
         now: Millis,
@@ -978,7 +1014,7 @@ impl Store for SqliteStore {
                 }
                 // A pair whose call is in flight stays until that call's outcome is recorded
                 // (`complete_links` removes it then, unless it was linked).
-                drop_orphan(db, link_id, Some(now))?;
+                drop_orphan(db, LinkId(link_id), Some(now))?;
             }
             // A created object's id stays on the event whatever the new plan.
             let object_id = match object_id {
@@ -1023,7 +1059,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn discard(&self, pk: i64, reason: &str, _now: Millis) -> Result<()> {
+    async fn discard(&self, pk: EventPk, reason: &str, _now: Millis) -> Result<()> {
         let reason = reason.to_string();
         self.write_tx(move |db| {
             db.prepare_cached(

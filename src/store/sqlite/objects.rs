@@ -5,6 +5,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{EVENT_STATE, attach_links};
+use crate::store::EventPk;
 use crate::store::shared::{LOST_ANSWER, lost_attempt};
 use crate::store::{
     Attempt, EventState, Millis, ObjectAttempt, ObjectCompletion, ObjectDetail, ObjectJob,
@@ -20,7 +21,7 @@ const INSERT_ATTEMPT: &str = "INSERT INTO object_attempts
     (event_pk, at, status_code, error, response_excerpt, duration_ms, outcome)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
 
-fn insert_attempt(db: &Connection, pk: i64, a: &ObjectAttempt) -> Result<()> {
+fn insert_attempt(db: &Connection, pk: EventPk, a: &ObjectAttempt) -> Result<()> {
     db.prepare_cached(INSERT_ATTEMPT)?.execute(params![
         pk,
         a.attempt.at,
@@ -38,7 +39,7 @@ fn insert_attempt(db: &Connection, pk: i64, a: &ObjectAttempt) -> Result<()> {
 /// A creation in flight keeps its lease.
 pub(super) fn want_object(
     db: &Connection,
-    pk: i64,
+    pk: EventPk,
     definition_id: &str,
     leads: &[String],
     now: Millis,
@@ -78,7 +79,7 @@ pub(super) fn want_object(
 }
 
 /// A parked or discarded event creates nothing until it is replayed.
-pub(super) fn hold_object(db: &Connection, pk: i64) -> Result<()> {
+pub(super) fn hold_object(db: &Connection, pk: EventPk) -> Result<()> {
     db.prepare_cached(
         "UPDATE objects SET due_at = NULL WHERE event_pk = ?1 AND state = 'pending'",
     )?
@@ -87,7 +88,7 @@ pub(super) fn hold_object(db: &Connection, pk: i64) -> Result<()> {
 }
 
 /// The id of the event's object, once created.
-pub(super) fn created_id(db: &Connection, pk: i64) -> Result<Option<String>> {
+pub(super) fn created_id(db: &Connection, pk: EventPk) -> Result<Option<String>> {
     Ok(db
         .prepare_cached("SELECT object_id FROM objects WHERE event_pk = ?1 AND state = 'created'")?
         .query_row(params![pk], |r| r.get::<_, Option<String>>(0))
@@ -112,7 +113,7 @@ pub(super) fn claim(
     for (pk, definition_id, attempts, first_at, sending_at) in rows {
         let lost = sending_at.is_some();
         if let Some(at) = sending_at {
-            insert_attempt(db, pk, &lost_attempt(at))?;
+            insert_attempt(db, EventPk(pk), &lost_attempt(at))?;
             db.prepare_cached(
                 "UPDATE objects SET sending_at = NULL, attempts = attempts + 1, last_error = ?2 WHERE event_pk = ?1",
             )?
@@ -127,7 +128,7 @@ pub(super) fn claim(
                 Ok((r.get(0)?, r.get(1)?, super::request_at(r, 2)?))
             })?;
         jobs.push(ObjectJob {
-            event_pk: pk,
+            event_pk: EventPk(pk),
             lease,
             source,
             event_id,
@@ -233,7 +234,7 @@ pub(super) fn complete(db: &Connection, c: &ObjectCompletion, now: Millis) -> Re
 }
 
 /// The event's object with its latest 100 attempts, oldest first.
-pub(super) fn detail(db: &Connection, pk: i64) -> Result<Option<ObjectDetail>> {
+pub(super) fn detail(db: &Connection, pk: EventPk) -> Result<Option<ObjectDetail>> {
     let row: Option<(Option<String>, String, ObjectState, Option<Millis>)> = db
         .prepare_cached(
             "SELECT object_id, definition_id, state, due_at FROM objects WHERE event_pk = ?1",

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, params};
 
 use super::{RW, Target, drop_orphan};
-use crate::store::{Cause, Millis, Result, StoreError};
+use crate::store::{Cause, LinkId, Millis, Result, StoreError};
 
 /// Events delivered before `?1` whose body is still kept, oldest delivery first: they get an
 /// empty body and `body_removed_at = ?2`.
@@ -108,7 +108,7 @@ fn delete_events(db: &Connection, ids: &[i64], now: Millis) -> Result<()> {
     let mut forget = db.prepare_cached(FORGET_LINKED_HISTORY)?;
     for link in links {
         forget.execute(params![link])?;
-        drop_orphan(db, link, Some(now))?;
+        drop_orphan(db, LinkId(link), Some(now))?;
     }
     Ok(())
 }
