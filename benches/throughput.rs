@@ -1055,8 +1055,8 @@ async fn prefill_from(
                             event_type: Some("object.created".into()),
                             // One millisecond apart, oldest first, so time filters can cut.
                             received_at: now - (n - i) as i64,
-                            object_id: Some(object.to_string()),
-                            plan: Plan::Links(vec![lead.to_string()]),
+                            object_id: Some(object.to_string().into()),
+                            plan: Plan::Links(vec![lead.to_string().into()]),
                         }
                     })
                     .collect();

@@ -256,6 +256,11 @@ macro_rules! text_id {
                 s.serialize_str(&self.0)
             }
         }
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                String::deserialize(d).map($ty)
+            }
+        }
     };
 }
 text_id!(

@@ -15,6 +15,7 @@ use crate::config::{
     DefinitionId, FieldValue, LeadField, LookupKind, ObjectRule, ObjectSpec, Scheme, SourceConfig,
     ValueRef,
 };
+use crate::domain::{LeadId, ObjectId};
 use crate::store::StoredRequest;
 
 /// What a source's references read: the parsed body and the headers and query parameters of
@@ -174,7 +175,7 @@ pub fn check_storable(source: &SourceConfig, body: &Input) -> Result<(), Unstora
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Leads {
     /// The body names the lead ids.
-    Ids(Vec<String>),
+    Ids(Vec<LeadId>),
     /// The body names a key that the worker resolves through the mapping table or SprintHub.
     Key(String),
 }
@@ -183,7 +184,7 @@ pub enum Leads {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Object {
     /// The sender created it and sent its id.
-    Id(String),
+    Id(ObjectId),
     /// sprintlink creates it from the event's fields, once its leads are known.
     Create(DefinitionId),
 }
@@ -247,7 +248,7 @@ pub fn accepts(source: &SourceConfig, event_type: Option<&str>) -> bool {
 }
 
 /// Where the mapping sends an event: its object id (when found) and what to do next.
-pub fn plan(source: &SourceConfig, body: &Input) -> (Option<String>, crate::store::Plan) {
+pub fn plan(source: &SourceConfig, body: &Input) -> (Option<ObjectId>, crate::store::Plan) {
     use crate::store::Plan;
     match map(source, body) {
         Ok(m) => match (m.object, m.leads) {
@@ -271,7 +272,7 @@ pub fn plan(source: &SourceConfig, body: &Input) -> (Option<String>, crate::stor
                     .filter(|id| id.len() <= MAX_ID_BYTES),
                 ObjectRule::Create(_) => None,
             };
-            (object_id, Plan::Parked(reason))
+            (object_id.map(ObjectId::new), Plan::Parked(reason))
         }
     }
 }
@@ -289,7 +290,7 @@ pub fn map(source: &SourceConfig, body: &Input) -> Result<Mapped, String> {
                     "object id at {p} is longer than {MAX_ID_BYTES} bytes"
                 ));
             }
-            Object::Id(object_id)
+            Object::Id(ObjectId::new(object_id))
         }
         ObjectRule::Create(spec) => Object::Create(spec.definition_id.clone()),
     };
@@ -320,7 +321,7 @@ pub fn map(source: &SourceConfig, body: &Input) -> Result<Mapped, String> {
                 ids.len()
             ));
         }
-        Leads::Ids(ids)
+        Leads::Ids(ids.into_iter().map(LeadId::new).collect())
     } else if let Some(p) = &lead.key {
         let raw = body
             .get(p)
@@ -767,9 +768,9 @@ mod fuzz {
                 let Object::Id(object_id) = &m.object else {
                     panic!("a source with object_id maps to an id");
                 };
-                prop_assert!(!object_id.trim().is_empty());
+                prop_assert!(!object_id.as_str().trim().is_empty());
                 match m.leads {
-                    Leads::Ids(ids) => prop_assert!(!ids.is_empty() && ids.iter().all(|i| !i.is_empty())),
+                    Leads::Ids(ids) => prop_assert!(!ids.is_empty() && ids.iter().all(|i| !i.as_str().is_empty())),
                     Leads::Key(k) => prop_assert!(!k.is_empty()),
                 }
             }

@@ -54,7 +54,7 @@ pub async fn replay(
         ),
     };
     store
-        .replay(e.pk, object_id.as_deref(), plan, now_ms())
+        .replay(e.pk, object_id.as_ref(), plan, now_ms())
         .await?;
     tracing::info!(event_id = %e.event_id, source = %e.source, "event replayed");
     Ok(())

@@ -11,6 +11,7 @@ use reqwest_retry::{RetryTransientMiddleware, Retryable, RetryableStrategy};
 use serde_json::{Value, json};
 
 use crate::config::{LeadField, Secret, SprintHubConfig};
+use crate::domain::{LeadId, ObjectId};
 use crate::mapping::{digits, id_json};
 use crate::store::EXCERPT_BYTES;
 
@@ -301,8 +302,8 @@ impl SprintHubClient {
     }
 
     /// `POST /customobjects/link`, the core call.
-    pub async fn link(&self, object_id: &str, lead_id: &str) -> Result<Success, Failure> {
-        let body = json!({"objectId": id_json(object_id), "linkType": "lead", "targetId": id_json(lead_id), "amount": 1});
+    pub async fn link(&self, object_id: &ObjectId, lead_id: &LeadId) -> Result<Success, Failure> {
+        let body = json!({"objectId": id_json(object_id.as_str()), "linkType": "lead", "targetId": id_json(lead_id.as_str()), "amount": 1});
         self.post("/customobjects/link", &body, LINK_ANSWER_LIMIT)
             .await
     }
@@ -354,7 +355,7 @@ impl SprintHubClient {
         &self,
         definition_id: &str,
         fields: &Value,
-    ) -> Result<(String, Success), CreateFailure> {
+    ) -> Result<(ObjectId, Success), CreateFailure> {
         let path = format!("/customobjects/objects/{definition_id}");
         let ok = match self
             .call(
@@ -373,7 +374,7 @@ impl SprintHubClient {
                 .and_then(crate::mapping::id_text)
         });
         match id {
-            Some(id) => Ok((id, ok)),
+            Some(id) => Ok((ObjectId::new(id), ok)),
             // A 2xx cut short: the id may have been in the part that was lost.
             None if !ok.complete => Err(CreateFailure::Lost(Failure::Transient {
                 status: Some(ok.status),
@@ -895,7 +896,7 @@ mod tests {
             ..Default::default()
         };
         let client = SprintHubClient::new(&cfg).unwrap();
-        let err = client.link("1", "2").await.unwrap_err();
+        let err = client.link(&"1".into(), &"2".into()).await.unwrap_err();
         let shown = format!("{err:?} {}", err.describe());
         assert!(matches!(err, Failure::Transient { status: None, .. }));
         assert!(!shown.contains("NEVER-SHOWN"), "{shown}");

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AlertKind, AlertTarget, Config};
+use crate::domain::{LeadId, ObjectId};
 use crate::store::{Store, now_ms};
 use crate::telemetry::Metrics;
 use notify::Notification;
@@ -52,7 +53,7 @@ impl Example {
         }
     }
 
-    pub fn pair(mut self, object_id: &str, lead_id: &str) -> Example {
+    pub fn pair(mut self, object_id: &ObjectId, lead_id: &LeadId) -> Example {
         self.object_id = Some(object_id.to_string());
         self.lead_id = Some(lead_id.to_string());
         self
@@ -433,7 +434,7 @@ mod tests {
     #[test]
     fn an_example_line_shows_what_is_known_and_is_clipped() {
         let e = Example::event("erp", "evt_1")
-            .pair("42", "7")
+            .pair(&"42".into(), &"7".into())
             .error("rejected: HTTP 400");
         assert_eq!(e.line(), "erp/evt_1 object 42 lead 7: rejected: HTTP 400");
         assert_eq!(Example::default().error("disk full").line(), "disk full");

@@ -15,7 +15,7 @@ use crate::alerts::{Alerts, Example};
 use crate::config::{AlertKind, Config, LeadField, LookupKind, ObjectRule, SourceConfig};
 use crate::mapping::{self, Input, Leads};
 use crate::sprinthub::{Failure, SprintHubClient};
-use crate::store::{ResolveJob, ResolveUpdate, Store, now_ms};
+use crate::store::{LeadId, ResolveJob, ResolveUpdate, Store, now_ms};
 use crate::telemetry::Metrics;
 
 /// Lead ids found for a key, and when that answer expires.
@@ -197,7 +197,7 @@ impl Resolver {
                     source.name, source.name
                 ),
             }),
-            Ok(ids) => ResolveUpdate::Links(ids),
+            Ok(ids) => ResolveUpdate::Links(ids.into_iter().map(LeadId::new).collect()),
             Err(Lookup::Paused(until)) => ResolveUpdate::Retry {
                 due_at: until.unwrap_or_else(|| now_ms().saturating_add(1_000)),
                 counted: false,

@@ -10,7 +10,7 @@ use utoipa::openapi::RefOr;
 use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use utoipa::{PartialSchema, ToSchema};
 
-use crate::domain::{CreationOutcome, EventState, LinkState, ObjectState, PauseReason};
+use crate::domain::{CreationOutcome, EventState, LinkState, ObjectId, ObjectState, PauseReason};
 use crate::http::admin::rfc3339;
 use crate::store::{Attempt, EventDetail, EventSummary, LinkDetail, ObjectAttempt, ObjectDetail};
 
@@ -133,7 +133,7 @@ impl From<&EventSummary> for EventView {
             source: e.source.clone(),
             state: e.state,
             received_at: rfc3339(e.received_at),
-            object_id: e.object_id.clone(),
+            object_id: e.object_id.clone().map(ObjectId::into_string),
             event_type: e.event_type.clone(),
             reason: e.reason.clone(),
         }
@@ -184,8 +184,8 @@ pub struct LinkView {
 impl From<&LinkDetail> for LinkView {
     fn from(l: &LinkDetail) -> Self {
         LinkView {
-            object_id: l.object_id.clone(),
-            lead_id: l.lead_id.clone(),
+            object_id: l.object_id.to_string(),
+            lead_id: l.lead_id.to_string(),
             state: l.state,
             next_attempt_at: l.next_attempt_at.map(rfc3339),
             attempts: l.attempts.iter().map(AttemptView::from).collect(),
@@ -228,7 +228,7 @@ pub struct ObjectView {
 impl From<&ObjectDetail> for ObjectView {
     fn from(o: &ObjectDetail) -> Self {
         ObjectView {
-            object_id: o.object_id.clone(),
+            object_id: o.object_id.clone().map(ObjectId::into_string),
             definition_id: o.definition_id.clone(),
             state: o.state,
             next_attempt_at: o.next_attempt_at.map(rfc3339),
@@ -288,7 +288,7 @@ impl From<&EventDetail> for EventDocument {
             source: e.source.clone(),
             state: e.state,
             received_at: rfc3339(e.received_at),
-            object_id: e.object_id.clone(),
+            object_id: e.object_id.clone().map(ObjectId::into_string),
             event_type: e.event_type.clone(),
             reason: e.reason.clone(),
             body: d.body_removed_at.is_none().then(|| d.request.body_text()),

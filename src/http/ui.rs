@@ -595,7 +595,7 @@ fn events_table(events: &[EventSummary], now: Millis, select: bool) -> String {
             esc(&e.event_id),
             esc(&e.source),
             esc(e.event_type.as_deref().unwrap_or("")),
-            esc(e.object_id.as_deref().unwrap_or("–")),
+            esc(e.object_id.as_ref().map_or("–", |o| o.as_str())),
             event_badge(e.state),
             esc(e.reason.as_deref().unwrap_or("")),
         );
@@ -970,7 +970,7 @@ async fn event_page(
          <dt>Object id</dt><dd class=\"mono\">{}</dd><dt>Received</dt><dd>{}</dd>",
         esc(&s.source),
         esc(s.event_type.as_deref().unwrap_or("–")),
-        esc(s.object_id.as_deref().unwrap_or("–")),
+        esc(s.object_id.as_ref().map_or("–", |o| o.as_str())),
         time_tag(s.received_at, now),
     );
     if let Some(r) = &s.reason {
@@ -1034,7 +1034,10 @@ fn object_card(o: &crate::store::ObjectDetail, now: Millis) -> String {
     let mut c = format!(
         "<h2>Object</h2><div class=\"card link\" id=\"object\"><div class=\"link-head\"><span>definition <b class=\"mono\">{}</b> → object <b class=\"mono\" id=\"object-id\">{}</b></span>{}",
         esc(&o.definition_id),
-        esc(o.object_id.as_deref().unwrap_or("not created yet")),
+        esc(o
+            .object_id
+            .as_ref()
+            .map_or("not created yet", |o| o.as_str())),
         badge(o.state.as_str(), class),
     );
     if let (Some(at), ObjectState::Pending) = (o.next_attempt_at, o.state) {
@@ -1073,8 +1076,8 @@ fn object_card(o: &crate::store::ObjectDetail, now: Millis) -> String {
 fn link_card(l: &LinkDetail, now: Millis) -> String {
     let mut c = format!(
         "<div class=\"card link\"><div class=\"link-head\"><span>object <b class=\"mono\">{}</b> → lead <b class=\"mono\">{}</b></span>{}",
-        esc(&l.object_id),
-        esc(&l.lead_id),
+        esc(l.object_id.as_str()),
+        esc(l.lead_id.as_str()),
         link_badge(l.state),
     );
     if let (Some(at), LinkState::Pending) = (l.next_attempt_at, l.state) {

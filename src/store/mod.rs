@@ -162,13 +162,13 @@ pub enum Plan {
     /// Waits for an operator; the reason says why.
     Parked(String),
     /// Link the object to these leads.
-    Links(Vec<String>),
+    Links(Vec<LeadId>),
     /// The worker must first resolve the lead key.
     Resolve,
     /// Create the custom object (of this definition), then link it to these leads.
     Create {
         definition_id: crate::config::DefinitionId,
-        leads: Vec<String>,
+        leads: Vec<LeadId>,
     },
 }
 
@@ -234,7 +234,7 @@ pub struct NewEvent {
     pub event_type: Option<String>,
     pub received_at: Millis,
     pub request: StoredRequest,
-    pub object_id: Option<String>,
+    pub object_id: Option<ObjectId>,
     pub plan: Plan,
 }
 
@@ -285,8 +285,8 @@ pub enum IngestOutcome {
 pub struct LinkJob {
     pub link_id: LinkId,
     pub lease: i64,
-    pub object_id: String,
-    pub lead_id: String,
+    pub object_id: ObjectId,
+    pub lead_id: LeadId,
     /// Attempts so far that count toward `max_attempts`.
     pub attempts: i64,
     pub first_queued_at: Millis,
@@ -335,7 +335,7 @@ pub struct ObjectAttempt {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ObjectUpdate {
     /// SprintHub created it with this id: stored, then its links are queued.
-    Created(String),
+    Created(ObjectId),
     Retry {
         due_at: Millis,
         counted: bool,
@@ -359,7 +359,7 @@ pub struct ObjectCompletion {
 #[derive(Debug, Clone, Serialize)]
 pub struct ObjectDetail {
     /// Known once SprintHub created it.
-    pub object_id: Option<String>,
+    pub object_id: Option<ObjectId>,
     pub definition_id: String,
     pub state: ObjectState,
     pub next_attempt_at: Option<Millis>,
@@ -404,7 +404,7 @@ pub struct Completion {
 /// The result of resolving an event's lead key.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ResolveUpdate {
-    Links(Vec<String>),
+    Links(Vec<LeadId>),
     Parked(String),
     Retry {
         due_at: Millis,
@@ -417,7 +417,7 @@ pub enum ResolveUpdate {
     /// link it to them.
     Create {
         definition_id: String,
-        leads: Vec<String>,
+        leads: Vec<LeadId>,
     },
 }
 
@@ -449,7 +449,7 @@ pub struct EventSummary {
     pub source: String,
     pub state: EventState,
     pub received_at: Millis,
-    pub object_id: Option<String>,
+    pub object_id: Option<ObjectId>,
     pub event_type: Option<String>,
     pub reason: Option<String>,
 }
@@ -458,8 +458,8 @@ pub struct EventSummary {
 pub struct LinkDetail {
     #[serde(skip)]
     pub link_id: LinkId,
-    pub object_id: String,
-    pub lead_id: String,
+    pub object_id: ObjectId,
+    pub lead_id: LeadId,
     pub state: LinkState,
     pub next_attempt_at: Option<Millis>,
     pub attempts: Vec<Attempt>,
@@ -623,7 +623,7 @@ pub trait Store: Send + Sync + 'static {
     async fn replay(
         &self,
         pk: EventPk,
-        object_id: Option<&str>,
+        object_id: Option<&ObjectId>,
         plan: Plan,
         now: Millis,
     ) -> Result<()>;

@@ -513,7 +513,7 @@ impl PostgresStore {
         let mut wants: Vec<(i64, Vec<usize>)> = Vec::new();
         let mut done = HashSet::with_capacity(events.len());
         // (event pk, definition id, leads, at) for the events whose object sprintlink creates.
-        let mut creates: Vec<(i64, &str, &[String], Millis)> = Vec::new();
+        let mut creates: Vec<(i64, &str, &[LeadId], Millis)> = Vec::new();
         for (i, e) in events.iter().enumerate() {
             let pk = pk_of
                 .get(e.source.as_str())
@@ -533,7 +533,7 @@ impl PostgresStore {
                     IngestOutcome::Queued
                 }
                 Plan::Links(leads) => {
-                    let obj = e.object_id.as_deref().unwrap_or_default();
+                    let obj = e.object_id.as_ref().map_or("", ObjectId::as_str);
                     let ix = leads
                         .iter()
                         .map(|lead| {
@@ -872,7 +872,7 @@ impl Store for PostgresStore {
         let mut w = self.writer().await?;
         let mut tx = sqlx::Connection::begin(&mut *w).await?;
         // Only the lease holder may decide; a stale worker's answer is dropped.
-        let object_id: Option<Option<String>> = sqlx::query_scalar(
+        let object_id: Option<Option<ObjectId>> = sqlx::query_scalar(
             "SELECT object_id FROM events WHERE id = $1 AND resolve_lease = $2 AND resolve_due IS NOT NULL",
         )
         .bind(job.event_pk)
@@ -1183,7 +1183,7 @@ impl Store for PostgresStore {
     async fn replay(
         &self,
         pk: EventPk,
-        object_id: Option<&str>,
+        object_id: Option<&ObjectId>,
         plan: Plan,
         now: Millis,
     ) -> Result<()> {
@@ -1196,7 +1196,7 @@ impl Store for PostgresStore {
             (Plan::Create { leads, .. }, Some(_)) => Plan::Links(leads),
             (other, _) => other,
         };
-        let object_id = object_id.or(created.as_deref());
+        let object_id = object_id.or(created.as_ref());
         // Links this event no longer asks for, and that are not linked, are let go; a
         // pair no other event wants is removed with its history so it is never sent.
         let detached: Vec<i64> = sqlx::query_scalar(
@@ -1208,17 +1208,17 @@ impl Store for PostgresStore {
         .await?;
         // A pair the new plan names again keeps its row and its attempt history: it is
         // attached again below.
-        let wanted: &[String] = match (&plan, object_id) {
+        let wanted: &[LeadId] = match (&plan, object_id) {
             (Plan::Links(leads), Some(_)) => leads,
             _ => &[],
         };
         for link_id in detached {
-            let pair: Option<(String, String)> =
+            let pair: Option<(ObjectId, LeadId)> =
                 sqlx::query_as("SELECT object_id, lead_id FROM links WHERE id = $1")
                     .bind(link_id)
                     .fetch_optional(&mut *tx)
                     .await?;
-            if pair.is_some_and(|(o, l)| Some(o.as_str()) == object_id && wanted.contains(&l)) {
+            if pair.is_some_and(|(o, l)| Some(&o) == object_id && wanted.contains(&l)) {
                 continue;
             }
             // A pair whose call is in flight stays until that call's outcome is recorded
@@ -1262,7 +1262,7 @@ impl Store for PostgresStore {
                 Self::attach_links(
                     &mut tx,
                     pk,
-                    object_id.unwrap_or_default(),
+                    &object_id.cloned().unwrap_or_default(),
                     &leads,
                     now,
                     true,
@@ -1659,8 +1659,8 @@ impl PostgresStore {
     async fn attach_links(
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         pk: EventPk,
-        object_id: &str,
-        leads: &[String],
+        object_id: &ObjectId,
+        leads: &[LeadId],
         now: Millis,
         replay: bool,
     ) -> Result<()> {

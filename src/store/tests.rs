@@ -13,7 +13,7 @@ fn ev(id: &str, obj: Option<&str>, plan: Plan) -> NewEvent {
         event_type: Some("object.created".into()),
         received_at: 1_000,
         request: StoredRequest::json(format!(r#"{{"id":"{id}"}}"#)),
-        object_id: obj.map(str::to_string),
+        object_id: obj.map(ObjectId::from),
         plan,
     }
 }
@@ -21,7 +21,7 @@ fn ev(id: &str, obj: Option<&str>, plan: Plan) -> NewEvent {
 fn links(obj: &str, leads: &[&str]) -> (Option<String>, Plan) {
     (
         Some(obj.to_string()),
-        Plan::Links(leads.iter().map(|l| l.to_string()).collect()),
+        Plan::Links(leads.iter().map(|l| LeadId::from(*l)).collect()),
     )
 }
 
@@ -200,7 +200,12 @@ fn completions(jobs: &[LinkJob], twice: bool) -> Vec<Completion> {
     let mut out: Vec<Completion> = jobs
         .iter()
         .map(|j| {
-            let n: u32 = j.object_id.trim_start_matches('o').parse().unwrap_or(0);
+            let n: u32 = j
+                .object_id
+                .as_str()
+                .trim_start_matches('o')
+                .parse()
+                .unwrap_or(0);
             let attempt = Attempt {
                 at: 7_000,
                 status_code: Some(if n.is_multiple_of(5) { 200 } else { 503 }),

@@ -5,12 +5,12 @@
 use sqlx::{AssertSqlSafe, Row};
 
 use super::{EVENT_STATE, PostgresStore};
-use crate::store::EventPk;
 use crate::store::shared::{LOST_ANSWER, lost_attempt};
 use crate::store::{
     Attempt, EventState, Millis, ObjectAttempt, ObjectCompletion, ObjectDetail, ObjectJob,
     ObjectState, ObjectUpdate, Result,
 };
+use crate::store::{EventPk, LeadId, ObjectId};
 
 type Tx<'a> = sqlx::Transaction<'a, sqlx::Postgres>;
 
@@ -41,8 +41,8 @@ fn recompute_sql() -> String {
 }
 
 /// The id of the event's object, once created.
-pub(super) async fn created_id(tx: &mut Tx<'_>, pk: EventPk) -> Result<Option<String>> {
-    let id: Option<Option<String>> = sqlx::query_scalar(
+pub(super) async fn created_id(tx: &mut Tx<'_>, pk: EventPk) -> Result<Option<ObjectId>> {
+    let id: Option<Option<ObjectId>> = sqlx::query_scalar(
         "SELECT object_id FROM objects WHERE event_pk = $1 AND state = 'created'",
     )
     .bind(pk)
@@ -58,7 +58,7 @@ pub(super) async fn want_object(
     tx: &mut Tx<'_>,
     pk: EventPk,
     definition_id: &str,
-    leads: &[String],
+    leads: &[LeadId],
     now: Millis,
 ) -> Result<()> {
     let leads_json = serde_json::to_string(leads).unwrap_or_else(|_| "[]".into());
@@ -211,7 +211,7 @@ pub(super) async fn complete(tx: &mut Tx<'_>, c: &ObjectCompletion, now: Millis)
             .bind(object_id)
             .execute(&mut **tx)
             .await?;
-            let leads: Vec<String> = serde_json::from_str(&leads).unwrap_or_default();
+            let leads: Vec<LeadId> = serde_json::from_str(&leads).unwrap_or_default();
             let event: Option<(EventState, Option<Millis>)> = sqlx::query_as(
                 "UPDATE events SET object_id = $2 WHERE id = $1 RETURNING state, resolve_due",
             )

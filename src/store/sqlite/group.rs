@@ -6,7 +6,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{ATTACH, RECOMPUTE_FOR_LINK, REVIVE_LINK, WAKE_PAIR};
 use crate::store::{
-    EventPk, EventState, IngestOutcome, LinkState, NewEvent, Plan, Result, StoreError,
+    EventPk, EventState, IngestOutcome, LinkState, NewEvent, ObjectId, Plan, Result, StoreError,
     StoredRequest,
 };
 
@@ -86,7 +86,7 @@ pub(super) fn insert(db: &Connection, events: &[NewEvent]) -> Result<Vec<IngestO
             }
             Plan::Links(leads) => leads,
         };
-        let object_id = e.object_id.as_deref().unwrap_or_default();
+        let object_id = e.object_id.as_ref().map_or("", ObjectId::as_str);
         let mut all_linked = true;
         for lead in leads {
             let inserted = insert_pair.execute(params![object_id, lead, e.received_at])? == 1;

@@ -497,8 +497,8 @@ fn drop_orphan(db: &Connection, link_id: LinkId, now: Option<Millis>) -> Result<
 fn attach_links(
     db: &Connection,
     pk: EventPk,
-    object_id: &str,
-    leads: &[String],
+    object_id: &ObjectId,
+    leads: &[LeadId],
     now: Millis,
 ) -> Result<()> {
     let mut upsert = db.prepare_cached(UPSERT_LINK)?;
@@ -687,7 +687,7 @@ impl Store for SqliteStore {
         let (pk, lease) = (job.event_pk, job.lease);
         self.write_tx(move |db| {
             // Only the lease holder may decide; a stale worker's answer is dropped.
-            let object_id: Option<Option<String>> = db
+            let object_id: Option<Option<ObjectId>> = db
                 .prepare_cached(
                     "SELECT object_id FROM events WHERE id = ?1 AND resolve_lease = ?2 AND resolve_due IS NOT NULL",
                 )?
@@ -712,7 +712,7 @@ impl Store for SqliteStore {
                         "UPDATE events SET resolve_due = NULL, resolve_locked_until = 0 WHERE id = ?1",
                     )?
                     .execute(params![pk])?;
-                    attach_links(db, pk, object_id.as_deref().unwrap_or_default(), &leads, now)?;
+                    attach_links(db, pk, &object_id.clone().unwrap_or_default(), &leads, now)?;
                     db.prepare_cached(&RECOMPUTE_EVENT_CLEARING_REASON)?
                         .execute(params![pk])?;
                 }
@@ -895,7 +895,7 @@ impl Store for SqliteStore {
                     return Ok(None);
                 };
                 // One row more than the page, to know whether another page follows.
-                let mut link_rows: Vec<(i64, String, String, LinkState, Option<i64>)> = tx
+                let mut link_rows: Vec<(i64, ObjectId, LeadId, LinkState, Option<i64>)> = tx
                     .prepare_cached(
                         "SELECT l.id, l.object_id, l.lead_id, l.state, l.due_at FROM links l
                          JOIN event_links el ON el.link_id = l.id
@@ -974,11 +974,11 @@ impl Store for SqliteStore {
     async fn replay(
         &self,
         pk: EventPk,
-        object_id: Option<&str>,
+        object_id: Option<&ObjectId>,
         plan: Plan,
         now: Millis,
     ) -> Result<()> {
-        let object_id = object_id.map(str::to_string);
+        let object_id = object_id.cloned();
         self.write_tx(move |db| {
             // An event whose object was created before links that object: it is never created
             // twice.
@@ -1000,12 +1000,12 @@ impl Store for SqliteStore {
                 .collect::<rusqlite::Result<_>>()?;
             // A pair the new plan names again keeps its row and its attempt history: it is
             // attached again below.
-            let wanted: &[String] = match (&plan, &object_id) {
+            let wanted: &[LeadId] = match (&plan, &object_id) {
                 (Plan::Links(leads), Some(_)) => leads,
                 _ => &[],
             };
             for link_id in detached {
-                let pair: Option<(String, String)> = db
+                let pair: Option<(ObjectId, LeadId)> = db
                     .prepare_cached("SELECT object_id, lead_id FROM links WHERE id = ?1")?
                     .query_row(params![link_id], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()?;
@@ -1049,7 +1049,7 @@ impl Store for SqliteStore {
                         "UPDATE events SET object_id = ?2, resolve_due = NULL WHERE id = ?1",
                     )?
                     .execute(params![pk, object_id])?;
-                    attach_links(db, pk, object_id.as_deref().unwrap_or_default(), &leads, now)?;
+                    attach_links(db, pk, &object_id.clone().unwrap_or_default(), &leads, now)?;
                     db.prepare_cached(&RECOMPUTE_EVENT_CLEARING_REASON)?
                         .execute(params![pk])?;
                 }

@@ -5,12 +5,12 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{EVENT_STATE, attach_links};
-use crate::store::EventPk;
 use crate::store::shared::{LOST_ANSWER, lost_attempt};
 use crate::store::{
     Attempt, EventState, Millis, ObjectAttempt, ObjectCompletion, ObjectDetail, ObjectJob,
     ObjectState, ObjectUpdate, Result,
 };
+use crate::store::{EventPk, LeadId, ObjectId};
 
 const CLAIM: &str = "UPDATE objects SET locked_until = ?1, lease = ?2
     WHERE event_pk IN (SELECT event_pk FROM objects WHERE due_at IS NOT NULL AND due_at <= ?3
@@ -41,11 +41,11 @@ pub(super) fn want_object(
     db: &Connection,
     pk: EventPk,
     definition_id: &str,
-    leads: &[String],
+    leads: &[LeadId],
     now: Millis,
 ) -> Result<()> {
     let leads_json = serde_json::to_string(leads).unwrap_or_else(|_| "[]".into());
-    let created: Option<Option<String>> = db
+    let created: Option<Option<ObjectId>> = db
         .prepare_cached("SELECT object_id FROM objects WHERE event_pk = ?1 AND state = 'created'")?
         .query_row(params![pk], |r| r.get(0))
         .optional()?;
@@ -88,10 +88,10 @@ pub(super) fn hold_object(db: &Connection, pk: EventPk) -> Result<()> {
 }
 
 /// The id of the event's object, once created.
-pub(super) fn created_id(db: &Connection, pk: EventPk) -> Result<Option<String>> {
+pub(super) fn created_id(db: &Connection, pk: EventPk) -> Result<Option<ObjectId>> {
     Ok(db
         .prepare_cached("SELECT object_id FROM objects WHERE event_pk = ?1 AND state = 'created'")?
-        .query_row(params![pk], |r| r.get::<_, Option<String>>(0))
+        .query_row(params![pk], |r| r.get::<_, Option<ObjectId>>(0))
         .optional()?
         .flatten())
 }
@@ -176,7 +176,7 @@ pub(super) fn complete(db: &Connection, c: &ObjectCompletion, now: Millis) -> Re
                  locked_until = 0, sending_at = NULL, last_error = NULL WHERE event_pk = ?1",
             )?
             .execute(params![pk, object_id])?;
-            let leads: Vec<String> = serde_json::from_str(&leads).unwrap_or_default();
+            let leads: Vec<LeadId> = serde_json::from_str(&leads).unwrap_or_default();
             let event: Option<(EventState, Option<Millis>)> = db
                 .prepare_cached(
                     "UPDATE events SET object_id = ?2 WHERE id = ?1 RETURNING state, resolve_due",
@@ -235,7 +235,7 @@ pub(super) fn complete(db: &Connection, c: &ObjectCompletion, now: Millis) -> Re
 
 /// The event's object with its latest 100 attempts, oldest first.
 pub(super) fn detail(db: &Connection, pk: EventPk) -> Result<Option<ObjectDetail>> {
-    let row: Option<(Option<String>, String, ObjectState, Option<Millis>)> = db
+    let row: Option<(Option<ObjectId>, String, ObjectState, Option<Millis>)> = db
         .prepare_cached(
             "SELECT object_id, definition_id, state, due_at FROM objects WHERE event_pk = ?1",
         )?

@@ -13,8 +13,8 @@ fn event(n: usize) -> NewEvent {
             r#"{{"id":"evt-{n}","padding":"{}"}}"#,
             "x".repeat(500)
         )),
-        object_id: Some(format!("obj-{n}")),
-        plan: Plan::Links(vec![format!("lead-{n}")]),
+        object_id: Some(format!("obj-{n}").into()),
+        plan: Plan::Links(vec![format!("lead-{n}").into()]),
     }
 }
 
