@@ -981,6 +981,7 @@ async fn prefill_from(
                             received_at: now - (n - i) as i64,
                             object_id: Some(object.to_string()),
                             plan: Plan::Links(vec![lead.to_string()]),
+                            trace: None,
                         }
                     })
                     .collect();

@@ -233,6 +233,9 @@ pub struct NewEvent {
     pub request: StoredRequest,
     pub object_id: Option<String>,
     pub plan: Plan,
+    /// The W3C `traceparent` of the webhook's span (`None`: tracing off). Stored as given; the
+    /// worker's calls for the event continue this trace.
+    pub trace: Option<String>,
 }
 
 impl NewEvent {
@@ -289,6 +292,8 @@ pub struct LinkJob {
     pub first_queued_at: Millis,
     /// `(source, event_id)` of the events this pair serves, oldest first.
     pub events: Vec<(String, String)>,
+    /// The stored trace context (`traceparent`) of the oldest of those events that has one.
+    pub trace: Option<String>,
 }
 
 /// An event whose lead key must be resolved, claimed under `lease`.
@@ -301,6 +306,8 @@ pub struct ResolveJob {
     pub request: StoredRequest,
     pub attempts: i64,
     pub first_at: Millis,
+    /// The event's stored trace context (`traceparent`), if any.
+    pub trace: Option<String>,
 }
 
 /// An event whose custom object must be created, claimed under `lease`.
@@ -318,6 +325,8 @@ pub struct ObjectJob {
     /// The previous claim had sent its creation and never recorded the answer (a crash, or a
     /// lease that ran out): the claim recorded that attempt as `unknown`.
     pub lost: bool,
+    /// The event's stored trace context (`traceparent`), if any.
+    pub trace: Option<String>,
 }
 
 /// One object creation attempt: the call, and what it means for the object.
