@@ -528,7 +528,7 @@ impl SprintHubClient {
             );
         }
         for (key, value) in op.ids {
-            span.set(*key, *value);
+            span.set(key, *value);
         }
         let status = match &result {
             Ok(ok) => Some(ok.status),

@@ -479,6 +479,9 @@ pub struct EventDetail {
     pub request: StoredRequest,
     /// When retention blanked the body (the stored body is then empty); `None` while kept.
     pub body_removed_at: Option<Millis>,
+    /// The stored trace context (`traceparent`), when the event was stored with tracing on.
+    #[serde(skip)]
+    pub trace: Option<String>,
     /// The object sprintlink creates for this event, when its source asks for that.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub object: Option<ObjectDetail>,

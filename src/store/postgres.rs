@@ -1049,7 +1049,7 @@ impl Store for PostgresStore {
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .await?;
         let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {SUMMARY_COLUMNS}, {REQUEST_COLUMNS}, body_removed_at FROM events WHERE id = $1"
+            "SELECT {SUMMARY_COLUMNS}, {REQUEST_COLUMNS}, body_removed_at, trace_context FROM events WHERE id = $1"
         )))
         .bind(pk)
         .fetch_optional(&mut *tx)
@@ -1057,6 +1057,7 @@ impl Store for PostgresStore {
         let Some(row) = row else { return Ok(None) };
         let request = request_of(&row)?;
         let body_removed_at: Option<i64> = row.try_get("body_removed_at")?;
+        let trace: Option<String> = row.try_get("trace_context")?;
         let summary = summary(&row)?;
         // One row more than the page, to know whether another page follows.
         let mut link_rows = sqlx::query(
@@ -1113,6 +1114,7 @@ impl Store for PostgresStore {
             summary,
             request,
             body_removed_at,
+            trace,
             object,
             links,
             more_links_after,

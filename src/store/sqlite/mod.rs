@@ -858,13 +858,14 @@ impl Store for SqliteStore {
                 let tx = conn.transaction()?;
                 let row = tx
                     .prepare_cached(&format!(
-                        "SELECT {SUMMARY_COLUMNS}, {REQUEST_COLUMNS}, body_removed_at FROM events WHERE id = ?1"
+                        "SELECT {SUMMARY_COLUMNS}, {REQUEST_COLUMNS}, body_removed_at, trace_context
+                         FROM events WHERE id = ?1"
                     ))?
                     .query_row(params![pk], |r| {
-                        Ok((summary(r)?, request_at(r, 8)?, r.get(13)?))
+                        Ok((summary(r)?, request_at(r, 8)?, r.get(13)?, r.get(14)?))
                     })
                     .optional()?;
-                let Some((summary, body, body_removed_at)) = row else {
+                let Some((summary, body, body_removed_at, trace)) = row else {
                     return Ok(None);
                 };
                 // One row more than the page, to know whether another page follows.
@@ -924,6 +925,7 @@ impl Store for SqliteStore {
                     summary,
                     request: body,
                     body_removed_at,
+                    trace,
                     object,
                     links,
                     more_links_after,
