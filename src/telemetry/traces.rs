@@ -758,6 +758,51 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn shutdown_sends_what_is_queued() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let got: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+        let sink = got.clone();
+        let app =
+            axum::Router::new().fallback(move |uri: axum::http::Uri, body: axum::body::Bytes| {
+                let sink = sink.clone();
+                async move {
+                    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    sink.lock().unwrap().push((uri.path().to_string(), v));
+                    "{}"
+                }
+            });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let metrics = Arc::new(Metrics::new());
+        let cfg = TelemetryConfig {
+            otlp_endpoint: Some(format!("{endpoint}/")),
+            ..TelemetryConfig::default()
+        };
+        let t = Tracer::start(&cfg, metrics.clone()).unwrap();
+        let parent = TraceContext::root();
+        for _ in 0..3 {
+            t.child_span("x", SpanKind::Client, Some(parent))
+                .unwrap()
+                .end();
+        }
+        // Well before the batch interval: only the flush can have sent them.
+        t.shutdown(Duration::from_secs(5)).await;
+        let got = got.lock().unwrap().clone();
+        assert_eq!(got.len(), 1, "one request");
+        assert_eq!(got[0].0, "/v1/traces");
+        let spans = &got[0].1["resourceSpans"][0]["scopeSpans"][0]["spans"];
+        assert_eq!(spans.as_array().map(Vec::len), Some(3));
+        assert_eq!(spans[0]["traceId"], parent.trace_id_hex());
+        assert_eq!(spans[0]["parentSpanId"], parent.span_id_hex());
+        assert_eq!(metrics.trace_span_count("exported"), 3);
+        // After shutdown, spans are dropped and counted, never sent.
+        t.child_span("late", SpanKind::Internal, None)
+            .unwrap()
+            .end();
+        assert_eq!(metrics.trace_span_count("dropped"), 1);
+    }
+
     proptest! {
         #[test]
         fn parse_never_panics(text in ".{0,80}") {

@@ -455,6 +455,10 @@ async fn a_receiver_that_never_answers_slows_no_webhook(b: Backend) {
         .expect(202);
     }
     let took = started.elapsed();
+    eprintln!(
+        "50 webhooks with a hanging OTLP receiver ({}): {took:?}",
+        b.name()
+    );
     assert!(
         took < Duration::from_secs(10),
         "50 webhooks took {took:?} with a hanging receiver"
