@@ -1057,6 +1057,7 @@ async fn prefill_from(
                             received_at: now - (n - i) as i64,
                             object_id: Some(object.to_string().into()),
                             plan: Plan::Links(vec![lead.to_string().into()]),
+                            trace: None,
                         }
                     })
                     .collect();

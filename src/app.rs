@@ -15,6 +15,10 @@ use crate::http::{AppState, INTERNAL_MAX_CONNECTIONS, build_app, restricted};
 use crate::sprinthub::SprintHubClient;
 use crate::store;
 use crate::telemetry::Metrics;
+use crate::telemetry::traces::Tracer;
+
+/// How long stopping waits for the queued trace spans to be exported.
+const TRACE_FLUSH: Duration = Duration::from_secs(5);
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -56,8 +60,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let store = store::open(config.storage.url.expose())
         .await
         .map_err(|e| StartError::Storage(e.to_string()))?;
-    let hub = SprintHubClient::new(&config.sprinthub).map_err(StartError::Client)?;
     let metrics = Arc::new(Metrics::new());
+    let tracer = Tracer::start(&config.telemetry, metrics.clone()).map_err(StartError::Client)?;
+    let hub = SprintHubClient::new(&config.sprinthub)
+        .map_err(StartError::Client)?
+        .with_tracer(tracer.clone());
     let wake = Arc::new(Notify::new());
     let shutdown = CancellationToken::new();
     let alerts = crate::alerts::start(&config, store.clone(), metrics.clone(), shutdown.clone());
@@ -70,7 +77,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             shutdown.clone(),
         )
         .map_err(StartError::Client)?
-        .with_alerts(alerts.clone()),
+        .with_alerts(alerts.clone())
+        .with_tracer(tracer.clone()),
     );
     let listener = tokio::net::TcpListener::bind(&config.server.listen)
         .await
@@ -159,6 +167,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         if tokio::time::timeout(drain, both).await.is_err() {
             tracing::warn!("drain took longer than server.shutdown_timeout_ms; stopping anyway");
         }
+        // The spans of the drained requests and calls go out, within a deadline of their own.
+        tracer.shutdown(TRACE_FLUSH).await;
         store.close().await;
         tracing::info!("stopped");
     });

@@ -21,6 +21,7 @@ const SECTIONS: &[&str] = &[
     "lookup",
     "retention",
     "sources",
+    "telemetry",
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -40,6 +41,9 @@ pub struct Config {
     pub lookup: LookupConfig,
     #[serde(default)]
     pub sources: Vec<SourceConfig>,
+    /// `[telemetry]`: where traces are exported (nothing is, by default).
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
     /// `[retention]`: read apart from the rest (`RetentionConfig::from_table`) so that each
     /// unreadable duration is its own line.
     #[serde(skip)]
@@ -182,6 +186,81 @@ impl Default for AdminConfig {
             failed_auth_window_seconds: 300,
         }
     }
+}
+
+/// `[telemetry]` (SPEC 10, tracing): OpenTelemetry traces over OTLP/HTTP with the JSON
+/// encoding. Without `otlp_endpoint` nothing is recorded and no exporter runs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// The collector's base URL, e.g. `http://collector:4318`; spans go to `{it}/v1/traces`.
+    /// http(s) with a host, without credentials, query or fragment (checked at start-up).
+    pub otlp_endpoint: Option<String>,
+    /// The resource attribute `service.name`.
+    pub service_name: String,
+    /// Finished spans waiting for the exporter; beyond it spans are dropped (and counted).
+    pub queue_size: usize,
+    /// How long one export request may take before its batch is dropped.
+    pub export_timeout_ms: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            service_name: "sprintlink".into(),
+            queue_size: 2048,
+            export_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// What is wrong with an OTLP endpoint, if anything. The value itself is never quoted (it might
+/// hold a credential); `url_origin` shows the part that may be printed.
+impl Config {
+    /// `[telemetry]`'s endpoint and service name (its numbers are checked with the others).
+    fn validate_telemetry(&self, errors: &mut Vec<String>) {
+        let t = &self.telemetry;
+        if let Some(url) = &t.otlp_endpoint
+            && let Some(problem) = otlp_endpoint_problem(url)
+        {
+            errors.push(format!(
+                "telemetry.otlp_endpoint: {problem} (given: {})",
+                url_origin(url)
+            ));
+        }
+        if t.service_name.trim().is_empty()
+            || t.service_name.len() > 255
+            || t.service_name.contains(char::is_control)
+        {
+            errors.push(
+                "telemetry.service_name: must be 1 to 255 characters without control characters"
+                    .into(),
+            );
+        }
+    }
+}
+
+fn otlp_endpoint_problem(url: &str) -> Option<&'static str> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Some("not a URL; write it like http://collector:4318");
+    };
+    if !matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https") {
+        return Some("only http and https are supported (OTLP/HTTP)");
+    }
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.contains('@') {
+        return Some(
+            "holds credentials (user:password@); the collector must be reachable without them",
+        );
+    }
+    if rest.contains(['?', '#']) {
+        return Some("must not have a query or fragment; /v1/traces is appended to it");
+    }
+    if authority.is_empty() || url.contains(char::is_whitespace) {
+        return Some("has no host, or holds whitespace");
+    }
+    None
 }
 
 /// Caching of `lookup = "sprinthub"` results, so a burst of events for one customer costs one
@@ -1206,6 +1285,15 @@ impl Config {
             source.apply_preset();
         }
         cfg.retention = retention;
+        // An empty endpoint (an override that turns tracing off) is no endpoint.
+        if cfg
+            .telemetry
+            .otlp_endpoint
+            .as_deref()
+            .is_some_and(|u| u.trim().is_empty())
+        {
+            cfg.telemetry.otlp_endpoint = None;
+        }
         let mut warnings = warnings;
         cfg.resolve_secrets(env, &mut errors);
         cfg.parse_alerts(&mut errors);
@@ -1248,6 +1336,7 @@ impl Config {
     }
 
     fn validate(&self, errors: &mut Vec<String>, warnings: &mut Vec<String>) {
+        self.validate_telemetry(errors);
         if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
             errors.push(format!(
                 "server.listen: {:?} is not an address like 0.0.0.0:8080",
@@ -1326,6 +1415,21 @@ impl Config {
             1,
             DAY_SECONDS,
             " s (1 day)",
+        );
+        let t = &self.telemetry;
+        bounded(
+            "telemetry.queue_size",
+            t.queue_size as u64,
+            1,
+            1_000_000,
+            " spans",
+        );
+        bounded(
+            "telemetry.export_timeout_ms",
+            t.export_timeout_ms,
+            1,
+            60_000,
+            " ms (1 min)",
         );
         let l = &self.lookup;
         bounded(
@@ -1630,6 +1734,7 @@ impl Config {
             admin: AdminConfig::default(),
             lookup: LookupConfig::default(),
             sources: Vec::new(),
+            telemetry: TelemetryConfig::default(),
             retention: RetentionConfig::default(),
             raw_alerts: Vec::new(),
             alerts: Vec::new(),

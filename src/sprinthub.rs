@@ -14,6 +14,7 @@ use crate::config::{LeadField, Secret, SprintHubConfig};
 use crate::domain::{LeadId, ObjectId};
 use crate::mapping::{digits, id_json};
 use crate::store::EXCERPT_BYTES;
+use crate::telemetry::traces::{SpanKind, TraceContext, Tracer};
 
 /// The most of a link answer that is read: the status decides a link, the body is only kept as
 /// an excerpt, so the rest of a larger answer is left unread (the connection is closed).
@@ -269,6 +270,18 @@ pub struct SprintHubClient {
     base_url: String,
     instance: String,
     token: Secret,
+    /// Where each call's span goes (disabled unless `[telemetry]`).
+    tracer: Tracer,
+}
+
+/// What a call is, for its span: the operation, the method and the path template (never the
+/// URL, whose query holds the token), the parent span, and ids worth searching by.
+struct Op<'a> {
+    operation: &'static str,
+    method: &'static str,
+    route: &'static str,
+    parent: Option<TraceContext>,
+    ids: &'a [(&'static str, &'a str)],
 }
 
 impl SprintHubClient {
@@ -298,22 +311,54 @@ impl SprintHubClient {
             base_url: cfg.base_url.trim_end_matches('/').to_string(),
             instance: cfg.instance.clone(),
             token: cfg.api_token.clone(),
+            tracer: Tracer::disabled(),
         })
     }
 
-    /// `POST /customobjects/link`, the core call.
-    pub async fn link(&self, object_id: &ObjectId, lead_id: &LeadId) -> Result<Success, Failure> {
-        let body = json!({"objectId": id_json(object_id.as_str()), "linkType": "lead", "targetId": id_json(lead_id.as_str()), "amount": 1});
-        self.post("/customobjects/link", &body, LINK_ANSWER_LIMIT)
-            .await
+    /// The client recording a span per call with `tracer`.
+    pub fn with_tracer(mut self, tracer: Tracer) -> Self {
+        self.tracer = tracer;
+        self
     }
 
-    /// `POST /leadsadvanced`, keeping only leads whose `field` equals `value` exactly.
-    pub async fn search_leads(&self, field: LeadField, value: &str) -> Result<Vec<Lead>, Failure> {
+    /// `POST /customobjects/link`, the core call; its span is a child of `trace`.
+    pub async fn link(
+        &self,
+        object_id: &ObjectId,
+        lead_id: &LeadId,
+        trace: Option<TraceContext>,
+    ) -> Result<Success, Failure> {
+        let body = json!({"objectId": id_json(object_id.as_str()), "linkType": "lead", "targetId": id_json(lead_id.as_str()), "amount": 1});
+        let op = Op {
+            operation: "link",
+            method: "POST",
+            route: "/customobjects/link",
+            parent: trace,
+            ids: &[
+                ("sprintlink.object_id", object_id.as_str()),
+                ("sprintlink.lead_id", lead_id.as_str()),
+            ],
+        };
+        self.post(op, &body, LINK_ANSWER_LIMIT).await
+    }
+
+    /// `POST /leadsadvanced`, keeping only leads whose `field` equals `value` exactly. The
+    /// value (an email, a phone number) is not put in the span.
+    pub async fn search_leads(
+        &self,
+        field: LeadField,
+        value: &str,
+        trace: Option<TraceContext>,
+    ) -> Result<Vec<Lead>, Failure> {
         let body = json!({"query": "{leads{id,email,whatsapp,mobile}}", "search": value, "page": 0, "limit": 15});
-        let ok = self
-            .post("/leadsadvanced", &body, LOOKUP_ANSWER_LIMIT)
-            .await?;
+        let op = Op {
+            operation: "lead_search",
+            method: "POST",
+            route: "/leadsadvanced",
+            parent: trace,
+            ids: &[],
+        };
+        let ok = self.post(op, &body, LOOKUP_ANSWER_LIMIT).await?;
         // An answer that cannot be read is not "no lead": that could park the event or create a
         // duplicate lead. It is retried like an outage.
         let Some(answer) = ok.body else {
@@ -331,8 +376,19 @@ impl SprintHubClient {
     }
 
     /// `POST /leads`; the new lead's id is read from `id` or `data.id`.
-    pub async fn create_lead(&self, fields: &Value) -> Result<String, Failure> {
-        let ok = self.post("/leads", fields, LOOKUP_ANSWER_LIMIT).await?;
+    pub async fn create_lead(
+        &self,
+        fields: &Value,
+        trace: Option<TraceContext>,
+    ) -> Result<String, Failure> {
+        let op = Op {
+            operation: "lead_creation",
+            method: "POST",
+            route: "/leads",
+            parent: trace,
+            ids: &[],
+        };
+        let ok = self.post(op, fields, LOOKUP_ANSWER_LIMIT).await?;
         let body = ok.body.unwrap_or(Value::Null);
         body.get("id")
             .or_else(|| body.pointer("/data/id"))
@@ -355,12 +411,21 @@ impl SprintHubClient {
         &self,
         definition_id: &str,
         fields: &Value,
+        trace: Option<TraceContext>,
     ) -> Result<(ObjectId, Success), CreateFailure> {
         let path = format!("/customobjects/objects/{definition_id}");
+        let op = Op {
+            operation: "object_creation",
+            method: "POST",
+            route: "/customobjects/objects/{definitionId}",
+            parent: trace,
+            ids: &[("sprintlink.definition_id", definition_id)],
+        };
         let ok = match self
             .call(
                 self.http.post(self.url(&path)).json(fields),
                 LOOKUP_ANSWER_LIMIT,
+                op,
             )
             .await
         {
@@ -403,8 +468,15 @@ impl SprintHubClient {
             "query",
             "{definitions{id,name,fields{label,alias,type,required}}}",
         )]);
+        let op = Op {
+            operation: "definitions",
+            method: "GET",
+            route: "/customobjects/def",
+            parent: None,
+            ids: &[],
+        };
         let ok = self
-            .call(req, LOOKUP_ANSWER_LIMIT)
+            .call(req, LOOKUP_ANSWER_LIMIT, op)
             .await
             .map_err(|(f, _)| f)?;
         ok.body
@@ -423,16 +495,65 @@ impl SprintHubClient {
     }
 
     /// One call. At most `limit` bytes of the answer are read; the rest is left unread.
-    async fn post(&self, path: &str, body: &Value, limit: usize) -> Result<Success, Failure> {
-        self.call(self.http.post(self.url(path)).json(body), limit)
+    async fn post(&self, op: Op<'_>, body: &Value, limit: usize) -> Result<Success, Failure> {
+        self.call(self.http.post(self.url(op.route)).json(body), limit, op)
             .await
             .map_err(|(f, _)| f)
+    }
+
+    /// `send`, in a client span (when tracing is on) that records the operation, the status
+    /// and the duration: never the URL, the body or the answer.
+    async fn call(
+        &self,
+        req: reqwest_middleware::RequestBuilder,
+        limit: usize,
+        op: Op<'_>,
+    ) -> Result<Success, (Failure, bool)> {
+        let Some(mut span) = self.tracer.child_span(
+            format!("{} {}", op.method, op.route),
+            SpanKind::Client,
+            op.parent,
+        ) else {
+            return self.send(req, limit).await;
+        };
+        let started = Instant::now();
+        let result = self.send(req, limit).await;
+        span.set("sprintlink.operation", op.operation);
+        span.set("http.request.method", op.method);
+        span.set("url.template", op.route);
+        if let Some(host) = self.base_url.split("://").nth(1) {
+            let host = host.split(['/', '?', '#']).next().unwrap_or_default();
+            span.set(
+                "server.address",
+                host.rsplit('@').next().unwrap_or_default(),
+            );
+        }
+        for (key, value) in op.ids {
+            span.set(key, *value);
+        }
+        let status = match &result {
+            Ok(ok) => Some(ok.status),
+            Err((failure, _)) => {
+                span.set("error.type", failure.class());
+                span.set_error();
+                failure.status()
+            }
+        };
+        if let Some(status) = status {
+            span.set("http.response.status_code", status);
+        }
+        span.set(
+            "sprintlink.duration_ms",
+            i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX),
+        );
+        span.end();
+        result
     }
 
     /// Sends the request with the credentials and reads at most `limit` bytes of the answer.
     /// A failure says whether the request may have reached SprintHub without its answer
     /// coming back (anything but a refused connection, before a status line arrived).
-    async fn call(
+    async fn send(
         &self,
         req: reqwest_middleware::RequestBuilder,
         limit: usize,
@@ -896,7 +1017,10 @@ mod tests {
             ..Default::default()
         };
         let client = SprintHubClient::new(&cfg).unwrap();
-        let err = client.link(&"1".into(), &"2".into()).await.unwrap_err();
+        let err = client
+            .link(&"1".into(), &"2".into(), None)
+            .await
+            .unwrap_err();
         let shown = format!("{err:?} {}", err.describe());
         assert!(matches!(err, Failure::Transient { status: None, .. }));
         assert!(!shown.contains("NEVER-SHOWN"), "{shown}");

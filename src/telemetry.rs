@@ -1,4 +1,4 @@
-//! Logs and metrics. Metrics live in one `Metrics` value per app (so tests in one process do
+//! Logs, metrics and traces (`traces`). Metrics live in one `Metrics` value per app (so tests in one process do
 //! not share counters) and are rendered in the Prometheus text format. Every label set is
 //! bounded: sources come from the configuration, outcomes from fixed lists.
 
@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::store::{EventState, LinkState, Stats};
+
+pub mod traces;
 
 /// Sets up `tracing`: `RUST_LOG` filtering (default `info`), and JSON lines when
 /// `SPRINTLINK_LOG_FORMAT=json`. Safe to call twice (the second call does nothing).
@@ -133,6 +135,10 @@ pub struct Metrics {
     creations: Counters,
     pruned: Counters,
     alerts: Counters,
+    /// Trace spans by what became of them: exported, failed (their batch's export failed),
+    /// dropped (the exporter's queue was full).
+    trace_spans: Counters,
+    trace_export_failures: AtomicU64,
     ingest: Histogram,
     delivery: Histogram,
     /// Whether delivery is paused for the deployment, as this replica last read it.
@@ -155,6 +161,8 @@ impl Metrics {
             creations: Counters::default(),
             pruned: Counters::default(),
             alerts: Counters::default(),
+            trace_spans: Counters::default(),
+            trace_export_failures: AtomicU64::new(0),
             ingest: Histogram::new(),
             delivery: Histogram::new(),
             paused: std::sync::atomic::AtomicBool::new(false),
@@ -217,6 +225,20 @@ impl Metrics {
         self.alerts.get(&[kind, outcome])
     }
 
+    /// `n` trace spans that were `exported`, `failed` or `dropped`.
+    pub fn trace_spans(&self, outcome: &str, n: u64) {
+        self.trace_spans.add(&[outcome], n);
+    }
+
+    pub fn trace_span_count(&self, outcome: &str) -> u64 {
+        self.trace_spans.get(&[outcome])
+    }
+
+    /// One OTLP export request that failed (error answer, no answer, or timeout).
+    pub fn trace_export_failed(&self) {
+        self.trace_export_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Delivery paused (by an operator or after throttling) or running.
     pub fn set_paused(&self, paused: bool) {
         self.paused
@@ -267,6 +289,30 @@ impl Metrics {
             "sprintlink_alerts_total",
             "Alert notifications by kind and outcome (sent; failed: every try failed; dropped: the alerter's queue was full).",
             &["kind", "outcome"],
+        );
+        // One counter per outcome, as the names say; each is 0 until it happens (and without
+        // `[telemetry]`), so a rule on it needs no `absent()`.
+        for (outcome, help) in [
+            ("exported", "Trace spans the OTLP receiver accepted."),
+            (
+                "dropped",
+                "Trace spans dropped because the exporter's queue was full.",
+            ),
+            (
+                "failed",
+                "Trace spans dropped because their batch's export failed or timed out.",
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP sprintlink_trace_spans_{outcome}_total {help}\n# TYPE sprintlink_trace_spans_{outcome}_total counter\nsprintlink_trace_spans_{outcome}_total {}",
+                self.trace_spans.get(&[outcome])
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sprintlink_trace_exports_failed_total OTLP export requests that failed or timed out (their spans are counted as failed).\n# TYPE sprintlink_trace_exports_failed_total counter\nsprintlink_trace_exports_failed_total {}",
+            self.trace_export_failures.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

@@ -40,6 +40,12 @@ pub(crate) fn after(now: crate::store::Millis, d: Duration) -> crate::store::Mil
     now.saturating_add(millis(d))
 }
 
+/// The trace context stored with an event, parsed; `None` (the call starts a new trace) for an
+/// event stored without one, or a value that does not parse.
+pub(crate) fn stored_trace(text: Option<&str>) -> Option<crate::telemetry::traces::TraceContext> {
+    crate::telemetry::traces::TraceContext::parse(text?).ok()
+}
+
 const IDLE_POLL: Duration = Duration::from_millis(500);
 /// How long a busy worker waits to gather free slots before claiming.
 const CLAIM_GATHER: Duration = Duration::from_millis(5);
@@ -352,7 +358,8 @@ impl Worker {
         } else {
             let at = now_ms();
             let start = Instant::now();
-            let result = self.hub.link(&job.object_id, &job.lead_id).await;
+            let trace = stored_trace(job.trace.as_deref());
+            let result = self.hub.link(&job.object_id, &job.lead_id, trace).await;
             let took = start.elapsed();
             self.fleet.observe(result.as_ref().err()).await;
             let duration_ms = took.as_millis() as i64;

@@ -144,7 +144,14 @@ impl Creator {
         }
         let at = now_ms();
         let start = Instant::now();
-        let result = self.hub.create_object(&job.definition_id, &fields).await;
+        let result = self
+            .hub
+            .create_object(
+                &job.definition_id,
+                &fields,
+                super::stored_trace(job.trace.as_deref()),
+            )
+            .await;
         let took = start.elapsed();
         self.fleet
             .observe(result.as_ref().err().map(CreateFailure::failure))

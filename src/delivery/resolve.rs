@@ -17,6 +17,7 @@ use crate::mapping::{self, Input, Leads};
 use crate::sprinthub::{Failure, SprintHubClient};
 use crate::store::{LeadId, ResolveJob, ResolveUpdate, Store, now_ms};
 use crate::telemetry::Metrics;
+use crate::telemetry::traces::TraceContext;
 
 /// Lead ids found for a key, and when that answer expires.
 type CacheEntry = (Vec<String>, Instant);
@@ -115,6 +116,7 @@ impl Resolver {
             slot: Some(slot),
             limiter: &self.limiter,
             fleet: &self.fleet,
+            trace: super::stored_trace(job.trace.as_deref()),
         };
         let update = match self.resolve(&job, &mut pace).await {
             // A source that creates its object: the leads are known, the object comes next.
@@ -325,7 +327,10 @@ impl Resolver {
             .entry(field.as_str().to_string())
             .or_insert_with(|| Value::String(key.to_string()));
         pace.wait().await?;
-        let id = self.hub.create_lead(&Value::Object(fields)).await;
+        let id = self
+            .hub
+            .create_lead(&Value::Object(fields), pace.trace)
+            .await;
         self.fleet.observe(id.as_ref().err()).await;
         let id = id.map_err(Lookup::Hub)?;
         self.metrics.lookup("created");
@@ -341,7 +346,7 @@ impl Resolver {
         pace: &mut Pace<'_>,
     ) -> Result<Vec<String>, Lookup> {
         pace.wait().await?;
-        let leads = self.hub.search_leads(field, key).await;
+        let leads = self.hub.search_leads(field, key, pace.trace).await;
         self.fleet.observe(leads.as_ref().err()).await;
         let leads = leads.map_err(Lookup::Hub)?;
         let ids: Vec<String> = leads.into_iter().map(|l| l.id).collect();
@@ -359,12 +364,14 @@ enum Lookup {
     Paused(Option<crate::store::Millis>),
 }
 
-/// The rate limit for one resolution: its first call uses the slot reserved before the claim,
-/// a second one (creating the lead after a search) waits for a new slot.
+/// The calls of one resolution: the first uses the rate-limit slot reserved before the claim,
+/// a second one (creating the lead after a search) waits for a new slot; each call's span is a
+/// child of the event's stored trace context.
 struct Pace<'a> {
     slot: Option<tokio::time::Instant>,
     limiter: &'a RateLimiter,
     fleet: &'a Fleet,
+    trace: Option<TraceContext>,
 }
 
 impl Pace<'_> {

@@ -13,6 +13,7 @@ use utoipa::{PartialSchema, ToSchema};
 use crate::domain::{CreationOutcome, EventState, LinkState, ObjectId, ObjectState, PauseReason};
 use crate::http::admin::rfc3339;
 use crate::store::{Attempt, EventDetail, EventSummary, LinkDetail, ObjectAttempt, ObjectDetail};
+use crate::telemetry::traces::TraceContext;
 
 /// The states' schemas, made from the states themselves.
 fn state_schema(values: &[&'static str], description: &str) -> RefOr<Schema> {
@@ -278,6 +279,10 @@ pub struct EventDocument {
     /// Pass as `links_cursor` for the next page of links; null on the last page.
     #[schema(required = true)]
     pub next_links_cursor: Option<String>,
+    /// The OpenTelemetry trace (32 lowercase hex digits) of the webhook that stored the event
+    /// and of the SprintHub calls made for it; null when it was stored with tracing off.
+    #[schema(required = true)]
+    pub trace_id: Option<String>,
 }
 
 impl From<&EventDetail> for EventDocument {
@@ -301,6 +306,11 @@ impl From<&EventDetail> for EventDocument {
             object: d.object.as_ref().map(ObjectView::from),
             links: d.links.iter().map(LinkView::from).collect(),
             next_links_cursor: d.more_links_after.map(|after| after.to_string()),
+            trace_id: d
+                .trace
+                .as_deref()
+                .and_then(|t| TraceContext::parse(t).ok())
+                .map(|t| t.trace_id_hex()),
         }
     }
 }

@@ -35,6 +35,7 @@ use crate::batch::Batcher;
 use crate::config::{AlertKind, Config};
 use crate::store::{IngestOutcome, NewEvent, Store};
 use crate::telemetry::Metrics;
+use crate::telemetry::traces::Tracer;
 use error::AppError;
 
 /// Everything a request handler may need, shared by all of them.
@@ -55,6 +56,8 @@ pub struct AppState {
     pub alerts: Alerts,
     /// The deployment-wide pause and this replica's view of the fleet (shared with the worker).
     pub fleet: Arc<crate::delivery::fleet::Fleet>,
+    /// Where webhook spans go (disabled unless `[telemetry] otlp_endpoint`).
+    pub tracer: Tracer,
 }
 
 impl AppState {
@@ -91,7 +94,14 @@ impl AppState {
             auth: Arc::new(auth),
             alerts: Alerts::disabled(),
             fleet,
+            tracer: Tracer::disabled(),
         })
+    }
+
+    /// The state recording webhook spans with `tracer`.
+    pub fn with_tracer(mut self, tracer: Tracer) -> AppState {
+        self.tracer = tracer;
+        self
     }
 
     /// The state reporting to `alerts`.

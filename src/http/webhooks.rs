@@ -19,6 +19,7 @@ use crate::http::error::{ApiPath as Path, AppError};
 use crate::mapping::{self, Input, body::Kind};
 use crate::signature::{Verifier, WithQuery};
 use crate::store::{IngestOutcome, NewEvent, Plan, StoredRequest, now_ms};
+use crate::telemetry::traces::{SpanKind, TraceContext};
 
 /// Receive a signed webhook.
 ///
@@ -81,17 +82,76 @@ pub async fn webhook(
         peer: peer.map(|Extension(ConnectInfo(a))| a.ip()),
         query: query.as_deref(),
     };
-    let (outcome, response) = match accept(&state, &source, &headers, from, body).await {
-        Ok((outcome, resp)) => (outcome, resp),
+    // The request's span: a child of the sender's when it sent one valid `traceparent`.
+    let mut span = state.tracer.child_span(
+        "POST /webhooks/{source}",
+        SpanKind::Server,
+        incoming_trace(&headers),
+    );
+    let mut event_id = None;
+    let trace = span.as_ref().map(|s| s.context());
+    let (outcome, response, code) = match accept(
+        &state,
+        &source,
+        &headers,
+        from,
+        body,
+        trace,
+        &mut event_id,
+    )
+    .await
+    {
+        Ok((outcome, resp)) => (outcome, resp, None),
         Err(e) => {
             if !matches!(e, AppError::UnknownSource(_)) {
                 tracing::info!(source = %source, code = e.code().as_str(), error = %e, "webhook rejected");
             }
-            (e.code().as_str(), e.into_response())
+            let code = e.code().as_str();
+            (code, e.into_response(), Some(code))
         }
     };
     state.metrics.webhook(label, outcome, start.elapsed());
+    if let Some(span) = &mut span {
+        // Names, ids and codes only: never a header, the query or the body.
+        span.set("http.request.method", "POST");
+        span.set("http.route", "/webhooks/{source}");
+        span.set("sprintlink.source", label);
+        if let Some(id) = event_id {
+            span.set("sprintlink.event_id", id);
+        }
+        span.set(
+            "sprintlink.outcome",
+            if code.is_some() { "rejected" } else { outcome },
+        );
+        if let Some(code) = code {
+            span.set("sprintlink.error_code", code);
+            span.set("error.type", code);
+        }
+        span.set("http.response.status_code", response.status().as_u16());
+        if response.status().is_server_error() {
+            span.set_error();
+        }
+    }
+    if let Some(span) = span {
+        span.end();
+    }
     response
+}
+
+/// The sender's trace context: one `traceparent` header that parses; anything else (none,
+/// several, malformed) starts a new trace and is never a rejection.
+fn incoming_trace(headers: &HeaderMap) -> Option<TraceContext> {
+    let mut values = headers.get_all("traceparent").iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return None;
+    };
+    match TraceContext::parse(value.to_str().ok()?) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::debug!(error = %e, "traceparent ignored");
+            None
+        }
+    }
 }
 
 /// Where a request came from: the TCP peer and the URL's query string.
@@ -107,6 +167,8 @@ async fn accept(
     headers: &HeaderMap,
     from: Sender<'_>,
     body: Body,
+    trace: Option<TraceContext>,
+    seen_event_id: &mut Option<String>,
 ) -> Result<(&'static str, Response), AppError> {
     if state.shutdown.is_cancelled() {
         return Err(AppError::Unavailable(
@@ -189,9 +251,10 @@ async fn accept(
         &request.body,
         verified.delivery_id.as_deref(),
     );
-    mapping::check_event_id(&event_id)
-        .and_then(|()| mapping::check_storable(source, &json))
-        .map_err(AppError::Unstorable)?;
+    // Only an id that may be stored is named in the span (not one too long or with controls).
+    mapping::check_event_id(&event_id).map_err(AppError::Unstorable)?;
+    *seen_event_id = Some(event_id.clone());
+    mapping::check_storable(source, &json).map_err(AppError::Unstorable)?;
     let (object_id, plan) = mapping::plan(source, &json);
     let parked_reason = match &plan {
         Plan::Parked(r) => Some(r.clone()),
@@ -205,6 +268,7 @@ async fn accept(
         request,
         object_id,
         plan,
+        trace: trace.map(|t| t.traceparent()),
     };
     let outcome = match state.ingest.submit(event).await {
         Ok(o) => o,

@@ -51,6 +51,11 @@ pub(super) const SQLITE: &[Migration] = &[
         name: "search",
         sql: include_str!("../../migrations/sqlite/0007_search.sql"),
     },
+    Migration {
+        version: 8,
+        name: "trace",
+        sql: include_str!("../../migrations/sqlite/0008_trace.sql"),
+    },
 ];
 
 pub(super) const POSTGRES: &[Migration] = &[
@@ -88,6 +93,11 @@ pub(super) const POSTGRES: &[Migration] = &[
         version: 7,
         name: "search",
         sql: include_str!("../../migrations/postgres/0007_search.sql"),
+    },
+    Migration {
+        version: 8,
+        name: "trace",
+        sql: include_str!("../../migrations/postgres/0008_trace.sql"),
     },
 ];
 

@@ -236,6 +236,9 @@ pub struct NewEvent {
     pub request: StoredRequest,
     pub object_id: Option<ObjectId>,
     pub plan: Plan,
+    /// The W3C `traceparent` of the webhook's span (`None`: tracing off). Stored as given; the
+    /// worker's calls for the event continue this trace.
+    pub trace: Option<String>,
 }
 
 impl NewEvent {
@@ -292,6 +295,8 @@ pub struct LinkJob {
     pub first_queued_at: Millis,
     /// `(source, event_id)` of the events this pair serves, oldest first.
     pub events: Vec<(String, String)>,
+    /// The stored trace context (`traceparent`) of the oldest of those events that has one.
+    pub trace: Option<String>,
 }
 
 /// An event whose lead key must be resolved, claimed under `lease`.
@@ -304,6 +309,8 @@ pub struct ResolveJob {
     pub request: StoredRequest,
     pub attempts: i64,
     pub first_at: Millis,
+    /// The event's stored trace context (`traceparent`), if any.
+    pub trace: Option<String>,
 }
 
 /// An event whose custom object must be created, claimed under `lease`.
@@ -321,6 +328,8 @@ pub struct ObjectJob {
     /// The previous claim had sent its creation and never recorded the answer (a crash, or a
     /// lease that ran out): the claim recorded that attempt as `unknown`.
     pub lost: bool,
+    /// The event's stored trace context (`traceparent`), if any.
+    pub trace: Option<String>,
 }
 
 /// One object creation attempt: the call, and what it means for the object.
@@ -473,6 +482,9 @@ pub struct EventDetail {
     pub request: StoredRequest,
     /// When retention blanked the body (the stored body is then empty); `None` while kept.
     pub body_removed_at: Option<Millis>,
+    /// The stored trace context (`traceparent`), when the event was stored with tracing on.
+    #[serde(skip)]
+    pub trace: Option<String>,
     /// The object sprintlink creates for this event, when its source asks for that.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub object: Option<ObjectDetail>,

@@ -116,7 +116,7 @@ const CLAIM_RESOLVES: &str = "UPDATE events SET resolve_locked_until = $1, resol
     WHERE id IN (SELECT id FROM events WHERE resolve_due IS NOT NULL AND resolve_due <= $3
                  AND resolve_locked_until <= $3 ORDER BY resolve_due LIMIT $4 FOR UPDATE SKIP LOCKED)
     RETURNING id, source, event_id, raw_body, body, content_type, request_headers, request_query,
-              resolve_attempts, resolve_first";
+              resolve_attempts, resolve_first, trace_context";
 
 /// The columns of a `StoredRequest`, as `request_of` reads them.
 const REQUEST_COLUMNS: &str = "raw_body, body, content_type, request_headers, request_query";
@@ -233,11 +233,11 @@ static INSERT_EVENTS: MultiRow = MultiRow::new(
     || {
         "INSERT INTO events
     (source, event_id, event_type, received_at, object_id, state, reason, body, raw_body,
-     content_type, request_headers, request_query, resolve_due, resolve_first)
+     content_type, request_headers, request_query, resolve_due, resolve_first, trace_context)
     VALUES "
             .into()
     },
-    "({}, {}, {}, {}, {}, {}, {}, '', {}, {}, {}, {}, {}, {})",
+    "({}, {}, {}, {}, {}, {}, {}, '', {}, {}, {}, {}, {}, {}, {})",
     " ON CONFLICT (source, event_id) DO NOTHING RETURNING id, source, event_id",
 );
 
@@ -299,13 +299,15 @@ static EVENTS_OF_LINKS: MultiRow = MultiRow::new(
     ")",
 );
 
-/// `(source, event_id)` of the events some links serve, oldest first. Each event is looked up by
-/// primary key: as a join, PostgreSQL without statistics hashed the whole events table.
+/// `(source, event_id, trace_context)` of the events some links serve, oldest first. Each event
+/// is looked up by primary key: as a join, PostgreSQL without statistics hashed the whole events
+/// table.
 static EVENT_KEYS_OF_LINKS: MultiRow = MultiRow::new(
     || {
         "SELECT el.link_id,
            (SELECT e.source FROM events e WHERE e.id = el.event_pk) AS source,
-           (SELECT e.event_id FROM events e WHERE e.id = el.event_pk) AS event_id
+           (SELECT e.event_id FROM events e WHERE e.id = el.event_pk) AS event_id,
+           (SELECT e.trace_context FROM events e WHERE e.id = el.event_pk) AS trace_context
          FROM event_links el WHERE el.link_id IN ("
             .into()
     },
@@ -497,7 +499,8 @@ impl PostgresStore {
                     .bind(StoredRequest::map_text(&e.request.headers))
                     .bind(StoredRequest::map_text(&e.request.query))
                     .bind(resolve_due)
-                    .bind(e.received_at);
+                    .bind(e.received_at)
+                    .bind(&e.trace);
             }
             for r in q.fetch_all(&mut *tx).await? {
                 pk_of
@@ -668,6 +671,7 @@ impl Store for PostgresStore {
                     attempts: r.try_get("attempts")?,
                     first_queued_at: r.try_get("first_queued_at")?,
                     events: Vec::new(),
+                    trace: None,
                 })
             })
             .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?;
@@ -685,6 +689,8 @@ impl Store for PostgresStore {
                 if let Some(job) = jobs.iter_mut().find(|j| j.link_id == link_id) {
                     job.events
                         .push((r.try_get("source")?, r.try_get("event_id")?));
+                    let trace: Option<String> = r.try_get("trace_context")?;
+                    job.trace = job.trace.take().or(trace);
                 }
             }
         }
@@ -857,6 +863,7 @@ impl Store for PostgresStore {
                     request: request_of(r)?,
                     attempts: r.try_get("resolve_attempts")?,
                     first_at: r.try_get("resolve_first")?,
+                    trace: r.try_get("trace_context")?,
                 })
             })
             .collect::<std::result::Result<_, sqlx::Error>>()
@@ -1100,7 +1107,7 @@ impl Store for PostgresStore {
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .await?;
         let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {SUMMARY_COLUMNS}, {REQUEST_COLUMNS}, body_removed_at FROM events WHERE id = $1"
+            "SELECT {SUMMARY_COLUMNS}, {REQUEST_COLUMNS}, body_removed_at, trace_context FROM events WHERE id = $1"
         )))
         .bind(pk)
         .fetch_optional(&mut *tx)
@@ -1108,6 +1115,7 @@ impl Store for PostgresStore {
         let Some(row) = row else { return Ok(None) };
         let request = request_of(&row)?;
         let body_removed_at: Option<i64> = row.try_get("body_removed_at")?;
+        let trace: Option<String> = row.try_get("trace_context")?;
         let summary = summary(&row)?;
         // One row more than the page, to know whether another page follows.
         let mut link_rows = sqlx::query(
@@ -1164,6 +1172,7 @@ impl Store for PostgresStore {
             summary,
             request,
             body_removed_at,
+            trace,
             object,
             links,
             more_links_after,
@@ -1738,7 +1747,7 @@ mod tests {
             assert_eq!(small.concat(), items);
         }
         assert_eq!(INSERT_EVENTS.sql(4).matches("($").count(), 4);
-        assert!(INSERT_EVENTS.sql(4).contains("$52)"));
+        assert!(INSERT_EVENTS.sql(4).contains("$56)"));
         assert!(
             UPSERT_LINKS
                 .sql(4)

@@ -15,6 +15,7 @@ fn ev(id: &str, obj: Option<&str>, plan: Plan) -> NewEvent {
         request: StoredRequest::json(format!(r#"{{"id":"{id}"}}"#)),
         object_id: obj.map(ObjectId::from),
         plan,
+        trace: None,
     }
 }
 

@@ -503,3 +503,56 @@ fn sign_prints_the_query_credential_and_a_form_content_type() {
     assert!(out.contains("X-Slack-Request-Timestamp: "), "{out}");
     assert!(out.contains("X-Slack-Signature: v0="), "{out}");
 }
+
+#[test]
+fn telemetry_endpoints_are_checked_at_start_up() {
+    for (endpoint, line) in [
+        ("grpc://collector:4317", "only http and https"),
+        (
+            "http://otel:Pw-DISTINCT-9@collector:4318",
+            "holds credentials",
+        ),
+        (
+            "http://collector:4318?api_key=Key-DISTINCT-8",
+            "must not have a query",
+        ),
+        ("collector:4318", "not a URL"),
+        ("http:///v1", "has no host"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = config(
+            dir.path(),
+            &format!("[telemetry]\notlp_endpoint = \"{endpoint}\""),
+            "",
+        );
+        let (code, out) = check_config(&path, &[]);
+        assert_eq!(code, 1, "{endpoint}: {out}");
+        let lines: Vec<&str> = out
+            .lines()
+            .filter(|l| l.contains("telemetry.otlp_endpoint") && l.contains(line))
+            .collect();
+        assert_eq!(lines.len(), 1, "{endpoint}: {out}");
+        assert!(!out.contains("DISTINCT"), "{endpoint}: {out}");
+    }
+    // Accepted: http(s) with a host, a path prefix; an empty override turns tracing off.
+    for endpoint in ["http://collector:4318", "https://otel.example.com/otlp/"] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = config(
+            dir.path(),
+            &format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\nservice_name = \"sl-eu\""),
+            "",
+        );
+        let (code, out) = check_config(&path, &[]);
+        assert_eq!(code, 0, "{endpoint}: {out}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), "[telemetry]\nservice_name = \"\"", "");
+    let (code, out) = check_config(&path, &[("SPRINTLINK_TELEMETRY__OTLP_ENDPOINT", "")]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("telemetry.service_name"), "{out}");
+    assert!(!out.contains("otlp_endpoint"), "{out}");
+    let path = config(dir.path(), "[telemetry]\nqueue_size = 0", "");
+    let (code, out) = check_config(&path, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("telemetry.queue_size"), "{out}");
+}

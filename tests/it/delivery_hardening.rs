@@ -120,12 +120,12 @@ fn client_for(url: &str) -> SprintHubClient {
 async fn redirect_is_not_followed_for_lead_search_and_create() {
     let raw = redirecting_hub().await;
     let client = client_for(&raw.url);
-    let search = client.search_leads(LeadField::Email, "a@b.com").await;
+    let search = client.search_leads(LeadField::Email, "a@b.com", None).await;
     assert!(
         matches!(&search, Err(f @ Failure::Misdirected { status: 302, .. }) if f.describe().contains("base_url")),
         "{search:?}"
     );
-    let create = client.create_lead(&json!({"email": "a@b.com"})).await;
+    let create = client.create_lead(&json!({"email": "a@b.com"}), None).await;
     assert!(
         matches!(create, Err(Failure::Misdirected { status: 302, .. })),
         "{create:?}"
@@ -179,7 +179,7 @@ async fn huge_search_answer_is_a_transient_failure() {
     .await;
     let client = client_for(&raw.url);
     let started = Instant::now();
-    let search = client.search_leads(LeadField::Email, "a@b.com").await;
+    let search = client.search_leads(LeadField::Email, "a@b.com", None).await;
     assert!(
         matches!(search, Err(Failure::Transient { .. })),
         "{search:?}"
@@ -193,7 +193,7 @@ async fn huge_search_answer_is_a_transient_failure() {
     // A search answer that is not JSON at all is transient too.
     let bad = RawHub::start(|_| RawAnswer::json(200, "<html>oops</html>")).await;
     let search = client_for(&bad.url)
-        .search_leads(LeadField::Email, "a@b.com")
+        .search_leads(LeadField::Email, "a@b.com", None)
         .await;
     assert!(
         matches!(search, Err(Failure::Transient { .. })),

@@ -25,3 +25,4 @@ mod robustness;
 mod search;
 mod senders_bodies;
 mod senders_schemes;
+mod traces;

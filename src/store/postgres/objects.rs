@@ -144,7 +144,8 @@ pub(super) async fn claim(
             .await?;
         }
         let e = sqlx::query(
-            "SELECT source, event_id, raw_body, body, content_type, request_headers, request_query
+            "SELECT source, event_id, raw_body, body, content_type, request_headers, request_query,
+                    trace_context
              FROM events WHERE id = $1",
         )
         .bind(pk)
@@ -160,6 +161,7 @@ pub(super) async fn claim(
             attempts: attempts + i64::from(lost),
             first_at: r.try_get("first_at")?,
             lost,
+            trace: e.try_get("trace_context")?,
         });
     }
     Ok(jobs)

@@ -12,8 +12,8 @@ use crate::store::{
 
 const INSERT_EVENT: &str = "INSERT INTO events
     (source, event_id, event_type, received_at, object_id, state, reason, body, raw_body,
-     content_type, request_headers, request_query, resolve_due, resolve_first)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, '', ?8, ?9, ?10, ?11, ?12, ?4)
+     content_type, request_headers, request_query, resolve_due, resolve_first, trace_context)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, '', ?8, ?9, ?10, ?11, ?12, ?4, ?13)
     ON CONFLICT (source, event_id) DO NOTHING";
 
 /// A pair that does not exist yet; one that does is found by `FIND_PAIR` (no write).
@@ -55,6 +55,7 @@ pub(super) fn insert(db: &Connection, events: &[NewEvent]) -> Result<Vec<IngestO
             StoredRequest::map_text(&e.request.headers),
             StoredRequest::map_text(&e.request.query),
             resolve_due,
+            e.trace,
         ])?;
         if inserted == 0 {
             out.push(IngestOutcome::Duplicate);

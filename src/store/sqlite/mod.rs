@@ -122,13 +122,14 @@ const CLAIM_RESOLVES: &str = "UPDATE events SET resolve_locked_until = ?1, resol
     WHERE id IN (SELECT id FROM events WHERE resolve_due IS NOT NULL AND resolve_due <= ?3
                  AND resolve_locked_until <= ?3 ORDER BY resolve_due LIMIT ?4)
     RETURNING id, source, event_id, raw_body, body, content_type, request_headers, request_query,
-              resolve_attempts, resolve_first";
+              resolve_attempts, resolve_first, trace_context";
 
-/// `(source, event_id)` of the events a link serves, oldest first. Each event is looked up by
-/// primary key.
+/// `(source, event_id, trace_context)` of the events a link serves, oldest first. Each event is
+/// looked up by primary key.
 const EVENT_KEYS_OF_LINK: &str = "SELECT
        (SELECT e.source FROM events e WHERE e.id = el.event_pk),
-       (SELECT e.event_id FROM events e WHERE e.id = el.event_pk)
+       (SELECT e.event_id FROM events e WHERE e.id = el.event_pk),
+       (SELECT e.trace_context FROM events e WHERE e.id = el.event_pk)
      FROM event_links el WHERE el.link_id = ?1 ORDER BY el.event_pk";
 
 /// Creates the pair, or finds it, and says in which state it is.
@@ -552,6 +553,7 @@ impl Store for SqliteStore {
                         attempts: r.get(3)?,
                         first_queued_at: r.get(4)?,
                         events: Vec::new(),
+                        trace: None,
                     })
                 })?;
                 Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -566,8 +568,14 @@ impl Store for SqliteStore {
             let mut jobs = jobs;
             let mut st = db.prepare_cached(EVENT_KEYS_OF_LINK)?;
             for job in &mut jobs {
-                let keys = st.query_map(params![job.link_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                job.events = keys.collect::<rusqlite::Result<_>>()?;
+                let keys = st.query_map(params![job.link_id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get::<_, Option<String>>(2)?))
+                })?;
+                for key in keys {
+                    let (source, event_id, trace) = key?;
+                    job.events.push((source, event_id));
+                    job.trace = job.trace.take().or(trace);
+                }
             }
             Ok(jobs)
         })
@@ -671,6 +679,7 @@ impl Store for SqliteStore {
                         request: request_at(r, 3)?,
                         attempts: r.get(8)?,
                         first_at: r.get(9)?,
+                        trace: r.get(10)?,
                     })
                 })?;
                 Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -885,13 +894,14 @@ impl Store for SqliteStore {
                 let tx = conn.transaction()?;
                 let row = tx
                     .prepare_cached(&format!(
-                        "SELECT {SUMMARY_COLUMNS}, {REQUEST_COLUMNS}, body_removed_at FROM events WHERE id = ?1"
+                        "SELECT {SUMMARY_COLUMNS}, {REQUEST_COLUMNS}, body_removed_at, trace_context
+                         FROM events WHERE id = ?1"
                     ))?
                     .query_row(params![pk], |r| {
-                        Ok((summary(r)?, request_at(r, 8)?, r.get(13)?))
+                        Ok((summary(r)?, request_at(r, 8)?, r.get(13)?, r.get(14)?))
                     })
                     .optional()?;
-                let Some((summary, body, body_removed_at)) = row else {
+                let Some((summary, body, body_removed_at, trace)) = row else {
                     return Ok(None);
                 };
                 // One row more than the page, to know whether another page follows.
@@ -951,6 +961,7 @@ impl Store for SqliteStore {
                     summary,
                     request: body,
                     body_removed_at,
+                    trace,
                     object,
                     links,
                     more_links_after,

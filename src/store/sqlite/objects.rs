@@ -119,13 +119,15 @@ pub(super) fn claim(
             )?
             .execute(params![pk, LOST_ANSWER])?;
         }
-        let (source, event_id, request): (String, String, crate::store::StoredRequest) = db
+        type Row = (String, String, crate::store::StoredRequest, Option<String>);
+        let (source, event_id, request, trace): Row = db
             .prepare_cached(
-                "SELECT source, event_id, raw_body, body, content_type, request_headers, request_query
+                "SELECT source, event_id, raw_body, body, content_type, request_headers, request_query,
+                        trace_context
                  FROM events WHERE id = ?1",
             )?
             .query_row(params![pk], |r| {
-                Ok((r.get(0)?, r.get(1)?, super::request_at(r, 2)?))
+                Ok((r.get(0)?, r.get(1)?, super::request_at(r, 2)?, r.get(7)?))
             })?;
         jobs.push(ObjectJob {
             event_pk: EventPk(pk),
@@ -137,6 +139,7 @@ pub(super) fn claim(
             attempts: attempts + i64::from(lost),
             first_at,
             lost,
+            trace,
         });
     }
     Ok(jobs)

@@ -15,6 +15,7 @@ fn event(n: usize) -> NewEvent {
         )),
         object_id: Some(format!("obj-{n}").into()),
         plan: Plan::Links(vec![format!("lead-{n}").into()]),
+        trace: None,
     }
 }
 
