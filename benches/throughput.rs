@@ -984,6 +984,17 @@ fn rss_kb(pid: u32) -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// CPU seconds (user + system) `pid` has used: what a request costs, whatever the disk and the
+/// other processes on the machine make it wait.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 /// Samples the RSS of `pid` every 50 ms until told to stop; answers the largest sample.
 fn rss_sampler(
     pid: u32,
@@ -1136,33 +1147,21 @@ async fn phase_ingest(
             per_conn,
         )
         .await?;
-        let mut form = None;
-        let mut ed = None;
+        // The same events as form bodies, then signed v1a (Ed25519) for `erp-ed`.
+        let mut legs: Vec<(&str, Load)> = Vec::new();
         if current {
-            eprintln!(
-                "bench: {b}: POST /webhooks/erp as forms, {} connections, closed loop",
-                o.connections
-            );
-            let form_signer = Arc::new(
-                Signer::new(v, svc.addr, &format!("{}f{}", env.run_id, env.next()), 3_000_000_000)
-                    .forms(),
-            );
-            form = Some(
-                closed_loop(svc.addr, o.connections, o.warm(), o.dur(), Work::Ingest(form_signer), 202, per_conn)
-                    .await?,
-            );
-            eprintln!(
-                "bench: {b}: POST /webhooks/erp-ed signed v1a (Ed25519), {} connections, closed loop",
-                o.connections
-            );
-            let ed_signer = Arc::new(
-                Signer::new(v, svc.addr, &format!("{}e{}", env.run_id, env.next()), 5_000_000_000)
-                    .ed25519(),
-            );
-            ed = Some(
-                closed_loop(svc.addr, o.connections, o.warm(), o.dur(), Work::Ingest(ed_signer), 202, per_conn)
-                    .await?,
-            );
+            let kinds: [(&str, &str, u64, fn(Signer) -> Signer); 2] = [
+                ("form-body", "/webhooks/erp as forms", 3_000_000_000, Signer::forms),
+                ("Ed25519 (v1a)", "/webhooks/erp-ed signed v1a (Ed25519)", 5_000_000_000, Signer::ed25519),
+            ];
+            for (what, route, base, kind) in kinds {
+                eprintln!("bench: {b}: POST {route}, {} connections, closed loop", o.connections);
+                let tag = format!("{}{}{}", env.run_id, &what[..1], env.next());
+                let signer = Arc::new(kind(Signer::new(v, svc.addr, &tag, base)));
+                let load = closed_loop(svc.addr, o.connections, o.warm(), o.dur(), Work::Ingest(signer), 202, per_conn)
+                    .await?;
+                legs.push((what, load));
+            }
         }
         let rss = rss_kb(svc.pid()).map(|r| r.1).unwrap_or(0);
         svc.stop();
@@ -1202,17 +1201,15 @@ async fn phase_ingest(
             ),
         ];
         let mut rows = rows;
-        for (what, load) in [("form-body", form), ("Ed25519 (v1a)", ed)] {
-            if let Some(mut l) = load {
-                rows.push(row(
-                    b,
-                    format!("{what} ingest 202/s @{} conns", o.connections),
-                    format!("{} (p50 {}, p99 {}){}", per_s(l.rate()), ms(l.pct(0.50)), ms(l.pct(0.99)), l.problems()),
-                    "-",
-                    format!("{:.2} x JSON ingest", l.rate() / i.rate()),
-                    Some(l.other.is_empty() && l.io_errors == 0),
-                ));
-            }
+        for (what, mut l) in legs {
+            rows.push(row(
+                b,
+                format!("{what} ingest 202/s @{} conns", o.connections),
+                format!("{} (p50 {}, p99 {}){}", per_s(l.rate()), ms(l.pct(0.50)), ms(l.pct(0.99)), l.problems()),
+                "-",
+                format!("{:.2} x JSON ingest", l.rate() / i.rate()),
+                Some(l.other.is_empty() && l.io_errors == 0),
+            ));
         }
         env.note(format!(
             "{b}: service peak RSS after the closed-loop ingest run: {}",
@@ -2392,14 +2389,15 @@ async fn post_all(addr: SocketAddr, signer: Arc<Signer>, n: usize, conns: usize)
     Ok(bad)
 }
 
-/// One ingest round: a fresh database, the binary, JSON webhooks closed loop. Answers (202/s, p99 µs).
+/// One ingest round: a fresh database, the binary, JSON webhooks closed loop. Answers (202/s,
+/// p99 µs, the service's CPU µs per answered webhook).
 async fn versus_ingest(
     env: &Env,
     backend: Backend,
     v: &Verifier,
     bin: &str,
     hub: &StandIn,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, f64)> {
     let o = &env.opts;
     let dir = env.phase_dir(&format!("{}-versus-ingest", backend.name()))?;
     let db = env.fresh_db(backend, &dir).await?;
@@ -2421,6 +2419,7 @@ async fn versus_ingest(
             &format!("{}v{}", env.run_id, env.next()),
             7_000_000_000,
         ));
+        let cpu_before = cpu_seconds(svc.pid()).unwrap_or(f64::NAN);
         let mut l = closed_loop(
             svc.addr,
             o.connections,
@@ -2431,11 +2430,14 @@ async fn versus_ingest(
             per_conn,
         )
         .await?;
+        // Every answered request, warm-up included, against the CPU the whole run took.
+        let answered = l.ok as f64 * (o.seconds + o.warmup) / o.seconds;
+        let cpu_us = (cpu_seconds(svc.pid()).unwrap_or(f64::NAN) - cpu_before) * 1e6 / answered;
         svc.stop();
         if !l.other.is_empty() || l.io_errors > 0 {
             bail!("{bin}: ingest had errors:{}", l.problems());
         }
-        anyhow::Ok((l.rate(), l.pct(0.99)))
+        anyhow::Ok((l.rate(), l.pct(0.99), cpu_us))
     }
     .await;
     env.drop_db(db).await;
@@ -2509,7 +2511,7 @@ async fn phase_versus(
             [(1, &this), (0, &base)]
         }
     };
-    let mut ingest: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+    let mut ingest: [Vec<(f64, f64, f64)>; 2] = [Vec::new(), Vec::new()];
     let mut delivery: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for round in 0..o.versus_rounds {
         for (k, bin) in order(round) {
@@ -2534,6 +2536,8 @@ async fn phase_versus(
     let p99s = |k: usize| ingest[k].iter().map(|r| r.1).collect::<Vec<_>>();
     let (ib, it) = (median(rates(0)), median(rates(1)));
     let (pb, pt) = (median(p99s(0)), median(p99s(1)));
+    let cpus = |k: usize| ingest[k].iter().map(|r| r.2).collect::<Vec<_>>();
+    let (cb, ct) = (median(cpus(0)), median(cpus(1)));
     let (db_, dt) = (median(delivery[0].clone()), median(delivery[1].clone()));
     let name = Path::new(&base).display().to_string();
     env.note(format!("{b}: versus: baseline binary {name}"));
@@ -2563,6 +2567,18 @@ async fn phase_versus(
             "-",
             format!("{:.2} x baseline", pt / pb),
             None,
+        ),
+        row(
+            b,
+            "JSON ingest CPU per webhook (service, user+system), this vs baseline".to_string(),
+            format!(
+                "{ct:.0} µs vs {cb:.0} µs (medians; this: {}; baseline: {})",
+                list(&cpus(1), &|x| format!("{x:.0}")),
+                list(&cpus(0), &|x| format!("{x:.0}"))
+            ),
+            "<= 1.05 x baseline",
+            format!("{:.3} x baseline", ct / cb),
+            Some(ct / cb <= 1.05),
         ),
         row(
             b,

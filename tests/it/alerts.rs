@@ -231,11 +231,7 @@ async fn a_storage_fault_is_announced(b: Backend) {
     assert!(rx.of_kind("dead").is_empty() && rx.of_kind("parked").is_empty());
     // The service recovers by itself, and the notification is counted as sent.
     wait_until("readiness recovers", Duration::from_secs(30), async || {
-        app.client
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
+        app.is_ready().await
     })
     .await;
     app.post_webhook("erp", &erp_event("evt_after", 32, 42))

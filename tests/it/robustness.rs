@@ -80,14 +80,7 @@ async fn storage_fault_then_recovery(backend: Backend) {
     let body: Value = ready.json().await.unwrap();
     assert_ne!(body["checks"]["storage"], "ok", "{body}");
     fault.end().await;
-    wait_until("readiness recovers", TIMEOUT, async || {
-        app.client
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    wait_until("readiness recovers", TIMEOUT, async || app.is_ready().await).await;
     app.post_webhook("erp", &erp_event("after", 5, 6))
         .await
         .expect(202);
@@ -153,14 +146,7 @@ async fn sqlite_ingest_recovers_after_the_disk_was_full() {
     );
     // Room again: readiness recovers by itself, and ingest works without a restart.
     std::fs::remove_file(&filler).unwrap();
-    let recovered = poll(Duration::from_secs(30), async || {
-        app.client
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    let recovered = poll(Duration::from_secs(30), async || app.is_ready().await).await;
     if !recovered {
         let r = app.client.get(app.url("/readyz")).send().await.unwrap();
         panic!(

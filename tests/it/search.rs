@@ -435,9 +435,11 @@ async fn oldest_pending_is_the_age_of_a_stalled_link(b: Backend) {
     // A discarded event's pair waits for nobody: at once, or, when the discard met the pair's
     // call in flight, as soon as that call's outcome is recorded.
     discard(&app, "stalled", None).await;
-    wait_until("the discarded pair stops counting", Duration::from_secs(15), async || {
-        gauge(&app.metrics().await, "sprintlink_oldest_pending_seconds") == 0.0
-    })
+    wait_until(
+        "the discarded pair stops counting",
+        Duration::from_secs(15),
+        async || gauge(&app.metrics().await, "sprintlink_oldest_pending_seconds") == 0.0,
+    )
     .await;
     app.replay("stalled").await;
     app.hub.set_down(false);

@@ -695,6 +695,15 @@ impl TestApp {
         detail
     }
 
+    /// Whether `/readyz` answers 200 now.
+    pub async fn is_ready(&self) -> bool {
+        self.client
+            .get(self.url("/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    }
+
     pub async fn metrics(&self) -> String {
         let r = self
             .client
