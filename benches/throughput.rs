@@ -348,6 +348,10 @@ struct Signer {
     body: BodyKind,
 }
 
+/// An extra ingest leg: its name, the route it posts to (for the log), the first object id,
+/// and how its signer posts.
+type IngestLeg = (&'static str, &'static str, u64, fn(Signer) -> Signer);
+
 /// How a `Signer` posts its events.
 #[derive(Clone)]
 enum BodyKind {
@@ -1150,7 +1154,7 @@ async fn phase_ingest(
         // The same events as form bodies, then signed v1a (Ed25519) for `erp-ed`.
         let mut legs: Vec<(&str, Load)> = Vec::new();
         if current {
-            let kinds: [(&str, &str, u64, fn(Signer) -> Signer); 2] = [
+            let kinds: [IngestLeg; 2] = [
                 ("form-body", "/webhooks/erp as forms", 3_000_000_000, Signer::forms),
                 ("Ed25519 (v1a)", "/webhooks/erp-ed signed v1a (Ed25519)", 5_000_000_000, Signer::ed25519),
             ];
