@@ -1166,7 +1166,10 @@ impl Store for SqliteStore {
         now: Millis,
         limit: i64,
     ) -> Result<u64> {
-        self.write_tx(move |db| retention::remove_bodies(db, delivered_before, now, limit))
+        self.writer
+            .run_background(move |db| {
+                retention::remove_bodies(db, delivered_before, now, limit, retention::STEP_BUDGET)
+            })
             .await
     }
 
@@ -1176,18 +1179,24 @@ impl Store for SqliteStore {
         now: Millis,
         limit: i64,
     ) -> Result<u64> {
-        self.write_tx(move |db| retention::prune_delivered(db, delivered_before, now, limit))
+        self.writer
+            .run_background(move |db| {
+                retention::prune_delivered(db, delivered_before, now, limit, retention::STEP_BUDGET)
+            })
             .await
     }
 
     async fn prune_failed(&self, received_before: Millis, now: Millis, limit: i64) -> Result<u64> {
-        self.write_tx(move |db| retention::prune_failed(db, received_before, now, limit))
+        self.writer
+            .run_background(move |db| {
+                retention::prune_failed(db, received_before, now, limit, retention::STEP_BUDGET)
+            })
             .await
     }
 
     async fn reclaim_space(&self, pages: i64) -> Result<bool> {
         self.writer
-            .run(move |db| retention::reclaim(db, pages))
+            .run_background(move |db| retention::reclaim(db, pages))
             .await
     }
 
