@@ -2193,6 +2193,10 @@ struct PruneRun {
     size_after: u64,
     pruned: f64,
     prune_secs: f64,
+    /// From the last deletion until the file stopped shrinking (incremental vacuum).
+    vacuum_secs: f64,
+    /// The 1-minute load average at the end of the timed window.
+    load: String,
 }
 
 /// One run: `n` delivered events aged past retention, a backlog of links to deliver, then paced
@@ -2271,6 +2275,7 @@ async fn prune_run(env: &Env, backend: Backend, v: &Verifier, prune: bool) -> Re
             ),
         );
         let mut ingest = ingest?;
+        let load = load_average();
         let mut pruned = 0.0;
         if prune {
             let deadline = Instant::now() + Duration::from_secs(600);
@@ -2288,8 +2293,18 @@ async fn prune_run(env: &Env, backend: Backend, v: &Verifier, prune: bool) -> Re
             }
         }
         let prune_secs = started.elapsed().as_secs_f64();
-        // The incremental vacuum runs after the last batch; give it a moment.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // The incremental vacuum runs after the last batch, in short steps: wait until the
+        // database has stopped shrinking for 3 s (at most 10 min), then stop the service.
+        let vacuum_started = Instant::now();
+        let mut last = db_bytes(&db.url).await?;
+        let mut still = 0;
+        while prune && still < 3 && vacuum_started.elapsed() < Duration::from_secs(600) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = db_bytes(&db.url).await?;
+            still = if now < last { 0 } else { still + 1 };
+            last = now.min(last);
+        }
+        let vacuum_secs = vacuum_started.elapsed().as_secs_f64();
         svc.stop();
         let size_after = db_bytes(&db.url).await?;
         anyhow::Ok(PruneRun {
@@ -2300,6 +2315,8 @@ async fn prune_run(env: &Env, backend: Backend, v: &Verifier, prune: bool) -> Re
             size_after,
             pruned,
             prune_secs,
+            vacuum_secs,
+            load,
         })
     }
     .await;
@@ -2322,11 +2339,13 @@ async fn phase_pruning(env: &Env, backend: Backend, v: &Verifier) -> Result<Vec<
             b,
             format!("ingest p99 while {n} delivered events are pruned"),
             format!(
-                "p99 {} with, {} without ({} / {} ingested)",
+                "p99 {} with, {} without ({} / {} ingested; load {} / {})",
                 ms(with.ingest_p99_us),
                 ms(without.ingest_p99_us),
                 per_s(with.ingest_rate),
-                per_s(without.ingest_rate)
+                per_s(without.ingest_rate),
+                with.load,
+                without.load
             ),
             "within 20 %",
             format!("{p99_ratio:.2} x without"),
@@ -2348,9 +2367,10 @@ async fn phase_pruning(env: &Env, backend: Backend, v: &Verifier) -> Result<Vec<
             b,
             format!("pruning {n} delivered events"),
             format!(
-                "{:.0} deleted in {:.1} s; database {} before, {} after ({} without pruning)",
+                "{:.0} deleted in {:.1} s, space back {:.0} s later; database {} before, {} after ({} without pruning)",
                 with.pruned,
                 with.prune_secs,
+                with.vacuum_secs,
                 mb(with.size_before / 1024),
                 mb(with.size_after / 1024),
                 mb(without.size_after / 1024)

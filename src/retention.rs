@@ -1,10 +1,13 @@
 //! Retention (SPEC section 9): a task beside the worker that, every `retention.interval`, blanks
 //! the bodies of delivered events (`retention.bodies`), deletes delivered events
 //! (`retention.delivered`) and dead, parked or discarded ones (`retention.failed`), then gives the freed
-//! space back to the file system (SQLite). It works in batches of `BATCH` events, one short
-//! transaction each, and pauses between them for three times as long as the batch took, so ingest
+//! space back to the file system (SQLite). It works in steps of at most `BATCH` events, one short
+//! transaction each, and pauses between them for three times as long as the step took, so ingest
 //! and delivery keep at least three quarters of the database's time while millions of rows go.
-//! What a deletion keeps so that no guarantee breaks is the store's part (`Store::prune_failed`).
+//! A store may end a step early to keep it short (SQLite stops each after a few milliseconds of
+//! the writer's time), so a rule is done when a step removes nothing, not when one comes back
+//! short. What a deletion keeps so that no guarantee breaks is the store's part
+//! (`Store::prune_failed`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,12 +18,12 @@ use crate::config::RetentionConfig;
 use crate::store::{Millis, Store, StoreError, now_ms};
 use crate::telemetry::Metrics;
 
-/// Events per transaction.
+/// Events per transaction, at most.
 pub const BATCH: i64 = 500;
 /// The shortest pause between two batches.
 const MIN_PAUSE: Duration = Duration::from_millis(20);
-/// Pages (4 KiB) given back to the file system per step of the incremental vacuum: each step
-/// holds the writer while it moves pages, so it is kept short (2 MiB).
+/// Pages (4 KiB) given back to the file system per step of the incremental vacuum, at most
+/// (2 MiB); the store also ends a step once it has held the writer for a few milliseconds.
 const RECLAIM_PAGES: i64 = 512;
 
 /// What one pass removed.
@@ -123,7 +126,7 @@ impl Pruner {
         Ok(pass)
     }
 
-    /// Batches of one rule until a batch comes back short.
+    /// Steps of one rule until one removes nothing.
     async fn drain(
         &self,
         rule: Rule,
@@ -141,7 +144,7 @@ impl Pruner {
             };
             total += n;
             self.metrics.pruned(rule.name(), n);
-            if (n as i64) < BATCH {
+            if n == 0 {
                 break;
             }
             pause(started, shutdown).await;

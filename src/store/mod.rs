@@ -657,21 +657,22 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<(String, String)>>;
     /// Adds many `key -> lead id` rows in one transaction; returns how many rows were given.
     async fn mapping_import(&self, source: &str, rows: &[(String, String)]) -> Result<usize>;
-    /// Retention, one batch: blanks the bodies of at most `limit` events delivered before
+    /// Retention, one step: blanks the bodies of at most `limit` events delivered before
     /// `delivered_before` (marking them `body_removed_at = now`) and the response excerpts of
-    /// their links' attempts; answers how many events.
+    /// their links' attempts; answers how many events. A store may stop short of `limit` to
+    /// keep the step short: only 0 means that none is left.
     async fn remove_bodies(&self, delivered_before: Millis, now: Millis, limit: i64)
     -> Result<u64>;
-    /// Retention, one batch: deletes at most `limit` events delivered before `delivered_before`
-    /// (see `prune`); answers how many.
+    /// Retention, one step: deletes at most `limit` events delivered before `delivered_before`
+    /// (see `prune`); answers how many (only 0 means that none is left, as for `remove_bodies`).
     async fn prune_delivered(
         &self,
         delivered_before: Millis,
         now: Millis,
         limit: i64,
     ) -> Result<u64>;
-    /// Retention, one batch: deletes at most `limit` dead or parked events received before
-    /// `received_before` (see `prune`); answers how many.
+    /// Retention, one step: deletes at most `limit` dead or parked events received before
+    /// `received_before` (see `prune`); answers how many (only 0 means that none is left).
     async fn prune_failed(&self, received_before: Millis, now: Millis, limit: i64) -> Result<u64>;
     /// Gives at most `pages` freed pages back to the file system (SQLite's incremental vacuum;
     /// nothing on PostgreSQL, whose autovacuum reuses the space); answers whether more are left.

@@ -413,6 +413,14 @@ pub(super) async fn migrate_conn(
     Ok(status)
 }
 
+/// A `q` prefix matched by at most this many event ids is searched as a union (see
+/// `list_events`).
+const SMALL_PREFIX: i64 = 1_000;
+
+/// The event ids with a prefix, counted up to `$3` on `events_event_id_c`.
+const COUNT_PREFIX: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM events
+    WHERE event_id COLLATE \"C\" >= $1 AND event_id COLLATE \"C\" < $2 LIMIT $3) s";
+
 /// PostgreSQL for several replicas: claims use `FOR UPDATE SKIP LOCKED`, and the unique
 /// constraints (not in-process locks) keep events and pairs single.
 pub struct PostgresStore {
@@ -1038,23 +1046,37 @@ impl Store for PostgresStore {
         }
         if let Some(q) = &f.q {
             // An id prefix as a byte-order range of `events_event_id_c`, or a lead key through
-            // the mapping table to its leads' links.
-            cond(
-                &mut values,
-                Bound::Text(q.clone()),
-                " AND ((event_id COLLATE \"C\" >= $N",
-            );
+            // the mapping table to its leads' links. Written as an OR, the planner walks the
+            // ids from the newest testing each row (580 ms at 1,000,000 for a prefix of a few
+            // events): fine when the prefix matches many events, since the walk then meets 50
+            // soon. So the prefix is counted first (at most `SMALL_PREFIX` index entries); a
+            // prefix that few match becomes a union of the two id sets, read by index.
+            let few: i64 = sqlx::query_scalar(COUNT_PREFIX)
+                .bind(q)
+                .bind(prefix_end(q))
+                .bind(SMALL_PREFIX + 1)
+                .fetch_one(&self.read)
+                .await?;
+            let (prefix, or) = if few <= SMALL_PREFIX {
+                (
+                    " AND id IN ((SELECT id FROM events WHERE event_id COLLATE \"C\" >= $N",
+                    " UNION ALL (SELECT el.event_pk FROM mappings m JOIN links l ON l.lead_id = m.lead_id
+                   JOIN event_links el ON el.link_id = l.id WHERE m.key IN ($N",
+                )
+            } else {
+                (
+                    " AND ((event_id COLLATE \"C\" >= $N",
+                    " OR id IN (SELECT el.event_pk FROM mappings m JOIN links l ON l.lead_id = m.lead_id
+                   JOIN event_links el ON el.link_id = l.id WHERE m.key IN ($N",
+                )
+            };
+            cond(&mut values, Bound::Text(q.clone()), prefix);
             cond(
                 &mut values,
                 Bound::Text(prefix_end(q)),
                 " AND event_id COLLATE \"C\" < $N)",
             );
-            cond(
-                &mut values,
-                Bound::Text(q.clone()),
-                " OR id IN (SELECT el.event_pk FROM mappings m JOIN links l ON l.lead_id = m.lead_id
-                   JOIN event_links el ON el.link_id = l.id WHERE m.key IN ($N",
-            );
+            cond(&mut values, Bound::Text(q.clone()), or);
             cond(&mut values, Bound::Text(q.to_lowercase()), ", $N)))");
         }
         if let Some(b) = f.before {

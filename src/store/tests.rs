@@ -462,3 +462,92 @@ async fn postgres_pause_and_heartbeats_are_stored() {
     }
     on_pg_pair(|pg, _| pause_and_heartbeats(pg, true)).await;
 }
+
+/// `list_events` picks its query by how many events a time range or an id prefix covers
+/// (SQLite: the received-time index for a small range; PostgreSQL: a union for a rare prefix);
+/// each way it must answer the same newest-first page as the plain definition of the filter.
+async fn search_plans_agree(s: Arc<dyn Store>, _unused: Arc<dyn Store>) {
+    const N: i64 = 12_000;
+    let events: Vec<NewEvent> = (0..N)
+        .map(|i| NewEvent {
+            received_at: 1_000_000 + i,
+            ..linked(&format!("p-{i:05}"), &format!("o{i}"), &["l1"])
+        })
+        .collect();
+    for chunk in events.chunks(500) {
+        s.ingest(chunk).await.unwrap();
+    }
+    let expect = |keep: &dyn Fn(i64) -> bool| -> Vec<String> {
+        (0..N)
+            .rev()
+            .filter(|&i| keep(i))
+            .take(50)
+            .map(|i| format!("p-{i:05}"))
+            .collect()
+    };
+    let page = |f: EventFilter| {
+        let s = s.clone();
+        async move {
+            s.list_events(&EventFilter { limit: 50, ..f })
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.event_id)
+                .collect::<Vec<_>>()
+        }
+    };
+    // 11,000 events: more than a small range.
+    let large = page(EventFilter {
+        until: Some(1_000_000 + 11_000),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(large, expect(&|i| i < 11_000));
+    let small = page(EventFilter {
+        since: Some(1_000_000 + 5_000),
+        until: Some(1_000_000 + 5_100),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(small, expect(&|i| (5_000..5_100).contains(&i)));
+    let small_page_two = page(EventFilter {
+        since: Some(1_000_000 + 5_000),
+        until: Some(1_000_000 + 5_100),
+        before: Some(EventPk(0)),
+        ..Default::default()
+    })
+    .await;
+    assert!(small_page_two.is_empty());
+    // "p-0" is the prefix of 10,000 ids, "p-110" of a hundred.
+    let common = page(EventFilter {
+        q: Some("p-0".into()),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(common, expect(&|i| i < 10_000));
+    let rare = page(EventFilter {
+        q: Some("p-110".into()),
+        state: Some(EventState::Queued),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(rare, expect(&|i| (11_000..11_100).contains(&i)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_search_plans_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = |n: &str| format!("sqlite://{}", dir.path().join(n).display());
+    let a = open(&url("a.db")).await.unwrap();
+    let b = open(&url("b.db")).await.unwrap();
+    search_plans_agree(a, b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_search_plans_agree() {
+    if std::env::var("SPRINTLINK_SKIP_PG").is_ok_and(|v| v == "1") {
+        eprintln!("SPRINTLINK_SKIP_PG=1: skipping");
+        return;
+    }
+    on_pg_pair(search_plans_agree).await;
+}

@@ -39,6 +39,15 @@ const THROTTLE_PAUSE: &str = "INSERT INTO delivery_control (id, reason, paused_u
      WHERE delivery_control.reason IS NULL
         OR (delivery_control.paused_until IS NOT NULL AND delivery_control.paused_until < excluded.paused_until)";
 
+/// A time range of at most this many events is read through `events_received` (see
+/// `list_events`).
+const SMALL_TIME_RANGE: i64 = 10_000;
+
+/// The events of a time range, counted up to `?3`: an index range, a few ms at most.
+const COUNT_TIME_RANGE: &str =
+    "SELECT COUNT(*) FROM (SELECT 1 FROM events INDEXED BY events_received
+    WHERE received_at >= ?1 AND received_at < ?2 LIMIT ?3)";
+
 /// States read from and bound as their text column, so a row struct holds the enum.
 macro_rules! state_column {
     ($ty:ty) => {
@@ -447,6 +456,69 @@ impl SqliteStore {
             .await
     }
 
+    /// The `SELECT` of `list_events` and its parameters.
+    fn list_sql(f: &EventFilter) -> (String, Vec<Value>) {
+        let mut sql = format!("SELECT {SUMMARY_COLUMNS} FROM events WHERE 1 = 1");
+        let mut values: Vec<Value> = Vec::new();
+        let mut cond = |values: &mut Vec<Value>, v: Value, clause: &str| {
+            values.push(v);
+            sql.push_str(&clause.replace("?N", &format!("?{}", values.len())));
+        };
+        if let Some(s) = f.state {
+            cond(
+                &mut values,
+                Value::Text(s.as_str().into()),
+                " AND state = ?N",
+            );
+        }
+        if let Some(s) = &f.source {
+            cond(&mut values, Value::Text(s.clone()), " AND source = ?N");
+        }
+        if let Some(o) = &f.object_id {
+            cond(&mut values, Value::Text(o.clone()), " AND object_id = ?N");
+        }
+        if let Some(l) = &f.lead_id {
+            cond(
+                &mut values,
+                Value::Text(l.clone()),
+                " AND id IN (SELECT el.event_pk FROM links l JOIN event_links el ON el.link_id = l.id
+                   WHERE l.lead_id = ?N)",
+            );
+        }
+        if let Some(t) = f.since {
+            cond(&mut values, Value::Integer(t), " AND received_at >= ?N");
+        }
+        if let Some(t) = f.until {
+            cond(&mut values, Value::Integer(t), " AND received_at < ?N");
+        }
+        if let Some(q) = &f.q {
+            // An id prefix as a range of the (event_id, source) index, or a lead key through
+            // the mapping table to its leads' links.
+            cond(&mut values, Value::Text(q.clone()), " AND ((event_id >= ?N");
+            cond(
+                &mut values,
+                Value::Text(prefix_end(q)),
+                " AND event_id < ?N)",
+            );
+            cond(
+                &mut values,
+                Value::Text(q.clone()),
+                " OR id IN (SELECT el.event_pk FROM mappings m JOIN links l ON l.lead_id = m.lead_id
+                   JOIN event_links el ON el.link_id = l.id WHERE m.key IN (?N",
+            );
+            cond(&mut values, Value::Text(q.to_lowercase()), ", ?N)))");
+        }
+        if let Some(b) = f.before {
+            cond(&mut values, Value::Integer(b.0), " AND id < ?N");
+        }
+        cond(
+            &mut values,
+            Value::Integer(f.limit),
+            " ORDER BY id DESC LIMIT ?N",
+        );
+        (sql, values)
+    }
+
     async fn read<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
@@ -803,67 +875,43 @@ impl Store for SqliteStore {
             .await
     }
 
+    /// Newest first, by id. SQLite keeps no statistics, so for a time range it would always
+    /// walk the ids from the newest, reading every newer event before the range (341 ms for
+    /// the oldest second of 1,000,000). So a time range without a more selective filter is
+    /// first counted on `events_received`, up to `SMALL_TIME_RANGE` entries; a range that
+    /// small is read through that index and sorted (a few ms), a larger one by the id walk,
+    /// which then meets matches soon unless the range is large and far in the past.
     async fn list_events(&self, f: &EventFilter) -> Result<Vec<EventSummary>> {
-        let mut sql = format!("SELECT {SUMMARY_COLUMNS} FROM events WHERE 1 = 1");
-        let mut values: Vec<Value> = Vec::new();
-        let mut cond = |values: &mut Vec<Value>, v: Value, clause: &str| {
-            values.push(v);
-            sql.push_str(&clause.replace("?N", &format!("?{}", values.len())));
-        };
-        if let Some(s) = f.state {
-            cond(
-                &mut values,
-                Value::Text(s.as_str().into()),
-                " AND state = ?N",
-            );
-        }
-        if let Some(s) = &f.source {
-            cond(&mut values, Value::Text(s.clone()), " AND source = ?N");
-        }
-        if let Some(o) = &f.object_id {
-            cond(&mut values, Value::Text(o.clone()), " AND object_id = ?N");
-        }
-        if let Some(l) = &f.lead_id {
-            cond(
-                &mut values,
-                Value::Text(l.clone()),
-                " AND id IN (SELECT el.event_pk FROM links l JOIN event_links el ON el.link_id = l.id
-                   WHERE l.lead_id = ?N)",
-            );
-        }
-        if let Some(t) = f.since {
-            cond(&mut values, Value::Integer(t), " AND received_at >= ?N");
-        }
-        if let Some(t) = f.until {
-            cond(&mut values, Value::Integer(t), " AND received_at < ?N");
-        }
-        if let Some(q) = &f.q {
-            // An id prefix as a range of the (event_id, source) index, or a lead key through
-            // the mapping table to its leads' links.
-            cond(&mut values, Value::Text(q.clone()), " AND ((event_id >= ?N");
-            cond(
-                &mut values,
-                Value::Text(prefix_end(q)),
-                " AND event_id < ?N)",
-            );
-            cond(
-                &mut values,
-                Value::Text(q.clone()),
-                " OR id IN (SELECT el.event_pk FROM mappings m JOIN links l ON l.lead_id = m.lead_id
-                   JOIN event_links el ON el.link_id = l.id WHERE m.key IN (?N",
-            );
-            cond(&mut values, Value::Text(q.to_lowercase()), ", ?N)))");
-        }
-        if let Some(b) = f.before {
-            cond(&mut values, Value::Integer(b.0), " AND id < ?N");
-        }
-        cond(
-            &mut values,
-            Value::Integer(f.limit),
-            " ORDER BY id DESC LIMIT ?N",
+        let time_range = (f.since.is_some() || f.until.is_some())
+            && f.object_id.is_none()
+            && f.lead_id.is_none()
+            && f.q.is_none();
+        let range = (
+            f.since.unwrap_or(Millis::MIN),
+            f.until.unwrap_or(Millis::MAX),
         );
-        self.read(move |db| summaries(db, &sql, rusqlite::params_from_iter(values)))
-            .await
+        let (sql, values) = Self::list_sql(f);
+        self.read(move |db| {
+            let indexed = time_range && {
+                let n: i64 = db
+                    .prepare_cached(COUNT_TIME_RANGE)?
+                    .query_row(params![range.0, range.1, SMALL_TIME_RANGE + 1], |r| {
+                        r.get(0)
+                    })?;
+                n <= SMALL_TIME_RANGE
+            };
+            let sql = if indexed {
+                sql.replacen(
+                    "FROM events WHERE",
+                    "FROM events INDEXED BY events_received WHERE",
+                    1,
+                )
+            } else {
+                sql
+            };
+            summaries(db, &sql, rusqlite::params_from_iter(values))
+        })
+        .await
     }
 
     async fn find_events(&self, event_id: &str, source: Option<&str>) -> Result<Vec<EventSummary>> {
@@ -1213,7 +1261,10 @@ impl Store for SqliteStore {
         now: Millis,
         limit: i64,
     ) -> Result<u64> {
-        self.write_tx(move |db| retention::remove_bodies(db, delivered_before, now, limit))
+        self.writer
+            .run_background(move |db| {
+                retention::remove_bodies(db, delivered_before, now, limit, retention::STEP_BUDGET)
+            })
             .await
     }
 
@@ -1223,18 +1274,24 @@ impl Store for SqliteStore {
         now: Millis,
         limit: i64,
     ) -> Result<u64> {
-        self.write_tx(move |db| retention::prune_delivered(db, delivered_before, now, limit))
+        self.writer
+            .run_background(move |db| {
+                retention::prune_delivered(db, delivered_before, now, limit, retention::STEP_BUDGET)
+            })
             .await
     }
 
     async fn prune_failed(&self, received_before: Millis, now: Millis, limit: i64) -> Result<u64> {
-        self.write_tx(move |db| retention::prune_failed(db, received_before, now, limit))
+        self.writer
+            .run_background(move |db| {
+                retention::prune_failed(db, received_before, now, limit, retention::STEP_BUDGET)
+            })
             .await
     }
 
     async fn reclaim_space(&self, pages: i64) -> Result<bool> {
         self.writer
-            .run(move |db| retention::reclaim(db, pages))
+            .run_background(move |db| retention::reclaim(db, pages))
             .await
     }
 

@@ -138,3 +138,204 @@ fn store_path(store: &SqliteStore) -> std::path::PathBuf {
         Target::Memory(_) => unreachable!("a file database"),
     }
 }
+
+async fn temp_store() -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("w.db").display());
+    let store = SqliteStore::open(&url).await.unwrap();
+    (dir, store)
+}
+
+/// A background job (retention) queued behind a busy writer waits for the jobs queued after it:
+/// a group commit never waits for a prune step that was asked for first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_job_waits_for_the_queued_jobs() {
+    let (_dir, store) = temp_store().await;
+    let store = Arc::new(store);
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mark = |order: &Arc<std::sync::Mutex<Vec<String>>>, what: String| {
+        order.lock().unwrap().push(what);
+    };
+    let busy = {
+        let (store, order) = (store.clone(), order.clone());
+        tokio::spawn(async move {
+            store
+                .writer
+                .run(move |_| {
+                    std::thread::sleep(Duration::from_millis(300));
+                    mark(&order, "busy".into());
+                    Ok(())
+                })
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let background = {
+        let (store, order) = (store.clone(), order.clone());
+        tokio::spawn(async move {
+            store
+                .writer
+                .run_background(move |_| {
+                    mark(&order, "background".into());
+                    Ok(())
+                })
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut commits = Vec::new();
+    for i in 0..3 {
+        let (store, order) = (store.clone(), order.clone());
+        commits.push(tokio::spawn(async move {
+            store
+                .writer
+                .run(move |_| {
+                    mark(&order, format!("commit {i}"));
+                    Ok(())
+                })
+                .await
+        }));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    busy.await.unwrap().unwrap();
+    background.await.unwrap().unwrap();
+    for c in commits {
+        c.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        *order.lock().unwrap(),
+        ["busy", "commit 0", "commit 1", "commit 2", "background"]
+    );
+    store.close_writer().await.unwrap();
+}
+
+/// Under a load that never lets the writer's queue empty, a background job still runs, after
+/// about `BACKGROUND_MAX_WAIT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_job_is_not_starved_by_a_full_queue() {
+    let (_dir, store) = temp_store().await;
+    let store = Arc::new(store);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (store, stop) = (store.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                store
+                    .writer
+                    .run(|_| {
+                        std::thread::sleep(Duration::from_millis(5));
+                        Ok(())
+                    })
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    let ran = tokio::time::timeout(
+        writer::BACKGROUND_MAX_WAIT * 3,
+        store.writer.run_background(|_| Ok(())),
+    )
+    .await;
+    let waited = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    ran.expect("the background job never ran under load")
+        .unwrap();
+    assert!(
+        waited >= writer::BACKGROUND_MAX_WAIT - Duration::from_millis(50),
+        "it ran after {waited:?}, while the queue was never empty"
+    );
+    store.close_writer().await.unwrap();
+}
+
+/// A background job commits with `synchronous = NORMAL`; every other job, also after a
+/// background job that failed, runs with `FULL` again (an acknowledged event is fsync'd).
+#[tokio::test]
+async fn the_writer_is_back_to_full_sync_after_a_background_job() {
+    let (_dir, store) = temp_store().await;
+    let sync = |db: &Connection| -> Result<i64> {
+        Ok(db.query_row("PRAGMA synchronous", [], |r| r.get(0))?)
+    };
+    assert_eq!(
+        store
+            .writer
+            .run_background(move |db| sync(db))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.writer.run(move |db| sync(db)).await.unwrap(), 2);
+    let failed = store
+        .writer
+        .run_background(|db| -> Result<()> {
+            db.execute_batch("CREATE TABLE scratch (x INTEGER)")?;
+            Err(StoreError::broken("a failing step"))
+        })
+        .await;
+    assert!(failed.is_err());
+    assert_eq!(store.writer.run(move |db| sync(db)).await.unwrap(), 2);
+    let kept: i64 = store
+        .writer
+        .run(|db| {
+            Ok(db.query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'scratch'",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+        .unwrap();
+    assert_eq!(kept, 0, "the failed step was rolled back");
+    store.close_writer().await.unwrap();
+}
+
+/// One prune step holds the writer for about its time budget, whatever its limit: with no
+/// time to spare it deletes one event (never none, so pruning always moves), with time enough
+/// its whole limit; steps until one removes nothing delete them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_step_stops_at_its_time_budget() {
+    let (_dir, store) = temp_store().await;
+    for b in 0..4 {
+        let events: Vec<NewEvent> = (0..500).map(|i| event(b * 500 + i)).collect();
+        store.ingest(&events).await.unwrap();
+    }
+    store
+        .write_tx(|db| {
+            db.execute_batch(
+                "UPDATE links SET state = 'linked', due_at = NULL;
+                 UPDATE events SET state = 'delivered';",
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let step = |budget: Duration| {
+        store.writer.run_background(move |db| {
+            retention::prune_delivered(db, now_ms() + 1_000, now_ms(), 500, budget)
+        })
+    };
+    assert_eq!(step(Duration::ZERO).await.unwrap(), 1);
+    assert_eq!(step(Duration::ZERO).await.unwrap(), 1);
+    assert_eq!(step(Duration::from_secs(3600)).await.unwrap(), 500);
+    let mut total = 502;
+    while let n @ 1.. = store
+        .prune_delivered(now_ms() + 1_000, now_ms(), 500)
+        .await
+        .unwrap()
+    {
+        total += n;
+    }
+    assert_eq!(total, 2_000);
+    let left: i64 = store
+        .writer
+        .run(|db| Ok(db.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))?))
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    store.close_writer().await.unwrap();
+}

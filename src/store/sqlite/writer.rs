@@ -6,13 +6,20 @@
 //! runs: an open transaction is rolled back, and a connection that cannot roll back, or that
 //! reports a broken database (I/O error, corruption), is replaced by a fresh one. So a COMMIT
 //! refused for a full disk never leaves the writer stuck inside a transaction.
+//!
+//! Background work (retention) goes through a second lane, `run_background`: such a job runs
+//! only when no other job is queued (or once it has waited `BACKGROUND_MAX_WAIT`, so it is never
+//! starved for good), so a group commit never queues behind a prune step; and it commits
+//! without an fsync of its own (see `run_background`).
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, ErrorCode};
+use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 use tokio::sync::{mpsc, oneshot};
 
 use super::Target;
@@ -25,7 +32,18 @@ pub(super) const WRITER_WAIT: Duration = Duration::from_secs(5);
 /// Jobs waiting for the writer; a caller finding it full waits (within `WRITER_WAIT`).
 const QUEUE: usize = 1024;
 
+/// Background jobs waiting for an idle writer: only retention submits them, one at a time per
+/// pruner, so a handful is plenty; a caller finding it full is told `Timeout`.
+const BACKGROUND_QUEUE: usize = 8;
+
+/// The longest a background job waits for an idle writer before it runs between two other
+/// jobs anyway: under a load that never lets the queue empty, retention still moves.
+pub(super) const BACKGROUND_MAX_WAIT: Duration = Duration::from_secs(1);
+
 type Job = Box<dyn FnOnce(&mut Writer) + Send>;
+
+/// The background lane: jobs with the time they were queued.
+type Background = Arc<Mutex<VecDeque<(Instant, Job)>>>;
 
 /// What the writer thread owns: its connection (none after a reopen failed; the next job tries
 /// again) and how to open another.
@@ -112,6 +130,17 @@ fn reports_broken_database(e: &StoreError) -> bool {
 pub(super) struct WriterHandle {
     tx: std::sync::Mutex<Option<mpsc::Sender<Job>>>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<Result<()>>>>,
+    background: Background,
+}
+
+/// The oldest background job, if there is one and (given `waited`) it has waited that long.
+fn next_background(lane: &Background, waited: Option<Duration>) -> Option<Job> {
+    let mut lane = lane.lock().ok()?;
+    let (queued, _) = lane.front()?;
+    if waited.is_some_and(|w| queued.elapsed() < w) {
+        return None;
+    }
+    lane.pop_front().map(|(_, job)| job)
 }
 
 impl WriterHandle {
@@ -122,15 +151,41 @@ impl WriterHandle {
             conn: Some(conn),
             target,
         };
+        let background: Background = Arc::default();
+        let lane = background.clone();
         let thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || {
-                // Ends once every sender is gone, after the jobs already queued.
-                while let Some(job) = rx.blocking_recv() {
-                    if std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut writer))).is_err() {
+                let run = |writer: &mut Writer, job: Job| {
+                    if std::panic::catch_unwind(AssertUnwindSafe(|| job(writer))).is_err() {
                         tracing::error!("a database write panicked");
                         writer.recover(None);
                     }
+                };
+                // Ends once every sender is gone, after the jobs already queued (background
+                // jobs still waiting are dropped: their callers hear `Closed`).
+                loop {
+                    let job = match rx.try_recv() {
+                        Ok(job) => job,
+                        Err(TryRecvError::Disconnected) => break,
+                        Err(TryRecvError::Empty) => match next_background(&lane, None) {
+                            Some(job) => job,
+                            None => match rx.blocking_recv() {
+                                Some(job) => job,
+                                None => break,
+                            },
+                        },
+                    };
+                    run(&mut writer, job);
+                    if let Some(starved) = next_background(&lane, Some(BACKGROUND_MAX_WAIT)) {
+                        run(&mut writer, starved);
+                    }
+                }
+                // The receiver goes first: a job put in the lane after this finds the channel
+                // closed and takes it out again itself (`run_background`).
+                drop(rx);
+                if let Ok(mut lane) = lane.lock() {
+                    lane.clear();
                 }
                 writer.close()
             })
@@ -138,7 +193,73 @@ impl WriterHandle {
         Ok(WriterHandle {
             tx: std::sync::Mutex::new(Some(tx)),
             thread: std::sync::Mutex::new(Some(thread)),
+            background,
         })
+    }
+
+    /// Runs `f` like `run`, but only when no other job is queued (or once it has waited
+    /// `BACKGROUND_MAX_WAIT`), inside `BEGIN IMMEDIATE` ... `COMMIT` with `synchronous = NORMAL`:
+    /// its commit is not fsync'd by itself, the next ordinary commit's fsync of the log covers
+    /// it. So it must only be work whose loss in a power cut is harmless because it is done
+    /// again (retention: the rows come back and the next pass deletes them); the log stays
+    /// consistent either way (a torn tail is discarded at recovery). `synchronous = FULL` is
+    /// back before any other job runs, or the connection is replaced.
+    pub(super) async fn run_background<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (job, _state, answer) = job(move |conn: &mut Connection| {
+            conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+            let out = (|| {
+                let tx =
+                    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let out = f(&tx)?;
+                tx.commit()?;
+                Ok(out)
+            })();
+            if !conn.is_autocommit() {
+                // Rolled back here, not in `recover`, so that FULL is restored after it.
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            conn.execute_batch("PRAGMA synchronous = FULL")?;
+            out
+        });
+        // Restoring FULL is checked: a connection left in NORMAL would acknowledge events
+        // without an fsync, so one that refuses is dropped (the next job opens a fresh one).
+        let job: Job = Box::new(move |w: &mut Writer| {
+            job(w);
+            let full = w.conn.as_ref().and_then(|c| {
+                c.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))
+                    .ok()
+            });
+            if w.conn.is_some() && full != Some(2) {
+                tracing::warn!(
+                    "the database writer did not return to synchronous = FULL; reopening it"
+                );
+                w.conn = None;
+            }
+        });
+        let sender = self.sender()?;
+        {
+            let mut lane = self.background.lock().map_err(|_| StoreError::Closed)?;
+            if lane.len() >= BACKGROUND_QUEUE {
+                return Err(StoreError::Timeout(Cause::msg(
+                    "the database writer's background lane is full",
+                )));
+            }
+            lane.push_back((Instant::now(), job));
+        }
+        // Wakes a writer blocked waiting for jobs; when the queue is full the writer is busy and
+        // looks at the background lane as soon as it has drained it.
+        if let Err(TrySendError::Closed(_)) = sender.try_send(Box::new(|_: &mut Writer| {})) {
+            if let Ok(mut lane) = self.background.lock() {
+                lane.clear();
+            }
+            return Err(StoreError::Closed);
+        }
+        drop(sender);
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     /// A sender for jobs, unless the writer is closed.
