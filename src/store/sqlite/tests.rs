@@ -92,16 +92,7 @@ async fn pruned_pages_go_back_to_the_file_system() {
         let events: Vec<NewEvent> = (0..50).map(|i| event(b * 50 + i)).collect();
         store.ingest(&events).await.unwrap();
     }
-    store
-        .write_tx(|db| {
-            db.execute_batch(
-                "UPDATE links SET state = 'linked', due_at = NULL;
-                 UPDATE events SET state = 'delivered';",
-            )?;
-            Ok(())
-        })
-        .await
-        .unwrap();
+    mark_all_delivered(&store).await;
     let pages = |store: &SqliteStore| {
         let c = Connection::open(store_path(store)).unwrap();
         let n: (i64, i64) = c
@@ -304,16 +295,7 @@ async fn a_prune_step_stops_at_its_time_budget() {
         let events: Vec<NewEvent> = (0..500).map(|i| event(b * 500 + i)).collect();
         store.ingest(&events).await.unwrap();
     }
-    store
-        .write_tx(|db| {
-            db.execute_batch(
-                "UPDATE links SET state = 'linked', due_at = NULL;
-                 UPDATE events SET state = 'delivered';",
-            )?;
-            Ok(())
-        })
-        .await
-        .unwrap();
+    mark_all_delivered(&store).await;
     let step = |budget: Duration| {
         store.writer.run_background(move |db| {
             retention::prune_delivered(db, now_ms() + 1_000, now_ms(), 500, budget)
@@ -338,4 +320,18 @@ async fn a_prune_step_stops_at_its_time_budget() {
         .unwrap();
     assert_eq!(left, 0);
     store.close_writer().await.unwrap();
+}
+
+/// Every pair linked and every event delivered, as if the worker had run.
+async fn mark_all_delivered(store: &SqliteStore) {
+    store
+        .write_tx(|db| {
+            db.execute_batch(
+                "UPDATE links SET state = 'linked', due_at = NULL;
+                 UPDATE events SET state = 'delivered';",
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
 }
