@@ -1500,6 +1500,20 @@ async fn bulk_action(
     ))
 }
 
+/// A mapping form (`form_post`) and the configured source its `source` field names.
+async fn mapping_form<'a>(
+    state: &'a AppState,
+    headers: &HeaderMap,
+    uri: &Uri,
+    peer: Peer,
+    body: Body,
+) -> Result<(Vec<(String, String)>, &'a crate::config::SourceConfig), Response> {
+    let fields = form_post(state, headers, uri, peer, body).await?;
+    let src = admin::known_source(state, field(&fields, "source").unwrap_or(""))
+        .map_err(IntoResponse::into_response)?;
+    Ok((fields, src))
+}
+
 /// A form POST of a signed-in operator: checked same-origin, read (8 KiB at most) and its CSRF
 /// token verified, in that order; or the answer that refuses it.
 async fn form_post(
@@ -1715,13 +1729,9 @@ async fn mapping_set(
     uri: Uri,
     body: Body,
 ) -> Response {
-    let fields = match form_post(&state, &headers, &uri, peer, body).await {
+    let (fields, src) = match mapping_form(&state, &headers, &uri, peer, body).await {
         Ok(f) => f,
         Err(r) => return r,
-    };
-    let src = match admin::known_source(&state, field(&fields, "source").unwrap_or("")) {
-        Ok(s) => s,
-        Err(e) => return e.into_response(),
     };
     let key = field(&fields, "key").map(str::trim).unwrap_or("");
     let ids: Option<Vec<String>> = field(&fields, "lead_ids")
@@ -1769,13 +1779,9 @@ async fn mapping_delete(
     uri: Uri,
     body: Body,
 ) -> Response {
-    let fields = match form_post(&state, &headers, &uri, peer, body).await {
+    let (fields, src) = match mapping_form(&state, &headers, &uri, peer, body).await {
         Ok(f) => f,
         Err(r) => return r,
-    };
-    let src = match admin::known_source(&state, field(&fields, "source").unwrap_or("")) {
-        Ok(s) => s,
-        Err(e) => return e.into_response(),
     };
     let key = admin::mapping_key(src, field(&fields, "key").unwrap_or("").trim());
     if let Err(e) = state.store.mapping_delete(&src.name, &key).await {

@@ -83,11 +83,18 @@ pub async fn webhook(
         query: query.as_deref(),
     };
     // The request's span: a child of the sender's when it sent one valid `traceparent`.
-    let mut span = state.tracer.child_span(
-        "POST /webhooks/{source}",
-        SpanKind::Server,
-        incoming_trace(&headers),
-    );
+    // With tracing off, the `traceparent` header is not even read.
+    let mut span = state
+        .tracer
+        .enabled()
+        .then(|| {
+            state.tracer.child_span(
+                "POST /webhooks/{source}",
+                SpanKind::Server,
+                incoming_trace(&headers),
+            )
+        })
+        .flatten();
     let mut event_id = None;
     let trace = span.as_ref().map(|s| s.context());
     let (outcome, response, code) = match accept(

@@ -325,6 +325,30 @@ impl Replica {
     }
 }
 
+/// `n` replicas of one deployment on `db_url`, and their base URLs.
+async fn spawn_fleet(
+    n: usize,
+    dir: &Path,
+    db_url: &str,
+    hub: &StandIn,
+    limits: &Limits,
+) -> (Vec<Replica>, Vec<String>) {
+    let mut replicas = Vec::new();
+    for _ in 0..n {
+        replicas.push(Replica::spawn(dir, db_url, hub, limits).await);
+    }
+    let bases = replicas.iter().map(|r| r.base.clone()).collect();
+    (replicas, bases)
+}
+
+/// Events `0..count` posted round-robin while delivery is paused, then 3 s for the replicas to
+/// settle their shares: every replica starts on the backlog together once it is resumed.
+async fn backlog_while_paused(replicas: &[Replica], bases: &[String], count: u64) {
+    replicas[0].pause().await;
+    post(bases, 0, count).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+}
+
 /// Posts events `from..from + count` (object id = n, lead 7) round-robin to `bases`; returns
 /// when each got its 202, with the moment of each answer.
 async fn post(bases: &[String], from: u64, count: u64) -> Vec<(u64, Instant)> {
@@ -394,16 +418,9 @@ async fn three_replicas_hold_the_deployment_rate_and_use_it() {
         concurrency: 8,
         lease_seconds: 6,
     };
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        replicas.push(Replica::spawn(dir.path(), &db.url, &hub, &limits).await);
-    }
-    let bases: Vec<String> = replicas.iter().map(|r| r.base.clone()).collect();
-    // A backlog builds while delivery is paused; the replicas settle their shares meanwhile.
-    replicas[0].pause().await;
+    let (mut replicas, bases) = spawn_fleet(3, dir.path(), &db.url, &hub, &limits).await;
     let backlog = 250;
-    post(&bases, 0, backlog).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    backlog_while_paused(&replicas, &bases, backlog).await;
     let d = replicas[1]
         .admin(reqwest::Method::GET, "/admin/delivery")
         .await;
@@ -473,14 +490,8 @@ async fn concurrency_two_holds_across_three_replicas() {
         concurrency: 2,
         lease_seconds: 6,
     };
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        replicas.push(Replica::spawn(dir.path(), &db.url, &hub, &limits).await);
-    }
-    let bases: Vec<String> = replicas.iter().map(|r| r.base.clone()).collect();
-    replicas[0].pause().await;
-    post(&bases, 0, 60).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (replicas, bases) = spawn_fleet(3, dir.path(), &db.url, &hub, &limits).await;
+    backlog_while_paused(&replicas, &bases, 60).await;
     replicas[0].resume().await;
     wait_linked(&hub, 0, 60, Duration::from_secs(60)).await;
     println!(
@@ -509,14 +520,8 @@ async fn one_throttling_answer_pauses_every_replica_for_a_minute() {
         concurrency: 4,
         lease_seconds: 6,
     };
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        replicas.push(Replica::spawn(dir.path(), &db.url, &hub, &limits).await);
-    }
-    let bases: Vec<String> = replicas.iter().map(|r| r.base.clone()).collect();
-    replicas[0].pause().await;
-    post(&bases, 0, 120).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (replicas, bases) = spawn_fleet(3, dir.path(), &db.url, &hub, &limits).await;
+    backlog_while_paused(&replicas, &bases, 120).await;
     replicas[0].resume().await;
     // Some calls go through, then one is throttled.
     wait_until("delivery under way", Duration::from_secs(20), async || {
