@@ -56,6 +56,11 @@ pub(super) const SQLITE: &[Migration] = &[
         name: "trace",
         sql: include_str!("../../migrations/sqlite/0008_trace.sql"),
     },
+    Migration {
+        version: 9,
+        name: "write_paths",
+        sql: include_str!("../../migrations/sqlite/0009_write_paths.sql"),
+    },
 ];
 
 pub(super) const POSTGRES: &[Migration] = &[
@@ -98,6 +103,11 @@ pub(super) const POSTGRES: &[Migration] = &[
         version: 8,
         name: "trace",
         sql: include_str!("../../migrations/postgres/0008_trace.sql"),
+    },
+    Migration {
+        version: 9,
+        name: "write_paths",
+        sql: include_str!("../../migrations/postgres/0009_write_paths.sql"),
     },
 ];
 

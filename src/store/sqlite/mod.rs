@@ -9,6 +9,7 @@ mod group;
 mod objects;
 mod reads;
 mod retention;
+mod search_index;
 mod writer;
 
 use std::path::PathBuf;
@@ -402,35 +403,41 @@ pub(super) async fn backup(url: &str, to: &std::path::Path) -> Result<()> {
 
 pub struct SqliteStore {
     target: Target,
-    writer: WriterHandle,
+    writer: Arc<WriterHandle>,
     reads: Arc<Reads>,
     checkpointer: std::sync::Mutex<Option<Checkpointer>>,
+    /// Stops the search indexer (`search_index`).
+    stop: tokio_util::sync::CancellationToken,
 }
 
 impl SqliteStore {
     pub async fn open(url: &str) -> Result<Self> {
         let target = Target::parse(url)?;
-        tokio::task::spawn_blocking(move || {
+        let store = tokio::task::spawn_blocking(move || {
             let mut write = open_writer(&target)?;
             migrate_conn(&mut write, true)?;
             let reads = Reads::open(target.clone())?;
             let checkpoint_conn = open_checkpointer(&target)?;
-            let writer = WriterHandle::spawn(write, target.clone())?;
+            let writer = Arc::new(WriterHandle::spawn(write, target.clone())?);
             let checkpointer = Checkpointer::spawn(checkpoint_conn, &writer)?;
-            Ok(SqliteStore {
+            Ok::<_, StoreError>(SqliteStore {
                 target,
                 writer,
                 reads,
                 checkpointer: std::sync::Mutex::new(Some(checkpointer)),
+                stop: tokio_util::sync::CancellationToken::new(),
             })
         })
         .await
-        .map_err(|e| StoreError::Broken(Cause::new(e)))?
+        .map_err(|e| StoreError::Broken(Cause::new(e)))??;
+        search_index::spawn(store.writer.clone(), store.stop.clone());
+        Ok(store)
     }
 
     /// Stops the checkpointer, lets the queued writes finish and closes the writer (folding the
     /// log back into the database file).
     async fn close_writer(&self) -> Result<()> {
+        self.stop.cancel();
         let checkpointer = self.checkpointer.lock().ok().and_then(|mut c| c.take());
         if let Some(c) = checkpointer {
             tokio::task::spawn_blocking(move || c.stop())
@@ -475,14 +482,23 @@ impl SqliteStore {
             cond(&mut values, Value::Text(s.clone()), " AND source = ?N");
         }
         if let Some(o) = &f.object_id {
-            cond(&mut values, Value::Text(o.clone()), " AND object_id = ?N");
+            cond(
+                &mut values,
+                Value::Text(o.clone()),
+                &format!(
+                    " AND object_id = ?N AND id IN ({})",
+                    search_index::events_of_objects("= ?N")
+                ),
+            );
         }
         if let Some(l) = &f.lead_id {
             cond(
                 &mut values,
                 Value::Text(l.clone()),
-                " AND id IN (SELECT el.event_pk FROM links l JOIN event_links el ON el.link_id = l.id
-                   WHERE l.lead_id = ?N)",
+                &format!(
+                    " AND id IN (SELECT event_pk FROM event_links WHERE link_id IN ({}))",
+                    search_index::links_of_leads("= ?N")
+                ),
             );
         }
         if let Some(t) = f.since {
@@ -500,13 +516,18 @@ impl SqliteStore {
                 Value::Text(prefix_end(q)),
                 " AND event_id < ?N)",
             );
+            let (key, lower) = (values.len() + 1, values.len() + 2);
+            values.push(Value::Text(q.clone()));
             cond(
                 &mut values,
-                Value::Text(q.clone()),
-                " OR id IN (SELECT el.event_pk FROM mappings m JOIN links l ON l.lead_id = m.lead_id
-                   JOIN event_links el ON el.link_id = l.id WHERE m.key IN (?N",
+                Value::Text(q.to_lowercase()),
+                &format!(
+                    " OR id IN (SELECT event_pk FROM event_links WHERE link_id IN ({})))",
+                    search_index::links_of_leads(&format!(
+                        "IN (SELECT lead_id FROM mappings WHERE key IN (?{key}, ?{lower}))"
+                    ))
+                ),
             );
-            cond(&mut values, Value::Text(q.to_lowercase()), ", ?N)))");
         }
         if let Some(b) = f.before {
             cond(&mut values, Value::Integer(b.0), " AND id < ?N");

@@ -335,3 +335,176 @@ async fn mark_all_delivered(store: &SqliteStore) {
         .await
         .unwrap();
 }
+
+/// The lead and object filters find a row whether the indexer has reached it yet or not (schema
+/// version 9), through a lead id, a mapped key or an object id; a row that goes takes its entry
+/// with it, and an object id set later moves its event's entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_search_filters_see_rows_before_and_after_they_are_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("l.db").display());
+    let store = SqliteStore::open(&url).await.unwrap();
+    // Indexing from here on only when this test says so.
+    store.stop.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    store
+        .mapping_put("erp", "buyer@example.com", &["lead-3".into()])
+        .await
+        .unwrap();
+    let ids = |f: EventFilter| {
+        let store = &store;
+        async move {
+            let mut ids: Vec<String> = store
+                .list_events(&EventFilter { limit: 50, ..f })
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.event_id)
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    let by_lead = |l: &str| EventFilter {
+        lead_id: Some(l.into()),
+        ..Default::default()
+    };
+    let by_object = |o: &str| EventFilter {
+        object_id: Some(o.into()),
+        ..Default::default()
+    };
+    let by_key = || EventFilter {
+        q: Some("BUYER@example.com".into()),
+        ..Default::default()
+    };
+    let indexed = || async {
+        store
+            .read(|db| {
+                Ok(db.query_row(
+                    "SELECT (SELECT COUNT(*) FROM lead_links),
+                            (SELECT upto FROM index_marks WHERE name = 'lead_links')",
+                    [],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+                )?)
+            })
+            .await
+            .unwrap()
+    };
+
+    store.ingest(&[event(1), event(2), event(3)]).await.unwrap();
+    assert_eq!(indexed().await, (0, 0), "nothing indexed yet");
+    assert_eq!(ids(by_lead("lead-2")).await, ["evt-2"]);
+    assert_eq!(ids(by_key()).await, ["evt-3"]);
+    assert_eq!(ids(by_object("obj-1")).await, ["evt-1"]);
+
+    let n = store
+        .writer
+        .run_background(|db| search_index::step(db, 2))
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    assert_eq!(indexed().await, (2, 2), "a batch stops at its limit");
+    store.ingest(&[event(4)]).await.unwrap();
+    for lead in ["lead-1", "lead-2", "lead-3", "lead-4"] {
+        let n = &lead[5..];
+        assert_eq!(ids(by_lead(lead)).await, [format!("evt-{n}")], "{lead}");
+        let object = format!("obj-{n}");
+        assert_eq!(
+            ids(by_object(&object)).await,
+            [format!("evt-{n}")],
+            "{object}"
+        );
+    }
+    assert_eq!(ids(by_key()).await, ["evt-3"]);
+    assert!(ids(by_lead("lead-9")).await.is_empty());
+
+    while store
+        .writer
+        .run_background(|db| search_index::step(db, 2))
+        .await
+        .unwrap()
+        > 0
+    {}
+    assert_eq!(indexed().await, (4, 4));
+    assert_eq!(ids(by_lead("lead-4")).await, ["evt-4"]);
+    assert_eq!(ids(by_key()).await, ["evt-3"]);
+    let objects = || async {
+        store
+            .read(|db| {
+                Ok(db.query_row(
+                    "SELECT (SELECT COUNT(*) FROM event_objects),
+                            (SELECT upto FROM index_marks WHERE name = 'event_objects')",
+                    [],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+                )?)
+            })
+            .await
+            .unwrap()
+    };
+    assert_eq!(objects().await, (4, 4));
+    store
+        .write_tx(|db| {
+            db.execute("UPDATE events SET object_id = 'obj-9' WHERE id = 1", [])?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert!(ids(by_object("obj-1")).await.is_empty());
+    assert_eq!(ids(by_object("obj-9")).await, ["evt-1"]);
+    assert_eq!(objects().await, (4, 4), "the entry moved");
+
+    store
+        .write_tx(|db| {
+            db.execute("DELETE FROM event_links WHERE link_id = 2", [])?;
+            db.execute("DELETE FROM links WHERE id = 2", [])?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(indexed().await, (3, 4), "the link's entry went with it");
+    assert!(ids(by_lead("lead-2")).await.is_empty());
+    store
+        .write_tx(|db| {
+            db.execute("DELETE FROM events WHERE id = 4", [])?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(objects().await, (3, 4), "the event's entry went with it");
+}
+
+/// The indexer started with the store catches up by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_search_indexer_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("i.db").display());
+    let store = SqliteStore::open(&url).await.unwrap();
+    let events: Vec<NewEvent> = (0..(search_index::STEP as usize + 10)).map(event).collect();
+    for chunk in events.chunks(1000) {
+        store.ingest(chunk).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (count, upto): (i64, i64) = store
+            .read(|db| {
+                Ok(db.query_row(
+                    "SELECT (SELECT COUNT(*) FROM lead_links) + (SELECT COUNT(*) FROM event_objects),
+                            (SELECT MIN(upto) FROM index_marks)",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?)
+            })
+            .await
+            .unwrap();
+        if count == 2 * events.len() as i64 && upto == events.len() as i64 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "indexed {count} of {} (mark {upto})",
+            events.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    store.close().await;
+}
