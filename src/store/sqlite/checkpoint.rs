@@ -13,7 +13,7 @@ use super::writer::WriterHandle;
 use crate::store::{Cause, Result, StoreError};
 
 /// How often the write-ahead log is copied into the database file.
-pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 /// The log length (in 4 KiB pages, 64 MiB) past which a checkpoint holds the writer for a
 /// moment so that it can finish and the log starts again from its beginning.
 const CHECKPOINT_FORCE_PAGES: i64 = 16_384;

@@ -70,13 +70,8 @@ impl Deferred {
 
     /// Indexes up to `limit` rows above the mark and moves the mark past them; answers how many.
     fn step(&self, db: &Connection, limit: i64) -> Result<i64> {
-        let Deferred {
-            table,
-            column,
-            entries,
-            key,
-            pk,
-        } = self;
+        let (table, column, entries) = (self.table, self.column, self.entries);
+        let (key, pk) = (self.key, self.pk);
         let upto: i64 = db
             .prepare_cached(&format!(
                 "SELECT upto FROM index_marks WHERE name = '{entries}'"

@@ -336,6 +336,23 @@ async fn mark_all_delivered(store: &SqliteStore) {
         .unwrap();
 }
 
+/// How many entries a deferred search index holds, and its mark.
+async fn entries(store: &SqliteStore, table: &'static str) -> (i64, i64) {
+    store
+        .read(move |db| {
+            Ok(db.query_row(
+                &format!(
+                    "SELECT (SELECT COUNT(*) FROM {table}),
+                            (SELECT upto FROM index_marks WHERE name = '{table}')"
+                ),
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?)
+        })
+        .await
+        .unwrap()
+}
+
 /// The lead and object filters find a row whether the indexer has reached it yet or not (schema
 /// version 9), through a lead id, a mapped key or an object id; a row that goes takes its entry
 /// with it, and an object id set later moves its event's entry.
@@ -377,19 +394,7 @@ async fn the_search_filters_see_rows_before_and_after_they_are_indexed() {
         q: Some("BUYER@example.com".into()),
         ..Default::default()
     };
-    let indexed = || async {
-        store
-            .read(|db| {
-                Ok(db.query_row(
-                    "SELECT (SELECT COUNT(*) FROM lead_links),
-                            (SELECT upto FROM index_marks WHERE name = 'lead_links')",
-                    [],
-                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
-                )?)
-            })
-            .await
-            .unwrap()
-    };
+    let indexed = || entries(&store, "lead_links");
 
     store.ingest(&[event(1), event(2), event(3)]).await.unwrap();
     assert_eq!(indexed().await, (0, 0), "nothing indexed yet");
@@ -428,19 +433,7 @@ async fn the_search_filters_see_rows_before_and_after_they_are_indexed() {
     assert_eq!(indexed().await, (4, 4));
     assert_eq!(ids(by_lead("lead-4")).await, ["evt-4"]);
     assert_eq!(ids(by_key()).await, ["evt-3"]);
-    let objects = || async {
-        store
-            .read(|db| {
-                Ok(db.query_row(
-                    "SELECT (SELECT COUNT(*) FROM event_objects),
-                            (SELECT upto FROM index_marks WHERE name = 'event_objects')",
-                    [],
-                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
-                )?)
-            })
-            .await
-            .unwrap()
-    };
+    let objects = || entries(&store, "event_objects");
     assert_eq!(objects().await, (4, 4));
     store
         .write_tx(|db| {
@@ -485,17 +478,9 @@ async fn the_search_indexer_catches_up() {
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let (count, upto): (i64, i64) = store
-            .read(|db| {
-                Ok(db.query_row(
-                    "SELECT (SELECT COUNT(*) FROM lead_links) + (SELECT COUNT(*) FROM event_objects),
-                            (SELECT MIN(upto) FROM index_marks)",
-                    [],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )?)
-            })
-            .await
-            .unwrap();
+        let leads = entries(&store, "lead_links").await;
+        let objects = entries(&store, "event_objects").await;
+        let (count, upto) = (leads.0 + objects.0, leads.1.min(objects.1));
         if count == 2 * events.len() as i64 && upto == events.len() as i64 {
             break;
         }
