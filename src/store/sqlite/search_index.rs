@@ -116,12 +116,29 @@ pub(super) fn step(db: &Connection, limit: i64) -> Result<i64> {
     Ok(LEADS.step(db, limit)?.max(OBJECTS.step(db, limit)?))
 }
 
-/// Runs `step` in the writer's background lane until `stop`: at once again after a full batch,
-/// else after `PERIOD`. Losing a step in a crash is harmless: each mark moves with its entries.
+/// Runs `step` until `stop`: in the writer's background lane while it keeps up (after `PERIOD`
+/// when a step found less than a full batch), and, behind a full batch, as an ordinary job in
+/// turn with the group commits, so that a load that never leaves the writer idle does not leave
+/// the indexes ever further behind. Losing a step in a crash is harmless: each mark moves with
+/// its entries.
 pub(super) fn spawn(writer: Arc<WriterHandle>, stop: CancellationToken) {
     tokio::spawn(async move {
+        let mut behind = false;
         loop {
-            let n = match writer.run_background(|db| step(db, STEP)).await {
+            let done = if behind {
+                writer
+                    .run(|conn| {
+                        let tx = conn
+                            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                        let n = step(&tx, STEP)?;
+                        tx.commit()?;
+                        Ok(n)
+                    })
+                    .await
+            } else {
+                writer.run_background(|db| step(db, STEP)).await
+            };
+            let n = match done {
                 Ok(n) => n,
                 Err(StoreError::Closed) => return,
                 Err(e) => {
@@ -129,7 +146,8 @@ pub(super) fn spawn(writer: Arc<WriterHandle>, stop: CancellationToken) {
                     0
                 }
             };
-            if n < STEP {
+            behind = n >= STEP;
+            if !behind {
                 tokio::select! {
                     _ = tokio::time::sleep(PERIOD) => {}
                     _ = stop.cancelled() => return,
