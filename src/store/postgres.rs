@@ -16,6 +16,7 @@ use super::*;
 
 mod objects;
 mod retention;
+mod wake;
 
 /// States read from and bound as their text column, so a row struct holds the enum.
 macro_rules! state_column {
@@ -426,6 +427,8 @@ const COUNT_PREFIX: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM events
 pub struct PostgresStore {
     write: sqlx::PgPool,
     read: sqlx::PgPool,
+    /// Wakes the other replicas after an ingest queued work (`wake`).
+    waker: std::sync::Arc<wake::Waker>,
 }
 
 impl PostgresStore {
@@ -444,6 +447,7 @@ impl PostgresStore {
         let (mut conn, _second, _third) = (first?, second?, third?);
         migrate_conn(&mut conn, true).await?;
         Ok(PostgresStore {
+            waker: wake::Waker::spawn(pool.clone()),
             write: pool.clone(),
             read: pool,
         })
@@ -455,6 +459,7 @@ impl PostgresStore {
 
     async fn close_writer(&self) -> Result<()> {
         self.write.close().await;
+        self.waker.stop();
         Ok(())
     }
 
@@ -635,14 +640,11 @@ impl PostgresStore {
         for (pk, definition_id, leads, at) in creates {
             objects::want_object(&mut tx, EventPk(pk), definition_id, leads, at).await?;
         }
-        // Delivered at commit: the other replicas' workers wake instead of waiting for a poll.
-        if out.iter().any(|o| matches!(o, IngestOutcome::Queued)) {
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(WORK_CHANNEL)
-                .execute(&mut *tx)
-                .await?;
-        }
         tx.commit().await?;
+        // The other replicas' workers wake instead of waiting for a poll.
+        if out.iter().any(|o| matches!(o, IngestOutcome::Queued)) {
+            self.waker.wake();
+        }
         Ok(out)
     }
 }
