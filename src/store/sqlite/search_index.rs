@@ -24,12 +24,11 @@ pub(super) const STEP: i64 = 1000;
 const PERIOD: Duration = Duration::from_millis(200);
 
 /// One index kept by the background lane: the rows of `table` (`id`, `column`) as entries
-/// `(key, pk)` of `entries`, up to the mark named after `entries`.
+/// `(column, pk)` of `entries`, up to the mark named after `entries`.
 struct Deferred {
     table: &'static str,
     column: &'static str,
     entries: &'static str,
-    key: &'static str,
     pk: &'static str,
 }
 
@@ -37,7 +36,6 @@ const LEADS: Deferred = Deferred {
     table: "links",
     column: "lead_id",
     entries: "lead_links",
-    key: "lead_id",
     pk: "link_id",
 };
 
@@ -45,7 +43,6 @@ const OBJECTS: Deferred = Deferred {
     table: "events",
     column: "object_id",
     entries: "event_objects",
-    key: "object_id",
     pk: "event_pk",
 };
 
@@ -57,11 +54,10 @@ impl Deferred {
             table,
             column,
             entries,
-            key,
             pk,
         } = self;
         format!(
-            "SELECT {pk} FROM {entries} WHERE {key} {test}
+            "SELECT {pk} FROM {entries} WHERE {column} {test}
              UNION ALL SELECT id FROM {table}
                WHERE id > (SELECT upto FROM index_marks WHERE name = '{entries}')
                  AND {column} {test}"
@@ -70,8 +66,12 @@ impl Deferred {
 
     /// Indexes up to `limit` rows above the mark and moves the mark past them; answers how many.
     fn step(&self, db: &Connection, limit: i64) -> Result<i64> {
-        let (table, column, entries) = (self.table, self.column, self.entries);
-        let (key, pk) = (self.key, self.pk);
+        let Deferred {
+            table,
+            column,
+            entries,
+            pk,
+        } = self;
         let upto: i64 = db
             .prepare_cached(&format!(
                 "SELECT upto FROM index_marks WHERE name = '{entries}'"
@@ -88,7 +88,7 @@ impl Deferred {
             return Ok(0);
         };
         db.prepare_cached(&format!(
-            "INSERT OR IGNORE INTO {entries} ({key}, {pk})
+            "INSERT OR IGNORE INTO {entries} ({column}, {pk})
              SELECT {column}, id FROM {table}
              WHERE id > ?1 AND id <= ?2 AND {column} IS NOT NULL ORDER BY {column}, id"
         ))?
@@ -126,15 +126,7 @@ pub(super) fn spawn(writer: Arc<WriterHandle>, stop: CancellationToken) {
         let mut behind = false;
         loop {
             let done = if behind {
-                writer
-                    .run(|conn| {
-                        let tx = conn
-                            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-                        let n = step(&tx, STEP)?;
-                        tx.commit()?;
-                        Ok(n)
-                    })
-                    .await
+                writer.run_tx(|db| step(db, STEP)).await
             } else {
                 writer.run_background(|db| step(db, STEP)).await
             };

@@ -353,6 +353,14 @@ async fn entries(store: &SqliteStore, table: &'static str) -> (i64, i64) {
         .unwrap()
 }
 
+/// Runs `sql` in one write transaction.
+async fn execute(store: &SqliteStore, sql: &'static str) {
+    store
+        .write_tx(move |db| Ok(db.execute_batch(sql)?))
+        .await
+        .unwrap();
+}
+
 /// The lead and object filters find a row whether the indexer has reached it yet or not (schema
 /// version 9), through a lead id, a mapped key or an object id; a row that goes takes its entry
 /// with it, and an object id set later moves its event's entry.
@@ -435,34 +443,19 @@ async fn the_search_filters_see_rows_before_and_after_they_are_indexed() {
     assert_eq!(ids(by_key()).await, ["evt-3"]);
     let objects = || entries(&store, "event_objects");
     assert_eq!(objects().await, (4, 4));
-    store
-        .write_tx(|db| {
-            db.execute("UPDATE events SET object_id = 'obj-9' WHERE id = 1", [])?;
-            Ok(())
-        })
-        .await
-        .unwrap();
+    execute(&store, "UPDATE events SET object_id = 'obj-9' WHERE id = 1").await;
     assert!(ids(by_object("obj-1")).await.is_empty());
     assert_eq!(ids(by_object("obj-9")).await, ["evt-1"]);
     assert_eq!(objects().await, (4, 4), "the entry moved");
 
-    store
-        .write_tx(|db| {
-            db.execute("DELETE FROM event_links WHERE link_id = 2", [])?;
-            db.execute("DELETE FROM links WHERE id = 2", [])?;
-            Ok(())
-        })
-        .await
-        .unwrap();
+    execute(
+        &store,
+        "DELETE FROM event_links WHERE link_id = 2; DELETE FROM links WHERE id = 2;",
+    )
+    .await;
     assert_eq!(indexed().await, (3, 4), "the link's entry went with it");
     assert!(ids(by_lead("lead-2")).await.is_empty());
-    store
-        .write_tx(|db| {
-            db.execute("DELETE FROM events WHERE id = 4", [])?;
-            Ok(())
-        })
-        .await
-        .unwrap();
+    execute(&store, "DELETE FROM events WHERE id = 4").await;
     assert_eq!(objects().await, (3, 4), "the event's entry went with it");
 }
 

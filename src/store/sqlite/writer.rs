@@ -302,6 +302,21 @@ impl WriterHandle {
         }
     }
 
+    /// `run` inside `BEGIN IMMEDIATE` ... `COMMIT`; rolled back if `f` fails.
+    pub(super) async fn run_tx<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
     /// `run` for a caller outside the async runtime (the checkpointer's thread), without the
     /// wait limit.
     pub(super) fn run_blocking<T, F>(sender: &mpsc::Sender<Job>, f: F) -> Result<T>
